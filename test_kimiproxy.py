@@ -1,0 +1,952 @@
+"""kimiproxy's tests: the repair core (pure, table-driven, every split point, properties), then the
+running proxy against a fake SGLang on a loopback port, with real sockets, httpx and the OpenAI SDK.
+
+Run: python -m pytest -q
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+import kimiproxy as kp
+from fake_sglang import FakeSGLang, Script, USAGE, chunk, completion, sse, stream_of
+
+HERE = Path(__file__).resolve().parent
+CASES = json.loads((HERE / "kimi_cases.json").read_text(encoding="utf-8"))
+TEST_TIMEOUT = 30.0  # seconds: a hang is a failure
+
+
+def norm(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+def ctx_for(tools: list[dict], history: int = 0, enabled: bool = True) -> kp.RepairContext:
+    messages = [{"role": "assistant", "tool_calls": [{"id": f"functions.x:{i}", "type": "function",
+                                                      "function": {"name": "x", "arguments": "{}"}}]}
+                for i in range(history)]
+    return kp.RepairContext.from_request({"tools": tools, "messages": messages}, enabled=enabled)
+
+
+def tool(name: str, *props: str, required: tuple[str, ...] = ()) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {p: {"type": "string"} for p in props},
+        "required": list(required)}}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# A client's view of a stream: merge deltas the way the OpenAI SDK and the Vercel AI SDK do, and check
+# the shape they rely on.
+# ---------------------------------------------------------------------------------------------------
+
+def frames_to_events(frames: list[bytes]) -> list[Any]:
+    decoder = kp.SSEDecoder()
+    events = decoder.decode(b"".join(frames)) + decoder.flush()
+    return [e if e == b"[DONE]" else json.loads(e) for e in events]
+
+
+def accumulate(events: list[Any]) -> dict:
+    """The final message a client builds from chunk events; asserts the stream's shape."""
+    content, reasoning, calls, finish = [], [], {}, None
+    done = False
+    for event in events:
+        assert not done, "event after [DONE]"
+        if event == b"[DONE]":
+            done = True
+            continue
+        for choice in event.get("choices") or []:
+            assert finish is None, "delta after the finish chunk"
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                content.append(delta["content"])
+            if delta.get("reasoning_content"):
+                reasoning.append(delta["reasoning_content"])
+            for tc in delta.get("tool_calls") or []:
+                index = tc["index"]
+                if index not in calls:  # first delta of a call: everything a client needs
+                    assert tc.get("id") and tc.get("type") == "function", tc
+                    assert tc["function"].get("name"), tc
+                    assert isinstance(tc["function"].get("arguments"), str), tc
+                    calls[index] = {"id": tc["id"], "name": tc["function"]["name"],
+                                    "arguments": tc["function"]["arguments"]}
+                else:
+                    assert set(tc) <= {"index", "function", "type", "id"}, tc
+                    calls[index]["arguments"] += tc["function"].get("arguments") or ""
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+    assert done, "stream did not end with [DONE]"
+    return {"content": "".join(content), "reasoning": "".join(reasoning),
+            "tool_calls": [calls[i] for i in sorted(calls)], "finish_reason": finish}
+
+
+def check_expected(case: dict, message: dict) -> None:
+    expect = case["expect"]
+    calls = message["tool_calls"]
+    assert [c["name"] for c in calls] == [t["name"] for t in expect["tool_calls"]], calls
+    for got, want in zip(calls, expect["tool_calls"]):
+        if want["id"] is None:
+            assert got["id"].startswith(f"functions.{want['name']}:"), got
+        else:
+            assert got["id"] == want["id"]
+        assert json.loads(got["arguments"]) == want["arguments"]
+    assert len({c["id"] for c in calls}) == len(calls), "ids must be unique"
+    assert norm(message["content"]) == norm(expect["content"])
+    for text in expect["reasoning_contains"]:
+        assert norm(text) in norm(message["reasoning"])
+    for text in expect["reasoning_excludes"]:
+        assert norm(text) not in norm(message["reasoning"])
+    assert message["finish_reason"] == expect["finish_reason"]
+
+
+def upstream_chunks(upstream: dict, splits_r: list[int] = (), splits_c: list[int] = ()) -> list[bytes]:
+    """A case's upstream as SGLang streams it: reasoning deltas, content deltas cut at the given points,
+    structured calls, the finish chunk, usage, [DONE]."""
+    def cut(text: str | None, points: list[int]) -> list[str]:
+        if not text:
+            return []
+        bounds = [0, *sorted(set(p for p in points if 0 < p < len(text))), len(text)]
+        return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    calls = [{"index": i, "id": t["id"], "type": "function",
+              "function": {"name": t["name"], "arguments": t["arguments"]}}
+             for i, t in enumerate(upstream.get("tool_calls") or [])]
+    steps = stream_of(reasoning=cut(upstream.get("reasoning_content"), splits_r),
+                      content=cut(upstream.get("content"), splits_c),
+                      finish=upstream["finish_reason"], tool_calls=calls)
+    return [s[6:-2] for s in steps]  # the data of each event
+
+
+def run_stream(ctx: kp.RepairContext, events: list[bytes]) -> tuple[list[bytes], kp.StreamRepair]:
+    relay = kp.StreamRepair(ctx)
+    frames = []
+    for data in events:
+        frames += relay.feed(data)
+    frames += relay.close()
+    return frames, relay
+
+
+def run_whole(ctx: kp.RepairContext, upstream: dict) -> dict:
+    message = {"role": "assistant", "content": upstream.get("content"),
+               "reasoning_content": upstream.get("reasoning_content")}
+    if upstream.get("tool_calls"):
+        message["tool_calls"] = [{"id": t["id"], "index": i, "type": "function",
+                                  "function": {"name": t["name"], "arguments": t["arguments"]}}
+                                 for i, t in enumerate(upstream["tool_calls"])]
+    body = {"choices": [{"index": 0, "message": message, "finish_reason": upstream["finish_reason"]}]}
+    kp.repair_completion(body, ctx)
+    m = body["choices"][0]["message"]
+    return {"content": m.get("content") or "", "reasoning": m.get("reasoning_content") or "",
+            "tool_calls": [{"id": t["id"], "name": t["function"]["name"],
+                            "arguments": t["function"]["arguments"]} for t in m.get("tool_calls") or []],
+            "finish_reason": body["choices"][0]["finish_reason"]}
+
+
+def case_ctx(case: dict) -> kp.RepairContext:
+    return ctx_for(case["request_tools"], case["history_tool_calls"])
+
+
+CASE_IDS = [c["name"] for c in CASES]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The corpus: whole, streamed, split at every point, one character at a time
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_whole_response(case: dict) -> None:
+    check_expected(case, run_whole(case_ctx(case), case["upstream"]))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_stream_equals_whole(case: dict) -> None:
+    ctx = case_ctx(case)
+    frames, _ = run_stream(ctx, upstream_chunks(case["upstream"]))
+    streamed = accumulate(frames_to_events(frames))
+    check_expected(case, streamed)
+    whole = run_whole(case_ctx(case), case["upstream"])
+    assert streamed == whole
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_split_at_every_point_and_per_character(case: dict) -> None:
+    up = case["upstream"]
+    reference = accumulate(frames_to_events(run_stream(case_ctx(case), upstream_chunks(up))[0]))
+    r_len, c_len = len(up.get("reasoning_content") or ""), len(up.get("content") or "")
+    layouts = [(list(range(r_len)), list(range(c_len)))]  # one character at a time
+    layouts += [([p], []) for p in range(1, r_len)] + [([], [p]) for p in range(1, c_len)]
+    if r_len + c_len <= 200:  # every pair of points for the short fixtures
+        text_len = max(r_len, c_len)
+        layouts += [([a, b], [a, b]) for a in range(1, text_len) for b in range(a + 1, text_len, 3)]
+    for splits_r, splits_c in layouts:
+        frames, relay = run_stream(case_ctx(case), upstream_chunks(up, splits_r, splits_c))
+        assert accumulate(frames_to_events(frames)) == reference, (splits_r, splits_c)
+        assert relay.max_held < kp.LONGEST_MARKER
+
+
+def test_clean_stream_passes_byte_for_byte() -> None:
+    """No markup: every event leaves as the bytes that came in. (A delta that ends in a possible marker
+    prefix, like "<|tool", is the one exception: policy 10 holds that tail until it is ruled out.)"""
+    clean = [(c, [3, 9], [5, 11]) for c in CASES if c["name"].startswith("clean_")]
+    clean += [(c, [], []) for c in CASES if c["name"] == "marker_lookalike_text_kept"]
+    assert len(clean) == 3
+    for case, splits_r, splits_c in clean:
+        events = upstream_chunks(case["upstream"], splits_r, splits_c)
+        frames, _ = run_stream(case_ctx(case), events)
+        assert b"".join(frames) == b"".join(b"data: " + e + b"\n\n" for e in events)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The failure families beyond the corpus (FORMAT.md section 3), each through the stream transformer
+# split at every point, and compared with the whole response
+# ---------------------------------------------------------------------------------------------------
+
+TOOLS = [tool("read_file", "path", required=("path",)), tool("exec", "command", required=("command",)),
+         tool("mcp--github--create_issue", "title", "body", required=("title",)),
+         tool("search", "query", required=("query",))]
+S, E = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+B, A, Z = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+
+# (name, channel, upstream text, expected calls [(id or prefix*, name, arguments)], expected text)
+FAMILIES = [
+    ("truncated_final_markers", "content",
+     f'Go.{S}{B}functions.exec:0{A}{{"command": "ls"}}{Z}<|tool_calls_section_e',
+     [("functions.exec:0", "exec", {"command": "ls"})], "Go."),
+    ("end_marker_without_gt", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "ls"}}<|tool_call_end|{E}',
+     [("functions.exec:0", "exec", {"command": "ls"})], ""),
+    ("max_tokens_cut_inside_arguments", "reasoning",
+     f'Think.{S}{B}functions.read_file:0{A}{{"path": "/a/b',
+     [("functions.read_file:0", "read_file", {"path": "/a/b"})], "Think."),
+    ("section_end_instead_of_call_end", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "pwd"}}{E}After.',
+     [("functions.exec:0", "exec", {"command": "pwd"})], "After."),
+    ("no_argument_marker", "reasoning",
+     f'{S}{B}functions.read_file:0 {{"path": "x"}}{Z}{E}',
+     [("functions.read_file:0", "read_file", {"path": "x"})], ""),
+    ("header_without_call_begin", "content",
+     f'{S}functions.exec:0{A}{{"command": "id"}}{Z}{E}',
+     [("functions.exec:0", "exec", {"command": "id"})], ""),
+    ("singular_section_spelling", "content",
+     f'<|tool_call_section_begin|>{B}functions.exec:0{A}{{"command": "ls"}}{Z}<|tool_call_section_end|>',
+     [("functions.exec:0", "exec", {"command": "ls"})], ""),
+    ("no_dot_no_colon_id", "content",
+     f'{S}{B}functionsexec5{A}{{"command": "ls"}}{Z}{E}',
+     [("functions.exec:5", "exec", {"command": "ls"})], ""),
+    ("foreign_id_inferred_from_arguments", "reasoning",
+     f'{S}{B}call00003{A}{{"query": "kimi"}}{Z}{E}',
+     [("functions.search:3", "search", {"query": "kimi"})], ""),
+    ("uuid_id_inferred_dialog_counter", "content",
+     f'{S}{B}3f2b9c1e-aaaa-bbbb-cccc-1234567890ab{A}{{"command": "ls"}}{Z}{E}',
+     [("functions.exec:4", "exec", {"command": "ls"})], ""),
+    ("dot_instead_of_colon", "content",
+     f'{S}{B}functions.read_file.2{A}{{"path": "a"}}{Z}{E}',
+     [("functions.read_file:2", "read_file", {"path": "a"})], ""),
+    ("dotted_namespace", "content",
+     f'{S}{B}functions.default_api.exec:1{A}{{"command": "ls"}}{Z}{E}',
+     [("functions.exec:1", "exec", {"command": "ls"})], ""),
+    ("unknown_name_kept_as_written", "content",
+     f'{S}{B}functions.mystery:0{A}{{"zzz": 1}}{Z}{E}',
+     [("functions.mystery:0", "mystery", {"zzz": 1})], ""),
+    ("double_encoded_arguments", "content",
+     f'{S}{B}functions.exec:0{A}"{{\\"command\\": \\"ls\\"}}"{Z}{E}',
+     [("functions.exec:0", "exec", {"command": "ls"})], ""),
+    ("empty_arguments", "content",
+     f'{S}{B}functions.exec:0{A}{Z}{E}', [("functions.exec:0", "exec", {})], ""),
+    ("broken_json_trailing_junk", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "ls"}} junk}}{Z}{E}',
+     [("functions.exec:0", "exec", {"command": "ls"})], ""),
+    ("broken_json_dangling_comma", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "ls",{Z}{E}',
+     [("functions.exec:0", "exec", {"command": "ls"})], ""),
+    ("marker_text_inside_arguments", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "echo <|tool or <|im_ {{}}"}}{Z}{E}',
+     [("functions.exec:0", "exec", {"command": "echo <|tool or <|im_ {}"})], ""),
+    ("polluted_by_next_header", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "a"}}functions.exec:1{A}{{"command": "b"}}{Z}{E}',
+     [("functions.exec:0", "exec", {"command": "a"}), ("functions.exec:1", "exec", {"command": "b"})], ""),
+    ("missing_call_end_between_calls", "reasoning",
+     f'{S}{B}functions.exec:0{A}{{"command": "a"}}{B}functions.exec:1{A}{{"command": "b"}}{Z}{E}',
+     [("functions.exec:0", "exec", {"command": "a"}), ("functions.exec:1", "exec", {"command": "b"})], ""),
+    ("two_sections_text_between", "content",
+     f'One.{S}{B}functions.exec:0{A}{{"command": "a"}}{Z}{E}Two.{S}{B}functions.exec:1{A}{{"command": "b"}}{Z}{E}Three.',
+     [("functions.exec:0", "exec", {"command": "a"}), ("functions.exec:1", "exec", {"command": "b"})],
+     "One.Two.Three."),
+    ("leaked_control_tokens", "content", "All done.<|im_end|>", [], "All done."),
+    ("stray_end_markers", "content", f"Text{Z} more{E} end.", [], "Text more end."),
+    ("duplicate_ids_made_unique", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "a"}}{Z}{B}functions.exec:0{A}{{"command": "b"}}{Z}{E}',
+     [("functions.exec:0", "exec", {"command": "a"}), ("functions.exec:5", "exec", {"command": "b"})], ""),
+    ("unclosed_section_then_prose", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "a"}}{Z} and then the answer continues here.',
+     [("functions.exec:0", "exec", {"command": "a"})], "and then the answer continues here."),
+    ("hyphen_name_no_prefix", "content",
+     f'{S}{B}mcp--github--create_issue:9{A}{{"title": "t"}}{Z}{E}',
+     [("functions.mcp--github--create_issue:9", "mcp--github--create_issue", {"title": "t"})], ""),
+    ("unrepairable_arguments_pass_raw", "content",
+     f'{S}{B}functions.exec:0{A}not json at all{Z}{E}',
+     [("functions.exec:0", "exec", "not json at all")], ""),
+]
+
+
+def family_upstream(channel: str, text: str) -> dict:
+    return {"reasoning_content": text if channel == "reasoning" else "Thinking.",
+            "content": text if channel == "content" else None, "tool_calls": None, "finish_reason": "stop"}
+
+
+@pytest.mark.parametrize("name,channel,text,calls,expected_text", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_failure_family(name: str, channel: str, text: str, calls: list, expected_text: str) -> None:
+    ctx = ctx_for(TOOLS, history=4)
+    up = family_upstream(channel, text)
+    whole = run_whole(ctx_for(TOOLS, history=4), up)
+    got = [(c["id"], c["name"], json.loads(c["arguments"]) if isinstance(calls and calls[0][2], dict) or
+            c["arguments"].startswith("{") else c["arguments"]) for c in whole["tool_calls"]]
+    assert got == calls
+    channel_text = whole["content"] if channel == "content" else whole["reasoning"]
+    assert norm(channel_text) == norm(expected_text)
+    assert whole["finish_reason"] == ("tool_calls" if calls else "stop")
+    reference = accumulate(frames_to_events(run_stream(ctx, upstream_chunks(up))[0]))
+    assert reference == whole
+    splits = range(1, len(text))
+    for p in splits:
+        layout = ([p], []) if channel == "reasoning" else ([], [p])
+        frames, relay = run_stream(ctx_for(TOOLS, history=4), upstream_chunks(up, *layout))
+        assert accumulate(frames_to_events(frames)) == whole, p
+        assert relay.max_held < kp.LONGEST_MARKER
+    per_char = (list(range(len(text))), []) if channel == "reasoning" else ([], list(range(len(text))))
+    assert accumulate(frames_to_events(run_stream(ctx_for(TOOLS, history=4), upstream_chunks(up, *per_char))[0])) == whole
+
+
+def test_structured_and_recovered_share_no_index_and_duplicates_drop() -> None:
+    ctx = ctx_for(TOOLS)
+    up = {"reasoning_content": None, "finish_reason": "tool_calls",
+          "content": f'{S}{B}functions.exec:0{A}{{"command": "ls"}}{Z}{B}functions.read_file:1{A}{{"path": "p"}}{Z}{E}',
+          "tool_calls": [{"id": "functions.exec:0", "name": "exec", "arguments": '{"command":"ls"}'}]}
+    whole = run_whole(ctx, up)
+    assert [(c["id"], c["name"]) for c in whole["tool_calls"]] == [
+        ("functions.exec:0", "exec"), ("functions.read_file:1", "read_file")]
+    streamed = accumulate(frames_to_events(run_stream(ctx_for(TOOLS), upstream_chunks(up))[0]))
+    assert streamed == whole
+
+
+def test_finish_reason_follows_delivered_calls() -> None:
+    up = {"reasoning_content": None, "content": "No call here.", "tool_calls": None, "finish_reason": "tool_calls"}
+    assert run_whole(ctx_for(TOOLS), up)["finish_reason"] == "stop"
+    up = {"reasoning_content": None, "content": f"{S}{B}functions.exec:0{A}{{}}", "tool_calls": None,
+          "finish_reason": "length"}
+    assert run_whole(ctx_for(TOOLS), up)["finish_reason"] == "length"
+
+
+def test_repair_off_is_transparent() -> None:
+    up = CASES[0]["upstream"]
+    events = upstream_chunks(up, [4, 17])
+    frames, _ = run_stream(ctx_for(CASES[0]["request_tools"], enabled=False), events)
+    assert b"".join(frames) == b"".join(b"data: " + e + b"\n\n" for e in events)
+
+
+def test_history_ids_rewritten_for_upstream() -> None:
+    request = {"messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_abc", "type": "function", "function": {"name": "exec", "arguments": "{}"}},
+            {"id": "functions.read_file:1", "type": "function", "function": {"name": "read_file", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": "ok"},
+        {"role": "tool", "tool_call_id": "functions.read_file:1", "content": "ok"},
+        {"role": "assistant", "tool_calls": [{"id": "toolu_9", "type": "function",
+                                               "function": {"name": "search", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "toolu_9", "content": "found"}]}
+    assert kp.canonicalize_history(request) == 2
+    msgs = request["messages"]
+    assert [c["id"] for c in msgs[1]["tool_calls"]] == ["functions.exec:0", "functions.read_file:1"]
+    assert msgs[2]["tool_call_id"] == "functions.exec:0"
+    assert msgs[3]["tool_call_id"] == "functions.read_file:1"
+    assert msgs[4]["tool_calls"][0]["id"] == "functions.search:2"
+    assert msgs[5]["tool_call_id"] == "functions.search:2"
+    assert kp.canonicalize_history(request) == 0  # idempotent
+
+
+def test_think_block_in_content_is_moved_live() -> None:
+    parser = kp.MarkupParser("content", strip_think=True)
+    assert parser.feed(" <thi") == ("", "", [])
+    assert parser.feed("nk> Plan it.") == ("", " Plan it.", [])
+    text, think, _ = parser.feed(" Done </think> Answer")
+    assert think == " Done " and text == " Answer"
+
+
+def test_hold_back_never_exceeds_longest_marker() -> None:
+    parser = kp.MarkupParser("content")
+    for piece in ["a <|tool_calls_section_beg", "in", "|>"]:
+        parser.feed(piece)
+        assert parser.held < kp.LONGEST_MARKER
+    assert parser.state is kp.State.SECTION
+
+
+# -- properties ----------------------------------------------------------------------------------------
+
+PIECES = st.sampled_from([
+    S, E, B, A, Z, "<|tool_call_section_begin|>", "<|im_end|>", "<|", "<|tool", "<|tool_call_", "|>", "<", ">",
+    "functions.exec:0", "call_7", "exec", '{"command": "ls"}', '{"a": [1, {"b": "<|x"}]}', "{", "}", '"',
+    " ", "\n", "Hello", "wörld ✓", "</think>", "<think>",
+])
+TEXTS = st.lists(PIECES, max_size=24).map("".join)
+CUTS = st.lists(st.integers(min_value=1, max_value=400), max_size=8)
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=TEXTS, cuts=CUTS)
+def test_property_chunked_equals_whole_and_prefix(text: str, cuts: list[int]) -> None:
+    """Any interleaving of markers, fragments, JSON and text: never raises, chunked output equals the
+    whole, what was emitted is always a prefix of the final text, and the hold-back stays bounded."""
+    whole = kp.MarkupParser("content", strip_think=True)
+    w_text, w_think, w_calls = whole.feed(text)
+    t2, th2, c2 = whole.close()
+    final_text, final_think, final_calls = w_text + t2, w_think + th2, w_calls + c2
+    parser = kp.MarkupParser("content", strip_think=True)
+    emitted, think, calls = "", "", []
+    bounds = [0, *sorted(set(c for c in cuts if c < len(text))), len(text)]
+    for a, b in zip(bounds, bounds[1:]):
+        out, th, cs = parser.feed(text[a:b])
+        emitted += out
+        think += th
+        calls += cs
+        assert final_text.startswith(emitted)
+        assert parser.held < kp.LONGEST_MARKER
+    out, th, cs = parser.close()
+    assert (emitted + out, think + th, calls + cs) == (final_text, final_think, final_calls)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.characters(blacklist_characters="<"), max_size=200),
+       cuts=CUTS)
+def test_property_text_without_markup_is_untouched(text: str, cuts: list[int]) -> None:
+    parser = kp.MarkupParser("reasoning_content")
+    out = ""
+    bounds = [0, *sorted(set(c for c in cuts if c < len(text))), len(text)]
+    for a, b in zip(bounds, bounds[1:]):
+        out += parser.feed(text[a:b])[0]
+    assert out + parser.close()[0] == text
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(prose=st.lists(st.sampled_from(["Hello ", "a <| b ", "x < y ", "wörld ", "\n", "functions.exec:0 "]),
+                      max_size=10).map("".join),
+       command=st.text(max_size=20))
+def test_property_text_outside_markup_is_never_lost(prose: str, command: str) -> None:
+    args = json.dumps({"command": command})
+    text = f"{prose}{S}{B}functions.exec:0{A}{args}{Z}{E}{prose}"
+    message = run_whole(ctx_for(TOOLS), {"content": text, "reasoning_content": None, "tool_calls": None,
+                                         "finish_reason": "stop"})
+    assert message["content"] == prose + prose
+    assert [json.loads(c["arguments"]) for c in message["tool_calls"]] == [{"command": command}]
+
+
+def test_sse_decoder_split_everywhere_and_oversized_lines() -> None:
+    stream = b"data: {\"a\":1}\n\n: comment\n\ndata: {\"b\":2}\r\n\r\ndata: [DONE]\n\n"
+    for p in range(len(stream)):
+        d = kp.SSEDecoder()
+        assert d.decode(stream[:p]) + d.decode(stream[p:]) + d.flush() == [b'{"a":1}', b'{"b":2}', b"[DONE]"]
+    d = kp.SSEDecoder(max_line=100)
+    events = d.decode(b"data: " + b"x" * 150) + d.decode(b"y" * 200 + b"\n\ndata: {}\n\n")
+    assert events == [b"{}"] and d.oversized >= 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# The running proxy: Hypercorn's trio worker on a loopback port, in front of the fake SGLang
+# ---------------------------------------------------------------------------------------------------
+
+class Running:
+    def __init__(self, upstream: FakeSGLang, base: str, app: kp.KimiProxyApp) -> None:
+        self.upstream = upstream
+        self.base = base
+        self.app = app
+
+    def sdk(self, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key="sk-test-secret-123", max_retries=0,
+                             timeout=20, **kw)
+
+
+async def _deadline() -> None:
+    await trio.sleep(TEST_TIMEOUT)
+    raise TimeoutError(f"test did not finish within {TEST_TIMEOUT} s")
+
+
+@pytest.fixture
+async def upstream(nursery: trio.Nursery) -> FakeSGLang:
+    nursery.start_soon(_deadline)
+    return await nursery.start(FakeSGLang().serve)
+
+
+async def start_proxy(nursery: trio.Nursery, upstream_url: str, **overrides: Any) -> Running:
+    env = {"SGLANG_API_BASE": upstream_url, "HEARTBEAT_INTERVAL": "0", **overrides}
+    app = kp.create_app(kp.Settings.from_env(env))
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    binds = await nursery.start(serve, app, config)
+    return Running(None, binds[0], app)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def proxy(nursery: trio.Nursery, upstream: FakeSGLang) -> Running:
+    running = await start_proxy(nursery, upstream.url)
+    running.upstream = upstream
+    return running
+
+
+async def logged(caplog: pytest.LogCaptureFixture, words: str) -> list[logging.LogRecord]:
+    """The records containing words, waiting for them: the proxy logs a stream's end after the client
+    already has the whole response."""
+    with trio.move_on_after(2):
+        while not any(words in r.getMessage() for r in caplog.records):
+            await trio.sleep(0.01)
+    return [r for r in caplog.records if words in r.getMessage()]
+
+
+def sdk_call(fn: Any) -> Any:
+    """Run the (synchronous) OpenAI SDK in a worker thread: a real client on real sockets."""
+    return trio.to_thread.run_sync(fn)
+
+
+async def test_openai_sdk_stream_and_whole(proxy: Running) -> None:
+    proxy.upstream.script(Script(steps=stream_of(reasoning=["Thinking", " hard"], content=["Hel", "lo", "!"])))
+
+    def streamed() -> tuple[str, str, list]:
+        stream = proxy.sdk().chat.completions.create(
+            model="kimi", messages=[{"role": "user", "content": "hi"}], stream=True,
+            stream_options={"include_usage": True})
+        content, reasoning, usage = "", "", None
+        for ev in stream:
+            if ev.usage:
+                usage = ev.usage
+            for ch in ev.choices:
+                content += ch.delta.content or ""
+                reasoning += getattr(ch.delta, "reasoning_content", None) or ""
+        return content, reasoning, usage
+
+    content, reasoning, usage = await sdk_call(streamed)
+    assert (content, reasoning) == ("Hello!", "Thinking hard")
+    assert usage.total_tokens == USAGE["total_tokens"]
+
+    whole = await sdk_call(lambda: proxy.sdk().chat.completions.create(
+        model="kimi", messages=[{"role": "user", "content": "hi"}]))
+    assert whole.choices[0].message.content == "Hello!"
+    seen = proxy.upstream.seen[-1]
+    assert seen.headers["authorization"] == "Bearer sk-test-secret-123"
+
+
+async def test_alias_route_models_and_info(proxy: Running) -> None:
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        r = await client.post("/api/chat/completions", json={"model": "m", "messages": []})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello!"
+        assert proxy.upstream.seen[-1].path == "/v1/chat/completions"
+        health = await client.get("/health")
+        assert health.status_code == 200
+        info = (await client.get("/")).json()
+        assert info["name"] == "kimiproxy" and info["upstream"] == proxy.upstream.url
+        assert info["repairs"]["tool_calls"] is True
+        missing = await client.get("/nope")
+        assert missing.status_code == 404 and "error" in missing.json()
+    models = await sdk_call(lambda: proxy.sdk().models.list())
+    assert [m.id for m in models.data] == ["kimi-k2-thinking"]
+
+
+async def test_passthrough_streams_other_routes(proxy: Running) -> None:
+    body = [b'data: {"choices":[{"text":"a"}]}\n\n', 0.3, b'data: {"choices":[{"text":"b"}]}\n\n', b"data: [DONE]\n\n"]
+    proxy.upstream.script(Script(steps=body))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        async with client.stream("POST", "/v1/completions?x=1", json={"prompt": "p", "stream": True}) as r:
+            assert r.status_code == 200
+            first_at = None
+            chunks = []
+            async for piece in r.aiter_bytes():
+                first_at = first_at or time.monotonic()
+                chunks.append(piece)
+            assert time.monotonic() - first_at > 0.2  # the first chunk came before the pause
+    assert b"".join(chunks) == b"".join(s for s in body if isinstance(s, bytes))
+    assert proxy.upstream.seen[-1].path == "/v1/completions?x=1"
+
+
+async def test_stream_is_relayed_live(proxy: Running) -> None:
+    steps = stream_of(content=["one", "two"])
+    steps.insert(2, 0.5)  # the upstream pauses after the first token
+    proxy.upstream.script(Script(steps=steps))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        async with client.stream("POST", "/v1/chat/completions",
+                                 json={"model": "m", "messages": [], "stream": True}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+            t0 = time.monotonic()
+            arrivals = []
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append((time.monotonic() - t0, json.loads(line[6:])))
+    texts = [(t, e["choices"][0]["delta"].get("content")) for t, e in arrivals if e["choices"]]
+    first = next(t for t, c in texts if c == "one")
+    second = next(t for t, c in texts if c == "two")
+    assert first < 0.3 and second - first > 0.4
+
+
+async def test_stream_longer_than_quart_response_timeout(proxy: Running) -> None:
+    """Quart cuts a response after RESPONSE_TIMEOUT (60 s by default) silently. Made cheap: the
+    framework's timeout is lowered to 0.5 s, and a 2 s stream still arrives whole."""
+    proxy.app.config["RESPONSE_TIMEOUT"] = 0.5
+    steps = stream_of(content=[f"t{i} " for i in range(8)])
+    proxy.upstream.script(Script(steps=[x for s in steps for x in (s, 0.25)]))
+    content = await sdk_call(lambda: "".join(
+        ch.delta.content or "" for ev in proxy.sdk().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True) for ch in ev.choices))
+    assert content == "".join(f"t{i} " for i in range(8))
+
+
+async def test_heartbeats_during_silent_prefill(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    running = await start_proxy(nursery, upstream.url, HEARTBEAT_INTERVAL="0.3")
+    upstream.script(Script(steps=[1.5, *stream_of(content=["late"])]))
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        t0 = time.monotonic()
+        async with client.stream("POST", "/v1/chat/completions",
+                                 json={"model": "m", "messages": [], "stream": True}) as r:
+            headers_at = time.monotonic() - t0
+            lines = [line async for line in r.aiter_lines() if line]
+    assert headers_at < 1.0  # headers went out long before the first token
+    assert lines.count(": keep-alive") >= 3
+    assert any('"late"' in line for line in lines) and lines[-1] == "data: [DONE]"
+
+
+async def test_upstream_error_after_headers_becomes_error_event(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    running = await start_proxy(nursery, upstream.url, HEARTBEAT_INTERVAL="0.2")
+    upstream.script(Script(status=503, delay=1.0, body={"object": "error", "message": "overloaded", "code": 503}))
+
+    def call() -> Exception:
+        try:
+            for _ in running.sdk().chat.completions.create(model="m", messages=[], stream=True):
+                pass
+        except Exception as exc:  # the SDK raises on an error event
+            return exc
+        raise AssertionError("no error raised")
+
+    exc = await sdk_call(call)
+    assert "overloaded" in str(exc)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_disconnect_mid_stream_or_during_prefill_closes_upstream(proxy: Running, stream: bool) -> None:
+    if stream:  # tokens flowing, the client leaves after the first one
+        proxy.upstream.script(Script(steps=[*stream_of(content=["a"])[:2], *([2.0] * 10)]))
+    else:  # silent prefill: nothing written to the client at all
+        proxy.upstream.script(Script(body=completion(), delay=20.0, content_type="application/json"))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        with trio.move_on_after(0.7):
+            async with client.stream("POST", "/v1/chat/completions",
+                                     json={"model": "m", "messages": [], "stream": stream}) as r:
+                async for _ in r.aiter_bytes():
+                    pass
+        left_at = time.monotonic()
+    with trio.fail_after(3):
+        while proxy.upstream.seen[-1].aborted_at is None:
+            await trio.sleep(0.02)
+    assert proxy.upstream.seen[-1].aborted_at - left_at < 2.0
+
+
+async def test_silent_stream_disconnect_without_heartbeats(proxy: Running) -> None:
+    """Hypercorn's trio worker can miss a disconnect while nothing is written (hypercorn #210): with
+    heartbeats off and a silent upstream, the upstream is still closed promptly."""
+    proxy.upstream.script(Script(steps=[20.0, *stream_of(content=["never"])]))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        with trio.move_on_after(0.5):
+            async with client.stream("POST", "/v1/chat/completions",
+                                     json={"model": "m", "messages": [], "stream": True}) as r:
+                await r.aread()
+        left_at = time.monotonic()
+    with trio.fail_after(3):
+        await proxy.upstream.aborted.wait() if proxy.upstream.seen[-1].aborted_at is None else None
+    assert proxy.upstream.seen[-1].aborted_at - left_at < 2.0
+
+
+async def test_large_body_forwarded_byte_for_byte(proxy: Running) -> None:
+    big = "x" * (20 * 1024 * 1024)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": big}]}).encode()
+    async with httpx.AsyncClient(base_url=proxy.base, timeout=20) as client:
+        r = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200
+    assert hashlib.sha256(proxy.upstream.seen[-1].body).digest() == hashlib.sha256(body).digest()
+
+
+async def test_body_over_limit_is_413(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    running = await start_proxy(nursery, upstream.url, MAX_BODY_MB="1")
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        r = await client.post("/v1/chat/completions", content=b"x" * (2 * 1024 * 1024))
+        assert r.status_code == 413 and "1 MiB" in r.json()["error"]["message"]
+        assert (await client.get("/health")).status_code == 200  # still serving
+
+
+async def test_bad_requests_get_clear_errors(proxy: Running) -> None:
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        for body, status, words in [
+            (b"{not json", 400, "not valid JSON"),
+            (b"[1, 2]", 400, "JSON object"),
+            (b'{"messages": "hi"}', 400, "messages"),
+            (b'{"messages": [], "stream": "yes"}', 400, "stream"),
+        ]:
+            r = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == status, body
+            assert words in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
+        r = await client.post("/v1/chat/completions", content=b"a=b",
+                              headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 415
+    assert proxy.upstream.seen == []  # none of them reached the GPU
+
+
+async def test_upstream_down_is_502_and_timeout_504(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    down = await start_proxy(nursery, f"http://127.0.0.1:{dead}/v1")
+    slow = await start_proxy(nursery, upstream.url, FORWARD_TIMEOUT="0.5")
+    upstream.script(Script(body=completion(), delay=5, content_type="application/json"))
+    async with httpx.AsyncClient() as client:
+        for stream in (False, True):
+            r = await client.post(down.base + "/v1/chat/completions", json={"messages": [], "stream": stream})
+            assert r.status_code == 502 and "unreachable" in r.json()["error"]["message"]
+        r = await client.post(slow.base + "/v1/chat/completions", json={"messages": []})
+        assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+        r = await client.get(down.base + "/health")
+        assert r.status_code == 200
+
+
+async def test_upstream_4xx_relayed(proxy: Running) -> None:
+    proxy.upstream.script(Script(status=400, body={"object": "error", "message": "context too long", "code": 400}),
+                          Script(status=400, body={"object": "error", "message": "bad tools", "code": 400}))
+    with pytest.raises(openai.BadRequestError, match="context too long"):
+        await sdk_call(lambda: proxy.sdk().chat.completions.create(model="m", messages=[]))
+    with pytest.raises(openai.BadRequestError, match="bad tools"):
+        await sdk_call(lambda: list(proxy.sdk().chat.completions.create(model="m", messages=[], stream=True)))
+
+
+async def test_garbage_sse_skipped_and_stream_without_done(proxy: Running) -> None:
+    steps = [sse(chunk({"role": "assistant", "content": ""})), b"data: not json at all\n\n",
+             b"data: \xff\xfe{bad utf8\n\n", sse(chunk({"content": "ok"})), sse(chunk({}, finish="stop"))]
+    proxy.upstream.script(Script(steps=steps))  # and no [DONE]
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        r = await client.post("/v1/chat/completions", json={"messages": [], "stream": True})
+    events = frames_to_events([r.content])
+    assert accumulate(events)["content"] == "ok"  # [DONE] was added
+    assert b"not json" not in r.content and b"\xff" not in r.content
+
+
+async def test_headers_forwarded_and_secrets_never_logged(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="kimiproxy")
+    running = await start_proxy(nursery, upstream.url, LOG_LEVEL="DEBUG")
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        r = await client.post("/v1/chat/completions", json={"model": "m", "messages": []},
+                              headers={"Authorization": "Bearer sk-very-secret", "api-key": "k-secret-2",
+                                       "Cookie": "session=s3cr3t", "X-Request-ID": "req-42",
+                                       "Connection": "keep-alive", "X-Custom": "kept"})
+    assert r.headers["x-request-id"] == "req-42"
+    seen = upstream.seen[-1].headers
+    assert seen["authorization"] == "Bearer sk-very-secret" and seen["x-custom"] == "kept"
+    assert "connection" not in seen or seen["connection"] != "keep-alive, close"
+    text = caplog.text
+    for secret in ("sk-very-secret", "k-secret-2", "s3cr3t"):
+        assert secret not in text
+    assert "[redacted]" in text
+    ours = [rec for rec in caplog.records if rec.name == "kimiproxy" and "chat/completions" in rec.getMessage()]
+    assert ours and all(getattr(rec, "request_id", None) == "req-42" for rec in ours)
+
+
+async def test_stream_final_message_logged(proxy: Running, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kimiproxy")
+    proxy.upstream.script(Script(steps=stream_of(reasoning=["why"], content=["Hi"])))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        await client.post("/v1/chat/completions", json={"messages": [], "stream": True})
+    final = [r.getMessage() for r in await logged(caplog, "stream final message")]
+    assert final and '"content": "Hi"' in final[0] and '"finish_reason": "stop"' in final[0]
+    assert '"total_tokens": 20' in final[0]
+
+
+# -- the repair through the running proxy, with the OpenAI SDK -------------------------------------------
+
+def _sdk_message(sdk: openai.OpenAI, case: dict, stream: bool) -> dict:
+    history = [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": f"functions.x:{i}", "type": "function", "function": {"name": "x", "arguments": "{}"}}]}
+        for i in range(case["history_tool_calls"])]
+    kwargs = dict(model="kimi", messages=[{"role": "user", "content": "go"}, *history],
+                  tools=case["request_tools"] or openai.NOT_GIVEN)
+    if not stream:
+        r = sdk.chat.completions.create(**kwargs)
+        m = r.choices[0].message
+        return {"content": m.content or "", "reasoning": getattr(m, "reasoning_content", None) or "",
+                "tool_calls": [{"id": t.id, "name": t.function.name, "arguments": t.function.arguments}
+                               for t in m.tool_calls or []], "finish_reason": r.choices[0].finish_reason}
+    content, reasoning, calls, finish = "", "", {}, None
+    for ev in sdk.chat.completions.create(stream=True, **kwargs):
+        for ch in ev.choices:
+            content += ch.delta.content or ""
+            reasoning += getattr(ch.delta, "reasoning_content", None) or ""
+            for tc in ch.delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, {"id": tc.id, "name": tc.function.name, "arguments": ""})
+                entry["arguments"] += tc.function.arguments or ""
+            finish = ch.finish_reason or finish
+    return {"content": content, "reasoning": reasoning, "tool_calls": [calls[i] for i in sorted(calls)],
+            "finish_reason": finish}
+
+
+async def test_corpus_end_to_end_with_openai_sdk(proxy: Running) -> None:
+    for case in CASES:
+        up = case["upstream"]
+        calls = [{"index": i, "id": t["id"], "type": "function",
+                  "function": {"name": t["name"], "arguments": t["arguments"]}}
+                 for i, t in enumerate(up.get("tool_calls") or [])]
+        steps = [s for s in stream_of(reasoning=list(up.get("reasoning_content") or "")[:0] +
+                                      ([up["reasoning_content"][i:i + 7] for i in range(0, len(up["reasoning_content"]), 7)]
+                                       if up.get("reasoning_content") else []),
+                                      content=[up["content"][i:i + 5] for i in range(0, len(up["content"]), 5)]
+                                      if up.get("content") else [],
+                                      finish=up["finish_reason"], tool_calls=calls)]
+        proxy.upstream.script(
+            Script(steps=steps),
+            Script(body=completion(up.get("content"), up.get("reasoning_content"), up["finish_reason"],
+                                   calls or None), content_type="application/json"))
+        streamed = await sdk_call(lambda: _sdk_message(proxy.sdk(), case, True))
+        whole = await sdk_call(lambda: _sdk_message(proxy.sdk(), case, False))
+        check_expected(case, streamed)
+        check_expected(case, whole)
+        assert streamed["tool_calls"] == whole["tool_calls"], case["name"]
+        assert norm(streamed["content"]) == norm(whole["content"])
+
+
+async def test_history_rewrite_reaches_upstream_only(proxy: Running) -> None:
+    proxy.upstream.script(Script(body=completion(), content_type="application/json"))
+    messages = [{"role": "user", "content": "x"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_f00", "type": "function", "function": {"name": "exec", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_f00", "content": "done"}]
+    await sdk_call(lambda: proxy.sdk().chat.completions.create(model="m", messages=messages))
+    sent = proxy.upstream.seen[-1].json()["messages"]
+    assert sent[1]["tool_calls"][0]["id"] == "functions.exec:0" and sent[2]["tool_call_id"] == "functions.exec:0"
+
+
+async def test_repair_switch_off_end_to_end(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    running = await start_proxy(nursery, upstream.url, ENABLE_STREAMING_TOOL_PARSER="false")
+    raw = CASES[0]["upstream"]["reasoning_content"]
+    steps = stream_of(reasoning=[raw])
+    upstream.script(Script(steps=steps))
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        r = await client.post("/v1/chat/completions", json={"messages": [], "stream": True})
+        info = (await client.get("/")).json()
+    assert r.content == b"".join(steps)
+    assert info["repairs"]["tool_calls"] is False
+
+
+async def test_each_repair_logged_with_request_id(proxy: Running, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kimiproxy")
+    case = next(c for c in CASES if c["name"] == "content_no_prefix_id")
+    proxy.upstream.script(Script(steps=stream_of(content=[case["upstream"]["content"]])))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        await client.post("/v1/chat/completions", json={"messages": [], "stream": True, "tools": case["request_tools"]},
+                          headers={"x-request-id": "rid-7"})
+    lines = await logged(caplog, "repair: recovered")
+    assert len(lines) == 1 and lines[0].request_id == "rid-7"
+    assert "from content" in lines[0].getMessage() and "id-rewritten" in lines[0].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration and the README's commands
+# ---------------------------------------------------------------------------------------------------
+
+def test_settings_from_env_and_bad_values() -> None:
+    s = kp.Settings.from_env({"SGLANG_API_BASE": "http://gpu:30000/v1/", "FORWARD_TIMEOUT": "90",
+                              "ENABLE_STREAMING_TOOL_PARSER": "false", "MAX_BODY_MB": "128"})
+    assert (s.upstream, s.forward_timeout, s.repair, s.max_body_bytes) == ("http://gpu:30000/v1", 90.0, False,
+                                                                            128 * 1024 * 1024)
+    for env, words in [({"FORWARD_TIMEOUT": "soon"}, "not a number"), ({"SGLANG_API_BASE": "gpu:30000"}, "http"),
+                       ({"ENABLE_FILE_LOGGING": "maybe"}, "boolean"), ({"PROXY_PORT": "99999"}, "port")]:
+        with pytest.raises(kp.ConfigError, match=words):
+            kp.Settings.from_env(env)
+
+
+def test_dotenv_file(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text('# comment\nexport SGLANG_API_BASE="http://box:30000/v1"\nLOG_LEVEL=DEBUG # inline\n')
+    assert kp.read_dotenv([tmp_path / "missing", env_file]) == {"SGLANG_API_BASE": "http://box:30000/v1",
+                                                                 "LOG_LEVEL": "DEBUG"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 15) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=HERE, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_bad_configuration_stops_with_one_line() -> None:
+    r = _run([sys.executable, "kimiproxy.py"], {"FORWARD_TIMEOUT": "soon"})
+    assert r.returncode == 1
+    assert r.stderr.strip() == "kimiproxy: bad configuration: FORWARD_TIMEOUT='soon' is not a number"
+    # Under hypercorn the worker stops; the exit status is Hypercorn's own: 0.18's supervisor returns 0
+    # even when its worker fails (run.py joins the dead worker twice), so only the message is ours.
+    r = _run([sys.executable, "-m", "hypercorn", "kimiproxy:app", "-k", "trio", "-b", "127.0.0.1:0"],
+             {"SGLANG_API_BASE": "gpu:30000"})
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().endswith("kimiproxy: bad configuration: SGLANG_API_BASE='gpu:30000' must be an "
+                                     "http:// or https:// URL, like http://127.0.0.1:30000/v1")
+
+
+def test_asyncio_worker_refused_with_hint() -> None:
+    """Without -k trio the worker stops at start-up (the run would time out if it kept serving)."""
+    r = _run([sys.executable, "-m", "hypercorn", "kimiproxy:app", "-b", f"127.0.0.1:{_free_port()}"], {})
+    assert "Traceback" not in r.stderr
+    assert "kimiproxy needs Hypercorn's trio worker: run `hypercorn kimiproxy:app -k trio`" in r.stderr
+
+
+async def test_readme_commands_serve_a_real_stream(upstream: FakeSGLang) -> None:
+    """`hypercorn kimiproxy:app -k trio` and `python kimiproxy.py`, as the README runs them."""
+    for cmd in (["-m", "hypercorn", "kimiproxy:app", "-k", "trio", "-b", "127.0.0.1:{port}"],
+                ["kimiproxy.py", "--port", "{port}", "--host", "127.0.0.1"]):
+        port = _free_port()
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, *[c.format(port=port) for c in cmd]], cwd=HERE,
+            env={**os.environ, "SGLANG_API_BASE": upstream.url}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(base_url=base) as client:
+                with trio.fail_after(10):
+                    while True:
+                        try:
+                            if (await client.get("/health")).status_code == 200:
+                                break
+                        except httpx.TransportError:
+                            await trio.sleep(0.1)
+                case = CASES[0]
+                upstream.script(Script(steps=stream_of(reasoning=[case["upstream"]["reasoning_content"]])))
+                r = await client.post("/v1/chat/completions", json={
+                    "messages": [], "stream": True, "tools": case["request_tools"]})
+            message = accumulate(frames_to_events([r.content]))
+            assert message["tool_calls"][0]["name"] == "ReadFile", message
+        finally:
+            proc.terminate()
+            with trio.move_on_after(5):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
