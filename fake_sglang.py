@@ -225,3 +225,16 @@ class FakeSGLang:
         if not started:
             await stream.send_all(conn.send(h11.Response(status_code=script.status, headers=headers)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+async def _main(port: int) -> None:
+    fake = FakeSGLang()
+    fake.port = port
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    print(f"fake SGLang on http://127.0.0.1:{port}/v1", flush=True)
+    await trio.serve_listeners(fake._connection, listeners)
+
+
+if __name__ == "__main__":  # a manual upstream: python fake_sglang.py 30000
+    import sys
+    trio.run(_main, int(sys.argv[1]) if len(sys.argv) > 1 else 30000)

@@ -1,0 +1,543 @@
+"""bench_kimiproxy.py: what kimiproxy costs, measured against no proxy at all, side by side in one run.
+
+    python bench_kimiproxy.py            # 3 rounds, about two minutes
+    python bench_kimiproxy.py --quick    # 1 round of smaller workloads, about 30 s
+    python bench_kimiproxy.py --json     # machine-readable
+
+It starts a fast fake SGLang (a subprocess: stdlib asyncio, pre-serialized Kimi-like chunks) and
+kimiproxy exactly as the README does (``hypercorn kimiproxy:app -k trio``, repair on), then runs each
+workload against the upstream directly and through the proxy, interleaved, round after round:
+
+  fast      one stream of 20,000 chunks sent as fast as possible: chunks/s, proxy CPU per chunk
+  paced     500 concurrent streams x 100 chunks 50 ms apart, like a real model: completions,
+            proxy CPU per chunk, peak RSS, time to first chunk p99
+  latency   one stream of 200 chunks 20 ms apart, each stamped with its send time: latency added
+  small     small non-streaming requests at concurrency 1 and 32: proxy CPU per request, requests/s
+  body      a 5 MB request body: time added
+  leave     the client leaves mid-stream: time until the upstream sees its connection closed
+
+The proxy's CPU time and memory are read from /proc for its whole process tree. Each figure is the
+median over the rounds. Only 127.0.0.1 is contacted. Targets (issue #5) are printed beside each figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+LOREM = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt "
+STAMP_RE = re.compile(rb"@T(\d+\.\d+)@")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fake upstream (runs in its own process: python bench_kimiproxy.py --upstream PORT)
+# ---------------------------------------------------------------------------------------------------
+
+def sse_chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
+    full = {"role": None, "content": None, "reasoning_content": None, "tool_calls": None}
+    full.update(delta)
+    body = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1735689600,
+            "model": "kimi-k2-thinking",
+            "choices": [] if usage else [{"index": 0, "delta": full, "logprobs": None,
+                                          "finish_reason": finish, "matched_stop": None}],
+            "usage": usage}
+    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def kimi_stream(n: int, stamp: bool) -> tuple[list, bytes]:
+    """Token chunks of a Kimi-K2-Thinking turn that ends in a tool call leaked into reasoning, as
+    SGLang streams it: 30 % reasoning, the leaked section in pieces, then content. With stamp, each
+    chunk is a format string for the send time."""
+    markup = ["<|tool_calls_section_begin|>", "<|tool_call_begin|>functions.read_file:0",
+              '<|tool_call_argument_begin|>{"path": ', '"/src/main.py"}', "<|tool_call_end|>",
+              "<|tool_calls_section_end|>"]
+    n_markup = len(markup) if n >= 20 else 0
+    n_reasoning = max(0, int(n * 0.3) - n_markup)
+    chunks = []
+    for i in range(n):
+        text = LOREM[(i * 4) % 80:(i * 4) % 80 + 4]
+        if i < n_reasoning:
+            kind = "reasoning_content"
+        elif i < n_reasoning + n_markup:
+            kind, text = "reasoning_content", markup[i - n_reasoning]
+        else:
+            kind = "content"
+        if stamp and kind == "content":
+            chunks.append(sse_chunk({kind: "@T__STAMP__@"}))
+        else:
+            chunks.append(sse_chunk({kind: text}))
+    tail = (sse_chunk({}, finish="stop")
+            + sse_chunk({}, usage={"prompt_tokens": 12, "completion_tokens": n, "total_tokens": n + 12})
+            + b"data: [DONE]\n\n")
+    return chunks, tail
+
+
+def framed(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+COMPLETION = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1735689600, "model": "kimi-k2-thinking",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello! How can I help?",
+                                         "reasoning_content": "A greeting.", "tool_calls": None},
+                 "logprobs": None, "finish_reason": "stop", "matched_stop": None}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}}).encode()
+
+
+class Upstream(asyncio.Protocol):
+    aborts: list = []  # (tag, wall time) of streams whose client closed before the end
+
+    def connection_made(self, transport):  # noqa: ANN001
+        self.t = transport
+        self.buf = b""
+        self.streaming = None
+
+    def connection_lost(self, exc):  # noqa: ANN001
+        if self.streaming is not None:
+            self.streaming.cancel()
+            Upstream.aborts.append((self.tag, time.time()))
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            head_end = self.buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            head = self.buf[:head_end].decode("latin-1")
+            length = int(re.search(r"(?i)content-length:\s*(\d+)", head).group(1)) \
+                if "ontent-length" in head.lower() else 0
+            if len(self.buf) < head_end + 4 + length:
+                return
+            body = self.buf[head_end + 4:head_end + 4 + length]
+            self.buf = self.buf[head_end + 4 + length:]
+            self.handle(head, body)
+
+    def handle(self, head: str, body: bytes) -> None:
+        path = head.split(" ", 2)[1]
+        if path.startswith("/stats"):
+            payload = json.dumps({"aborts": Upstream.aborts}).encode()
+            self.t.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(payload), payload))
+            return
+        found = re.search(r"(?i)x-bench: ([^\r\n]*)", head)
+        knobs = dict(kv.split("=", 1) for kv in found.group(1).split(",") if "=" in kv) if found else {}
+        if b'"stream": true' not in body and b'"stream":true' not in body:
+            self.t.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(COMPLETION), COMPLETION))
+            return
+        self.tag = knobs.get("tag", "")
+        self.streaming = asyncio.ensure_future(self.stream(
+            int(knobs.get("n", 100)), float(knobs.get("delay", 0)), int(knobs.get("batch", 32)),
+            knobs.get("stamp") == "1"))
+
+    async def stream(self, n: int, delay: float, batch: int, stamp: bool) -> None:
+        chunks, tail = STREAMS.get((n, stamp)) or STREAMS.setdefault((n, stamp), kimi_stream(n, stamp))
+        head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                + framed(sse_chunk({"role": "assistant", "content": ""})))
+        self.t.write(head)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        step = batch if delay == 0 else 1
+        for i in range(0, n, step):
+            if delay:
+                await asyncio.sleep(max(0.0, start + (i + 1) * delay - loop.time()))
+            group = chunks[i:i + step]
+            if stamp:
+                now = b"%.6f" % time.time()
+                group = [c.replace(b"__STAMP__", now) for c in group]
+            self.t.write(b"".join(framed(c) for c in group))
+            if not delay:
+                await asyncio.sleep(0)
+            if self.t.get_write_buffer_size() > 1 << 20:
+                await asyncio.sleep(0.001)
+        self.t.write(framed(tail) + b"0\r\n\r\n")
+        self.streaming = None
+
+
+STREAMS: dict = {}
+
+
+def run_upstream(port: int) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Upstream, "127.0.0.1", port, backlog=4096)
+        async with server:
+            await server.serve_forever()
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The client side
+# ---------------------------------------------------------------------------------------------------
+
+def chat_request(port: int, stream: bool, knobs: str = "", body: bytes | None = None) -> bytes:
+    body = body or json.dumps({"model": "kimi-k2-thinking", "stream": stream, "messages": [
+        {"role": "user", "content": "Read /src/main.py"}],
+        "tools": [{"type": "function", "function": {"name": "read_file", "parameters": {
+            "type": "object", "properties": {"path": {"type": "string"}}}}}]}).encode()
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer bench\r\nx-bench: {knobs}\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def one_stream(port: int, knobs: str, leave_after: int = 0) -> dict:
+    """One streamed request: time to first event, events, stamps latency, whether it completed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    t0 = time.perf_counter()
+    writer.write(chat_request(port, True, knobs))
+    first = None
+    events = 0
+    latencies = []
+    tail = b""
+    done = False
+    while not done:
+        data = await reader.read(1 << 16)
+        if not data:
+            break
+        now_wall = time.time()
+        if first is None and b"data: " in data:
+            first = time.perf_counter() - t0
+        window = tail + data
+        events += window.count(b"data: ") - tail.count(b"data: ")
+        for m in STAMP_RE.finditer(data):
+            latencies.append(now_wall - float(m.group(1)))
+        done = b"data: [DONE]" in window
+        tail = window[-16:]
+        if leave_after and events >= leave_after:
+            break
+    left_at = time.time()
+    writer.transport.abort()
+    return {"ttfc": first, "events": events, "completed": done, "latencies": latencies,
+            "left_at": left_at, "elapsed": time.perf_counter() - t0}
+
+
+async def small_requests(port: int, concurrency: int, seconds: float) -> int:
+    """Keep-alive non-streaming requests for `seconds`: how many completed."""
+    request = chat_request(port, False)
+    deadline = time.perf_counter() + seconds
+    count = 0
+
+    async def worker() -> None:
+        nonlocal count
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.perf_counter() < deadline:
+            writer.write(request)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:  # the server closed a kept-alive connection: reopen
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                continue
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            await reader.readexactly(length)
+            count += 1
+        writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return count
+
+
+async def big_body(port: int, megabytes: float) -> float:
+    content = "x" * int(megabytes * 1024 * 1024)
+    body = json.dumps({"model": "m", "stream": False, "messages": [{"role": "user", "content": content}]}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    t0 = time.perf_counter()
+    writer.write(chat_request(port, False, body=body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:100]
+    await reader.readexactly(int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1)))
+    elapsed = time.perf_counter() - t0
+    writer.close()
+    return elapsed
+
+
+# ---------------------------------------------------------------------------------------------------
+# /proc: CPU seconds and memory of a process tree
+# ---------------------------------------------------------------------------------------------------
+
+def tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / CLOCK_TICKS
+
+
+def rss_mb(pids: list[int], field: str = "VmRSS") -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def start(argv: list[str], env: dict[str, str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, cwd=HERE, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    wait_port(port)
+    return proc
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p / 100 * len(values)))]
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.fast_chunks = 20_000
+        self.paced = (100, 40) if quick else (500, 100)  # streams, chunks each
+        self.small_seconds = 2.0 if quick else 4.0
+        self.up_port, self.proxy_port = free_port(), free_port()
+        self.upstream = start([sys.executable, __file__, "--upstream", str(self.up_port)], {}, self.up_port)
+        self.proxy = start([sys.executable, "-m", "hypercorn", "kimiproxy:app", "-k", "trio",
+                            "-b", f"127.0.0.1:{self.proxy_port}"],
+                           {"SGLANG_API_BASE": f"http://127.0.0.1:{self.up_port}/v1",
+                            "ENABLE_STREAMING_TOOL_PARSER": "true", "ENABLE_FILE_LOGGING": "false",
+                            "LOG_LEVEL": "WARNING"}, self.proxy_port)
+        self.results: dict[str, dict[str, list]] = {"direct": {}, "proxy": {}}
+
+    def close(self) -> None:
+        for proc in (self.proxy, self.upstream):
+            proc.terminate()
+            proc.wait(5)
+
+    def record(self, target: str, name: str, value: float | None) -> None:
+        self.results[target].setdefault(name, []).append(value)
+
+    def measure(self, target: str, port: int, fn, *args):  # noqa: ANN001, ANN201
+        """Run one workload; returns (its result, proxy CPU seconds spent meanwhile)."""
+        pids = tree(self.proxy.pid)
+        before = cpu_seconds(pids)
+        result = asyncio.run(fn(port, *args))
+        return result, cpu_seconds(pids) - before
+
+    def round(self) -> None:
+        for target, port in (("direct", self.up_port), ("proxy", self.proxy_port)):
+            self.fast(target, port)
+            self.paced_streams(target, port)
+            self.latency(target, port)
+            self.small(target, port)
+            self.body(target, port)
+            self.leave(target, port)
+
+    def fast(self, target: str, port: int) -> None:
+        (r, cpu) = self.measure(target, port, lambda p: one_stream(p, f"n={self.fast_chunks},batch=32"))
+        assert r["completed"], r
+        self.record(target, "fast_chunks_per_s", self.fast_chunks / r["elapsed"])
+        self.record(target, "fast_cpu_us_per_chunk", cpu / self.fast_chunks * 1e6 if target == "proxy" else None)
+
+    def paced_streams(self, target: str, port: int) -> None:
+        streams, chunks = self.paced
+
+        async def run(p: int) -> list[dict]:
+            return await asyncio.gather(*(one_stream(p, f"n={chunks},delay=0.05") for _ in range(streams)))
+
+        pids = tree(self.proxy.pid)
+        for pid in pids:  # reset the peak-RSS mark
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                pass
+        results, cpu = self.measure(target, port, run)
+        self.record(target, "paced_completed", sum(r["completed"] for r in results))
+        self.record(target, "paced_ttfc_p99_ms", percentile([r["ttfc"] for r in results if r["ttfc"]], 99) * 1e3)
+        if target == "proxy":
+            self.record(target, "paced_cpu_us_per_chunk", cpu / (streams * chunks) * 1e6)
+            self.record(target, "paced_peak_rss_mb", rss_mb(tree(self.proxy.pid), "VmHWM"))
+
+    def latency(self, target: str, port: int) -> None:
+        (r, _) = self.measure(target, port, lambda p: one_stream(p, "n=200,delay=0.02,stamp=1"))
+        lat = r["latencies"]
+        self.record(target, "latency_p50_ms", percentile(lat, 50) * 1e3)
+        self.record(target, "latency_p99_ms", percentile(lat, 99) * 1e3)
+
+    def small(self, target: str, port: int) -> None:
+        for concurrency in (1, 32):
+            count, cpu = self.measure(target, port, small_requests, concurrency, self.small_seconds)
+            self.record(target, f"small_c{concurrency}_rps", count / self.small_seconds)
+            if target == "proxy":
+                self.record(target, f"small_c{concurrency}_cpu_us_per_req", cpu / count * 1e6)
+
+    def body(self, target: str, port: int) -> None:
+        times = [self.measure(target, port, big_body, 5.0)[0] for _ in range(5)]
+        self.record(target, "body_5mb_ms", statistics.median(times) * 1e3)
+
+    def leave(self, target: str, port: int) -> None:
+        if target == "direct":
+            return
+        tag = f"leave{time.time_ns()}"
+        (r, _) = self.measure(target, port, lambda p: one_stream(p, f"n=1000,delay=0.05,tag={tag}", leave_after=10))
+        deadline = time.time() + 3
+        aborted = None
+        while time.time() < deadline and aborted is None:
+            stats = json.loads(_get(self.up_port, "/stats"))
+            aborted = next((t for tag_, t in stats["aborts"] if tag_ == tag), None)
+            time.sleep(0.01)
+        self.record(target, "leave_upstream_closed_ms", (aborted - r["left_at"]) * 1e3 if aborted else None)
+
+
+def _get(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nx-bench: n=1\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+        while len(body) < length:
+            body += s.recv(65536)
+        return body
+
+
+# (figure, label, target, "hi"/"lo" = which way is better, compare: "ratio" | "added" | None)
+FIGURES = [
+    ("fast_chunks_per_s", "fast stream: chunks/s", 60_000, "hi", "ratio"),
+    ("fast_cpu_us_per_chunk", "fast stream: proxy CPU per chunk (us)", None, "lo", None),
+    ("paced_completed", "paced streams completed", "all", "hi", None),
+    ("paced_cpu_us_per_chunk", "paced: proxy CPU per chunk (us)", 190, "lo", None),
+    ("paced_peak_rss_mb", "paced: proxy peak RSS (MB)", 100, "lo", None),
+    ("paced_ttfc_p99_ms", "paced: time to first chunk p99 (ms)", 100, "lo", "added"),
+    ("latency_p50_ms", "paced single stream: latency p50 (ms)", None, "lo", "added"),
+    ("latency_p99_ms", "paced single stream: latency p99 (ms)", 0.5, "lo", "added"),
+    ("small_c1_cpu_us_per_req", "non-stream c=1: proxy CPU per request (us)", 870, "lo", None),
+    ("small_c1_rps", "non-stream c=1: requests/s", None, "hi", "ratio"),
+    ("small_c32_rps", "non-stream c=32: requests/s", 750, "hi", "ratio"),
+    ("small_c32_cpu_us_per_req", "non-stream c=32: proxy CPU per request (us)", None, "lo", None),
+    ("body_5mb_ms", "5 MB body: time (ms)", 15, "lo", "added"),
+    ("leave_upstream_closed_ms", "client leaves: upstream closed after (ms)", 50, "lo", None),
+]
+
+
+def report(bench: Bench, as_json: bool) -> int:
+    rows, failures = [], 0
+    for key, label, target, better, compare in FIGURES:
+        direct = median(bench.results["direct"].get(key, []))
+        proxy = median(bench.results["proxy"].get(key, []))
+        versus = None
+        if compare == "ratio" and direct and proxy is not None:
+            versus = proxy / direct
+        elif compare == "added" and direct is not None and proxy is not None:
+            versus = proxy - direct
+        checked = versus if compare == "added" else proxy
+        if target == "all":
+            target = bench.paced[0]
+        ok = None
+        if target is not None and checked is not None:
+            ok = checked >= target if better == "hi" else checked <= target
+            failures += not ok
+        rows.append({"figure": key, "label": label, "direct": direct, "proxy": proxy, "compare": compare,
+                     "versus": versus, "target": target, "ok": ok})
+    if as_json:
+        print(json.dumps({"machine": machine(), "quick": bench.quick, "rows": rows,
+                          "raw": bench.results}, indent=1))
+        return 0
+    print(f"kimiproxy benchmark ({'quick' if bench.quick else 'full'}); {machine()}")
+    print(f"{'figure':48} {'direct':>10} {'kimiproxy':>10} {'vs direct':>11} {'target':>9}  ")
+    for r in rows:
+        versus = "" if r["versus"] is None else (f"x{r['versus']:.2f}" if r["compare"] == "ratio"
+                                                 else f"+{r['versus']:.2f}")
+        mark = {True: "ok", False: "MISSED", None: ""}[r["ok"]]
+        target = "" if r["target"] is None else (("<=" if r["figure"] not in ("fast_chunks_per_s", "small_c32_rps",
+                                                                            "paced_completed") else ">=")
+                                                 + f"{r['target']:g}")
+        print(f"{r['label']:48} {fmt(r['direct']):>10} {fmt(r['proxy']):>10} {versus:>11} {target:>9}  {mark}")
+    return 0
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU")
+    return f"{os.cpu_count()} cores, {model}, Python {sys.version.split()[0]}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one round of smaller workloads (~30 s)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3, or 1 with --quick)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.upstream:
+        run_upstream(args.upstream)
+        return 0
+    bench = Bench(args.quick)
+    try:
+        for _ in range(args.rounds or (1 if args.quick else 3)):
+            bench.round()
+    finally:
+        bench.close()
+    return report(bench, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
