@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+EXTRA_HYPERCORN_ARGS = os.environ.get("BENCH_HYPERCORN_ARGS", "").split()
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LOREM = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt "
 STAMP_RE = re.compile(rb"@T(\d+\.\d+)@")
@@ -354,7 +355,7 @@ class Bench:
         self.up_port, self.proxy_port = free_port(), free_port()
         self.upstream = start([sys.executable, __file__, "--upstream", str(self.up_port)], {}, self.up_port)
         self.proxy = start([sys.executable, "-m", "hypercorn", "kimiproxy:app", "-k", "trio",
-                            "-b", f"127.0.0.1:{self.proxy_port}"],
+                            "-b", f"127.0.0.1:{self.proxy_port}", *EXTRA_HYPERCORN_ARGS],
                            {"SGLANG_API_BASE": f"http://127.0.0.1:{self.up_port}/v1",
                             "ENABLE_STREAMING_TOOL_PARSER": "true", "ENABLE_FILE_LOGGING": "false",
                             "LOG_LEVEL": "WARNING"}, self.proxy_port)

@@ -32,6 +32,7 @@ import argparse
 import contextvars
 import dataclasses
 import enum
+import gc
 import itertools
 import json
 import logging
@@ -99,6 +100,7 @@ MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024  # one SSE line from upstream; longer one
 MAX_UPSTREAM_BODY_BYTES = 256 * 1024 * 1024  # a non-streamed upstream response
 # Stream bytes waiting for a slow client before the relay stops reading the upstream (backpressure).
 MAX_PENDING_BYTES = 1024 * 1024
+GC_THRESHOLD = 20_000  # allocations between young-generation collections (CPython: 700)
 # Idle upstream connections kept for reuse. httpcore checks every idle one with a syscall on each
 # new request, so after a burst of 500 streams a large pool makes every later request slower.
 IDLE_UPSTREAM_CONNECTIONS = 8
@@ -1960,6 +1962,11 @@ def create_app(settings: Settings) -> KimiProxyApp:
     @app.before_serving
     async def startup() -> None:
         setup_logging(settings)
+        # A proxy allocates many short-lived objects per chunk and keeps few cycles: collecting the
+        # youngest generation every GC_THRESHOLD allocations instead of CPython's 700, with the
+        # start-up objects frozen out of the scans, saves measurable CPU per chunk (benchmark).
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, 20, 100)
         await app.proxy.open()
         log.info("kimiproxy %s serving, upstream %s, repair %s, heartbeat %gs", __version__,
                  settings.upstream, "on" if settings.repair else "off", settings.heartbeat_interval)
