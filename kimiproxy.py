@@ -33,6 +33,7 @@ import contextvars
 import dataclasses
 import enum
 import gc
+import hmac
 import itertools
 import json
 import logging
@@ -40,6 +41,7 @@ import logging.handlers
 import math
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -49,7 +51,7 @@ from typing import Any, Iterable
 import httpx
 import sniffio
 import trio
-from quart import jsonify
+from quart import jsonify, request
 from quart_trio import QuartTrio
 
 __version__ = "0.1.0"
@@ -108,6 +110,8 @@ UPSTREAM_CLOSE_TIMEOUT = 1.0  # seconds allowed to close the upstream connection
 LOG_PREVIEW_CHARS = 400  # characters of content/reasoning in INFO log lines
 DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_LOG_BACKUPS = 5
+DEFAULT_SHUTDOWN_GRACE = 30.0  # seconds in-flight requests may finish after SIGTERM/SIGINT
+HEALTH_UPSTREAM_TIMEOUT = 2.0  # seconds: GET /health?upstream=1 asks the upstream's /models
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -159,6 +163,7 @@ class UpstreamError(ProxyError):
     """The upstream failed or could not be reached."""
     status = 502
     error_type = "upstream_error"
+    kind = "protocol"  # for the metrics: connect, timeout, protocol or http
 
 
 class ConfigError(Exception):
@@ -799,14 +804,14 @@ class ChoiceRepair:
             if not isinstance(delta, dict):
                 continue
             index = delta.get("index")
-            if not isinstance(index, int):
+            if not isinstance(index, int) or isinstance(index, bool):
                 index = len(self.structured) if delta.get("id") else max(self.structured, default=position)
             entry = self.structured.setdefault(index, {"id": None, "name": "", "arguments": ""})
-            if delta.get("id"):
+            if isinstance(delta.get("id"), str) and delta["id"]:
                 entry["id"] = delta["id"]
             function = delta.get("function")
             if isinstance(function, dict):
-                if function.get("name"):
+                if isinstance(function.get("name"), str):
                     entry["name"] += function["name"]
                 if isinstance(function.get("arguments"), str):
                     entry["arguments"] += function["arguments"]
@@ -1022,7 +1027,7 @@ class StreamRepair:
 
     def _choice(self, choice: dict) -> list[dict] | None:
         """Repaired choice dicts for this event, or None when it passes unchanged."""
-        index = choice.get("index", 0)
+        index = _choice_index(choice)
         repair = self.choices.get(index)
         if repair is None:
             repair = self.choices[index] = ChoiceRepair(self.ctx)
@@ -1049,6 +1054,8 @@ class StreamRepair:
         if isinstance(delta.get("tool_calls"), list):
             repair.add_structured(delta["tool_calls"])
         upstream_finish = choice.get("finish_reason")
+        if upstream_finish is not None and not isinstance(upstream_finish, str):
+            upstream_finish = "stop"  # a malformed finish is still the end of the choice
         if upstream_finish is None:
             if not changed:
                 return None
@@ -1095,7 +1102,7 @@ class StreamRepair:
         return frames
 
     def _aggregate_passthrough(self, choice: dict) -> None:
-        index = choice.get("index", 0)
+        index = _choice_index(choice)
         agg = self.aggregate.setdefault(index, {"content": [], "reasoning": [], "finish_reason": None})
         repair = self.choices.setdefault(index, ChoiceRepair(self.ctx))
         delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
@@ -1129,6 +1136,11 @@ class StreamRepair:
                              "reasoning_content": "".join(agg["reasoning"]),
                              "tool_calls": calls, "finish_reason": agg["finish_reason"]})
         return messages
+
+
+def _choice_index(choice: dict) -> int:
+    index = choice.get("index", 0)
+    return index if isinstance(index, int) and not isinstance(index, bool) else 0
 
 
 def _has_payload(delta: dict) -> bool:
@@ -1213,6 +1225,14 @@ class Settings:
     repair: bool = True  # ENABLE_STREAMING_TOOL_PARSER: the Kimi-K2 repair (off: transparent)
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL  # HEARTBEAT_INTERVAL: seconds, 0 = off
     max_body_mb: float = DEFAULT_MAX_BODY_MB  # MAX_BODY_MB: largest request body
+    body_timeout: float = BODY_READ_TIMEOUT  # BODY_TIMEOUT: seconds to receive a request body
+    api_keys: tuple[str, ...] = ()  # PROXY_API_KEY: keys clients must present (comma-separated)
+    upstream_api_key: str = ""  # UPSTREAM_API_KEY: sent to the upstream instead of the client's key
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # SHUTDOWN_GRACE: seconds in-flight requests get
+
+    def __repr__(self) -> str:  # never print a key
+        return (f"Settings(upstream={self.upstream!r}, repair={self.repair}, "
+                f"auth={'on' if self.api_keys else 'off'})")
 
     @property
     def max_body_bytes(self) -> int:
@@ -1272,6 +1292,10 @@ class Settings:
             repair=flag("ENABLE_STREAMING_TOOL_PARSER", defaults.repair),
             heartbeat_interval=number("HEARTBEAT_INTERVAL", defaults.heartbeat_interval),
             max_body_mb=number("MAX_BODY_MB", defaults.max_body_mb, 0.001),
+            body_timeout=number("BODY_TIMEOUT", defaults.body_timeout, 0.001),
+            api_keys=tuple(k.strip() for k in env.get("PROXY_API_KEY", "").split(",") if k.strip()),
+            upstream_api_key=env.get("UPSTREAM_API_KEY", "").strip(),
+            shutdown_grace=number("SHUTDOWN_GRACE", defaults.shutdown_grace),
         )
 
 
@@ -1382,6 +1406,88 @@ def log_repairs(repairs: list[ChoiceRepair]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Metrics: GET /metrics in Prometheus' text format, per process
+# ---------------------------------------------------------------------------------------------------
+
+TTFB_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)  # seconds
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800)  # seconds
+METRICS_HELP = {
+    "kimiproxy_requests_total": ("counter", "Requests by route and response status (499: client left)"),
+    "kimiproxy_streams_in_flight": ("gauge", "Streamed chat completions being relayed now"),
+    "kimiproxy_upstream_errors_total": ("counter", "Upstream failures by kind (connect, timeout, "
+                                                   "protocol, http) and HTTP status"),
+    "kimiproxy_client_disconnects_total": ("counter", "Clients that left before their response was "
+                                                      "complete, by whether the upstream was closed"),
+    "kimiproxy_tool_calls_recovered_total": ("counter", "Tool calls recovered from leaked markup, by channel"),
+    "kimiproxy_repairs_total": ("counter", "Repairs applied, by rule (failure family)"),
+    "kimiproxy_upstream_first_byte_seconds": ("histogram", "Time from request to the upstream's response headers"),
+    "kimiproxy_request_duration_seconds": ("histogram", "Time from request to the end of the response, by route"),
+}
+
+
+class Metrics:
+    """Counters for the life of the process. Scraping renders a few dozen lines: cheap. Under
+    ``hypercorn -w N`` each worker process has its own (a scrape reaches one worker)."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, Counter[tuple[tuple[str, str], ...]]] = {
+            name: Counter() for name, (kind, _) in METRICS_HELP.items() if kind == "counter"}
+        self.streams_in_flight = 0
+        self.histograms: dict[str, dict[tuple, list[float]]] = {
+            "kimiproxy_upstream_first_byte_seconds": {}, "kimiproxy_request_duration_seconds": {}}
+        self._buckets = {"kimiproxy_upstream_first_byte_seconds": TTFB_BUCKETS,
+                         "kimiproxy_request_duration_seconds": DURATION_BUCKETS}
+
+    def inc(self, name: str, value: float = 1, **labels: str) -> None:
+        self.counters[name][tuple(sorted(labels.items()))] += value
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        buckets = self._buckets[name]
+        key = tuple(sorted(labels.items()))
+        series = self.histograms[name].get(key)
+        if series is None:
+            series = self.histograms[name][key] = [0.0] * (len(buckets) + 2)  # buckets, sum, count
+        for i, bound in enumerate(buckets):
+            if value <= bound:
+                series[i] += 1
+        series[-2] += value
+        series[-1] += 1
+
+    def render(self) -> str:
+        lines = []
+        for name, (kind, text) in METRICS_HELP.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            if kind == "counter":
+                for labels, value in sorted(self.counters[name].items()):
+                    lines.append(f"{name}{_labels(labels)} {value:g}")
+            elif kind == "gauge":
+                lines.append(f"{name} {self.streams_in_flight}")
+            else:
+                for labels, series in sorted(self.histograms[name].items()):
+                    for bound, count in zip(self._buckets[name], series):
+                        lines.append(f"{name}_bucket{_labels(labels + (('le', f'{bound:g}'),))} {count:g}")
+                    lines.append(f"{name}_bucket{_labels(labels + (('le', '+Inf'),))} {series[-1]:g}")
+                    lines.append(f"{name}_sum{_labels(labels)} {series[-2]:.6f}")
+                    lines.append(f"{name}_count{_labels(labels)} {series[-1]:g}")
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                     for k, v in labels)
+    return "{" + inner + "}"
+
+
+def route_label(path: str) -> str:
+    """A bounded set of route labels: the known routes, else the first path segments."""
+    if path in CHAT_PATHS or path in ("/v1/models", "/v1/completions", "/v1/embeddings"):
+        return path
+    return "/v1/other" if path.startswith("/v1/") else "other"
+
+
+# ---------------------------------------------------------------------------------------------------
 # The upstream edge: one request, from the client's bytes to the upstream and back
 # ---------------------------------------------------------------------------------------------------
 
@@ -1393,10 +1499,14 @@ MAY_NEED_REPAIR_RE = re.compile(rb'<|"tool_calls":\s*\[|"finish_reason":\s*"tool
 def upstream_failure(exc: httpx.HTTPError, url: str) -> UpstreamError:
     """The one place where httpx's exceptions become ours."""
     if isinstance(exc, httpx.TimeoutException):
-        return UpstreamError(f"upstream timed out ({type(exc).__name__}) at {url}", 504)
-    if isinstance(exc, httpx.ConnectError):
-        return UpstreamError(f"upstream unreachable at {url}: {exc}", 502)
-    return UpstreamError(f"upstream connection failed ({type(exc).__name__}): {exc}", 502)
+        err = UpstreamError(f"upstream timed out ({type(exc).__name__}) at {url}", 504)
+        err.kind = "timeout"
+    elif isinstance(exc, httpx.ConnectError):
+        err = UpstreamError(f"upstream unreachable at {url}: {exc}", 502)
+        err.kind = "connect"
+    else:
+        err = UpstreamError(f"upstream connection failed ({type(exc).__name__}): {exc}", 502)
+    return err
 
 
 def upstream_http_error(status: int, body: bytes) -> UpstreamError:
@@ -1413,6 +1523,7 @@ def upstream_http_error(status: int, body: bytes) -> UpstreamError:
             message = inner["message"]
         error_type = inner.get("type") if isinstance(inner.get("type"), str) else None
     err = UpstreamError(message or f"upstream answered HTTP {status}", status)
+    err.kind = "http"
     err.error_type = error_type or ("invalid_request_error" if status < 500 else "upstream_error")
     return err
 
@@ -1575,11 +1686,11 @@ class Exchange:
     upstream_closed: bool = False
 
 
-async def read_body(receive: Any, limit: int) -> bytes:
+async def read_body(receive: Any, limit: int, timeout: float) -> bytes:
     """The whole request body, or ClientError 413 past ``limit`` / 408 if the client stalls."""
     parts: list[bytes] = []
     size = 0
-    with trio.move_on_after(BODY_READ_TIMEOUT) as scope:
+    with trio.move_on_after(timeout) as scope:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -1593,7 +1704,7 @@ async def read_body(receive: Any, limit: int) -> bytes:
             if not message.get("more_body", False):
                 break
     if scope.cancelled_caught:
-        raise ClientError(f"request body not received within {BODY_READ_TIMEOUT:g} s", 408)
+        raise ClientError(f"request body not received within {timeout:g} s (BODY_TIMEOUT)", 408)
     return b"".join(parts)
 
 
@@ -1630,7 +1741,9 @@ class Proxy:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.metrics = Metrics()
         self.client: httpx.AsyncClient | None = None
+        self._exposure_checked = False
         self.transport: httpx.AsyncHTTPTransport | None = None
 
     async def open(self) -> None:
@@ -1656,6 +1769,50 @@ class Proxy:
         url = f"{self.settings.upstream}/{tail}"
         return f"{url}?{query.decode('latin-1')}" if query else url
 
+    def upstream_headers(self, headers: list[tuple[bytes, bytes]], accept_encoding: bool,
+                         keep_content_encoding: bool) -> list[tuple[bytes, bytes]]:
+        """The client's headers for the upstream, with the key policy applied: with PROXY_API_KEY
+        the client's key is ours and stays here; UPSTREAM_API_KEY, when set, is sent instead."""
+        out = forward_request_headers(headers, accept_encoding, keep_content_encoding)
+        settings = self.settings
+        if settings.api_keys or settings.upstream_api_key:
+            out = [(k, v) for k, v in out if k not in (b"authorization", b"api-key", b"x-api-key")]
+            if settings.upstream_api_key:
+                out.append((b"authorization", b"Bearer " + settings.upstream_api_key.encode()))
+        return out
+
+    def authorized(self, scope: dict) -> bool:
+        """Authorization: Bearer <one of PROXY_API_KEY>, compared in constant time with every key."""
+        presented = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                presented = value
+        token = presented[7:].strip() if presented[:7].lower() == b"bearer " else b""
+        matched = False
+        for key in self.settings.api_keys:
+            matched |= hmac.compare_digest(token, key.encode())
+        return matched
+
+    def check_exposure(self, scope: dict) -> None:
+        """Once: warn when the proxy answers on a non-loopback address with no PROXY_API_KEY."""
+        self._exposure_checked = True
+        server = scope.get("server") or ("", 0)
+        if not self.settings.api_keys and not _is_loopback(server[0]):
+            log.warning("kimiproxy is reachable on %s without PROXY_API_KEY: anyone on the network can "
+                        "use the GPU. Set PROXY_API_KEY, or bind to 127.0.0.1.", server[0])
+
+    def report_repairs(self, repairs: list[ChoiceRepair]) -> None:
+        """One log line per recovered call (what, from where, by which rule), and the metrics."""
+        log_repairs(repairs)
+        metrics = self.metrics
+        for repair in repairs:
+            for call in repair.calls:
+                metrics.inc("kimiproxy_tool_calls_recovered_total", channel=call.channel)
+                for rule in call.rules:
+                    metrics.inc("kimiproxy_repairs_total", rule=rule)
+            for rule, count in repair.repairs().items():
+                metrics.inc("kimiproxy_repairs_total", count, rule=rule)
+
     # -- routes --------------------------------------------------------------------------------------
 
     async def handle(self, scope: dict, receive: Any, send: Any, chat: bool) -> None:
@@ -1667,7 +1824,7 @@ class Proxy:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("headers %s", redact_headers(scope["headers"]))
             try:
-                body = await read_body(receive, self.settings.max_body_bytes)
+                body = await read_body(receive, self.settings.max_body_bytes, self.settings.body_timeout)
             except _ClientGone:
                 exchange.client_gone = True
                 return
@@ -1694,6 +1851,8 @@ class Proxy:
             REQUEST_ID.reset(token)
 
     async def _fail(self, exchange: Exchange, down: Downstream, err: ProxyError) -> None:
+        if isinstance(err, UpstreamError):
+            self.metrics.inc("kimiproxy_upstream_errors_total", kind=err.kind, status=str(err.status))
         level = logging.WARNING if err.status < 500 else logging.ERROR
         log.log(level, "%s %s failed after %.3fs: %d %s", exchange.method, exchange.path,
                 time.monotonic() - exchange.started, err.status, err.message)
@@ -1702,7 +1861,15 @@ class Proxy:
     def _log_end(self, exchange: Exchange, down: Downstream) -> None:
         elapsed = time.monotonic() - exchange.started
         ttfb = f"{exchange.first_byte:.3f}s" if exchange.first_byte is not None else "-"
+        metrics, route = self.metrics, route_label(exchange.path)
+        metrics.inc("kimiproxy_requests_total", route=route,
+                    status="499" if exchange.client_gone else str(down.status))
+        metrics.observe("kimiproxy_request_duration_seconds", elapsed, route=route)
+        if exchange.first_byte is not None:
+            metrics.observe("kimiproxy_upstream_first_byte_seconds", exchange.first_byte)
         if exchange.client_gone:
+            metrics.inc("kimiproxy_client_disconnects_total",
+                        upstream_closed="true" if exchange.upstream_closed else "no_upstream")
             log.warning("%s %s: client disconnected after %.3fs (upstream %s)", exchange.method,
                         exchange.path, elapsed, "closed" if exchange.upstream_closed else "not open")
         else:
@@ -1721,8 +1888,7 @@ class Proxy:
             log.info("repair: rewrote non-canonical tool-call ids in the history for the upstream")
             body = json.dumps(request, ensure_ascii=False).encode()
         url = self.upstream_url(scope["path"], scope["query_string"])
-        headers = forward_request_headers(scope["headers"], accept_encoding=False,
-                                          keep_content_encoding=False)
+        headers = self.upstream_headers(scope["headers"], accept_encoding=False, keep_content_encoding=False)
         assert self.client is not None
         upstream_request = self.client.build_request("POST", url, content=body, headers=headers)
         if request.get("stream") is True:
@@ -1750,7 +1916,7 @@ class Proxy:
         if isinstance(completion, dict):
             repairs, changed = repair_completion(completion, ctx)
             if changed:
-                log_repairs(repairs)
+                self.report_repairs(repairs)
                 data = json.dumps(completion, ensure_ascii=False).encode()
             if log.isEnabledFor(logging.INFO):
                 log.info("response %s", _describe_completion(completion))
@@ -1764,6 +1930,7 @@ class Proxy:
         writer = SSEWriter(down, self.settings.heartbeat_interval)
         nursery.start_soon(writer.run)
         response = None
+        self.metrics.streams_in_flight += 1
         try:
             response = await self._send_upstream(upstream_request, exchange)
             if response.status_code >= 400:
@@ -1776,6 +1943,7 @@ class Proxy:
                 await down.start(200, list(SSE_HEADERS))
             await self._relay_events(response, ctx, exchange, writer)
         finally:
+            self.metrics.streams_in_flight -= 1
             await close_upstream(response, exchange)
 
     async def _relay_events(self, response: httpx.Response, ctx: RepairContext,
@@ -1806,7 +1974,7 @@ class Proxy:
             log.warning("upstream stream: %d events not JSON, %d oversized lines dropped",
                         relay.skipped, decoder.oversized)
         if ctx.enabled:
-            log_repairs(list(relay.choices.values()))
+            self.report_repairs(list(relay.choices.values()))
         if log.isEnabledFor(logging.INFO):
             for message in relay.final_messages():
                 log.info("stream final message %s usage=%s", _describe_message(message),
@@ -1816,8 +1984,7 @@ class Proxy:
         """Any other /v1 route (models, completions, embeddings...), relayed untouched, streaming or not."""
         log.info("%s %s (pass-through, %d bytes)", exchange.method, exchange.path, len(body))
         url = self.upstream_url(scope["path"], scope["query_string"])
-        headers = forward_request_headers(scope["headers"], accept_encoding=True,
-                                          keep_content_encoding=True)
+        headers = self.upstream_headers(scope["headers"], accept_encoding=True, keep_content_encoding=True)
         assert self.client is not None
         upstream_request = self.client.build_request(scope["method"], url, content=body, headers=headers)
         response = await self._send_upstream(upstream_request, exchange)
@@ -1879,6 +2046,10 @@ def parse_chat_request(scope: dict, body: bytes) -> dict:
     if "tools" in request and not isinstance(request["tools"], (list, type(None))):
         raise ClientError("'tools' must be a list")
     return request
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.") or host.startswith("::ffff:127.")
 
 
 def _request_id(scope: dict) -> str:
@@ -1944,6 +2115,14 @@ class KimiProxyApp(QuartTrio):
         kind = scope["type"]
         if kind == "http":
             path = scope["path"]
+            proxy = self.proxy
+            if not proxy._exposure_checked:
+                proxy.check_exposure(scope)
+            if self.settings.api_keys and path.startswith(("/v1/", "/api/")) and not proxy.authorized(scope):
+                proxy.metrics.inc("kimiproxy_requests_total", route=route_label(path), status="401")
+                err = ClientError("invalid or missing API key: send Authorization: Bearer <PROXY_API_KEY>", 401)
+                err.error_type = "authentication_error"
+                return await Downstream(send, _request_id(scope)).send_json(401, err.body())
             if path in CHAT_PATHS and scope["method"] == "POST":
                 return await self.proxy.handle(scope, receive, send, chat=True)
             if path.startswith("/v1/"):
@@ -1977,7 +2156,24 @@ def create_app(settings: Settings) -> KimiProxyApp:
 
     @app.get("/health")
     async def health() -> Any:
-        return jsonify({"status": "ok"})
+        """Liveness; with ?upstream=1 also whether the upstream answers (for load balancers)."""
+        if request.args.get("upstream") not in ("1", "true", "yes"):
+            return jsonify({"status": "ok"})
+        proxy = app.proxy
+        assert proxy.client is not None
+        url = f"{settings.upstream}/models"
+        try:
+            with trio.fail_after(HEALTH_UPSTREAM_TIMEOUT):
+                response = await proxy.client.get(url, headers=proxy.upstream_headers([], False, False))
+        except (httpx.HTTPError, trio.TooSlowError) as exc:
+            return jsonify({"status": "degraded", "upstream": f"unreachable: {type(exc).__name__}"}), 503
+        if response.status_code >= 400:
+            return jsonify({"status": "degraded", "upstream": f"HTTP {response.status_code}"}), 503
+        return jsonify({"status": "ok", "upstream": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        return app.proxy.metrics.render(), 200, {"content-type": "text/plain; version=0.0.4; charset=utf-8"}
 
     @app.get("/")
     async def index() -> Any:
@@ -1986,6 +2182,7 @@ def create_app(settings: Settings) -> KimiProxyApp:
             "repairs": {"tool_calls": settings.repair, "think_in_content": settings.repair,
                         "history_ids": settings.repair},
             "heartbeat_interval": settings.heartbeat_interval,
+            "auth": bool(settings.api_keys),
         })
 
     @app.errorhandler(404)
@@ -2015,7 +2212,6 @@ app = _module_app()
 
 def main(argv: list[str] | None = None) -> int:
     import hypercorn.config
-    import hypercorn.trio
 
     parser = argparse.ArgumentParser(description="OpenAI-compatible proxy that repairs Kimi-K2 tool calls "
                                                  "leaked by SGLang.")
@@ -2041,8 +2237,30 @@ def main(argv: list[str] | None = None) -> int:
     config.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host
                    else f"{settings.host}:{settings.port}"]
     config.accesslog = None
-    trio.run(hypercorn.trio.serve, create_app(settings), config)
+    config.graceful_timeout = settings.shutdown_grace
+    if not settings.api_keys and not _is_loopback(settings.host):
+        log.warning("binding %s without PROXY_API_KEY: anyone on the network can use the GPU",
+                    settings.host)
+    trio.run(_serve, create_app(settings), config)
+    logging.shutdown()  # flush the log files
     return 0
+
+
+async def _serve(app: KimiProxyApp, config: Any) -> None:
+    """Hypercorn's trio server until SIGTERM or SIGINT; then it stops accepting, lets in-flight
+    requests finish for config.graceful_timeout (SHUTDOWN_GRACE) seconds and cancels the rest,
+    which closes their upstream requests."""
+    import hypercorn.trio
+
+    async def shutdown_trigger() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: no new connections; in-flight requests have %gs to finish",
+                         signal.Signals(signum).name, config.graceful_timeout)
+                return
+
+    await hypercorn.trio.serve(app, config, shutdown_trigger=shutdown_trigger)
+    log.info("kimiproxy stopped")
 
 
 if __name__ == "__main__":

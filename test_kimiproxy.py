@@ -950,3 +950,321 @@ async def test_readme_commands_serve_a_real_stream(upstream: FakeSGLang) -> None
                 await proc.wait()
             if proc.returncode is None:
                 proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running in the open: access control, metrics, health, restarts, several workers
+# ---------------------------------------------------------------------------------------------------
+
+async def test_api_keys_required_and_never_leaked(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="kimiproxy")
+    running = await start_proxy(nursery, upstream.url, PROXY_API_KEY="key-one-111, key-two-222",
+                                UPSTREAM_API_KEY="upstream-key-333", LOG_LEVEL="DEBUG")
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-two-222"}):
+            r = await client.post("/v1/chat/completions", json={"messages": []}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+            assert "key-" not in r.text
+        r = await client.get("/v1/models")
+        assert r.status_code == 401
+        r = await client.post("/api/chat/completions", json={"messages": []},
+                              headers={"Authorization": "Bearer key-two-222"})
+        assert r.status_code == 200
+        assert (await client.get("/health")).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        info = (await client.get("/")).json()
+    assert len(upstream.seen) == 1 and upstream.seen[0].headers["authorization"] == "Bearer upstream-key-333"
+    assert info["auth"] is True
+    with pytest.raises(openai.AuthenticationError):
+        await sdk_call(lambda: running.sdk().chat.completions.create(model="m", messages=[]))
+    ok = openai.OpenAI(base_url=running.base + "/v1", api_key="key-one-111", max_retries=0)
+    assert (await sdk_call(lambda: ok.chat.completions.create(model="m", messages=[]))).choices
+    for secret in ("key-one-111", "key-two-222", "upstream-key-333"):
+        assert secret not in caplog.text and secret not in metrics
+        assert secret not in repr(running.app.settings)
+    assert 'kimiproxy_requests_total{route="/v1/chat/completions",status="401"} 3' in metrics
+
+
+def test_exposure_warning_without_key(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="kimiproxy")
+    open_proxy = kp.Proxy(kp.Settings())
+    open_proxy.check_exposure({"server": ("192.0.2.10", 8000)})
+    assert "without PROXY_API_KEY" in caplog.text
+    caplog.clear()
+    kp.Proxy(kp.Settings()).check_exposure({"server": ("127.0.0.1", 8000)})
+    kp.Proxy(kp.Settings(api_keys=("k",))).check_exposure({"server": ("192.0.2.10", 8000)})
+    assert "without PROXY_API_KEY" not in caplog.text
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def test_metrics_count_what_happened(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    running = await start_proxy(nursery, upstream.url)
+    case = CASES[0]
+    upstream.script(Script(steps=stream_of(reasoning=[case["upstream"]["reasoning_content"]])),
+                    Script(body=completion(), content_type="application/json"),
+                    Script(steps=[*stream_of(content=["a"])[:2], 10.0]))
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        await client.post("/v1/chat/completions", json={"messages": [], "stream": True, "tools": case["request_tools"]})
+        await client.post("/v1/chat/completions", json={"messages": []})
+        with trio.move_on_after(0.5):
+            async with client.stream("POST", "/v1/chat/completions", json={"messages": [], "stream": True}) as r:
+                async for _ in r.aiter_bytes():
+                    pass
+        with trio.fail_after(3):
+            while upstream.seen[-1].aborted_at is None:
+                await trio.sleep(0.02)
+        await trio.sleep(0.1)
+        text = (await client.get("/metrics")).text
+    m = parse_metrics(text)
+    assert m['kimiproxy_requests_total{route="/v1/chat/completions",status="200"}'] == 2
+    assert m['kimiproxy_requests_total{route="/v1/chat/completions",status="499"}'] == 1
+    assert m['kimiproxy_client_disconnects_total{upstream_closed="true"}'] == 1
+    assert m['kimiproxy_tool_calls_recovered_total{channel="reasoning_content"}'] == 1
+    assert m['kimiproxy_streams_in_flight'] == 0
+    assert m['kimiproxy_request_duration_seconds_count{route="/v1/chat/completions"}'] == 3
+    assert m['kimiproxy_upstream_first_byte_seconds_count'] == 3
+    assert "# TYPE kimiproxy_request_duration_seconds histogram" in text
+
+
+async def test_metrics_upstream_errors_and_health(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    down = await start_proxy(nursery, f"http://127.0.0.1:{dead}/v1")
+    up = await start_proxy(nursery, upstream.url)
+    upstream.script(Script(status=500, body={"object": "error", "message": "boom", "code": 500}))
+    async with httpx.AsyncClient() as client:
+        await client.post(down.base + "/v1/chat/completions", json={"messages": []})
+        await client.post(up.base + "/v1/chat/completions", json={"messages": []})
+        assert (await client.get(down.base + "/health?upstream=1")).status_code == 503
+        healthy = await client.get(up.base + "/health?upstream=1")
+        assert healthy.status_code == 200 and healthy.json()["upstream"] == "ok"
+        m_down = parse_metrics((await client.get(down.base + "/metrics")).text)
+        m_up = parse_metrics((await client.get(up.base + "/metrics")).text)
+    assert m_down['kimiproxy_upstream_errors_total{kind="connect",status="502"}'] == 1
+    assert m_up['kimiproxy_upstream_errors_total{kind="http",status="500"}'] == 1
+
+
+async def _wait_health(base: str, proc: Any) -> None:
+    async with httpx.AsyncClient(base_url=base) as client:
+        with trio.fail_after(10):
+            while True:
+                assert proc.returncode is None, "proxy exited at start-up"
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("runner", ["python", "hypercorn"])
+async def test_sigterm_lets_streams_finish_then_exits(upstream: FakeSGLang, runner: str) -> None:
+    port = _free_port()
+    cmd = {"python": [sys.executable, "kimiproxy.py", "--port", str(port)],
+           "hypercorn": [sys.executable, "-m", "hypercorn", "kimiproxy:app", "-k", "trio",
+                         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5"]}[runner]
+    proc = await trio.lowlevel.open_process(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            env={**os.environ, "SGLANG_API_BASE": upstream.url, "SHUTDOWN_GRACE": "5"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_health(base, proc)
+        steps = stream_of(content=[f"w{i} " for i in range(6)])
+        upstream.script(Script(steps=[x for s in steps for x in (s, 0.2)]))
+        async with httpx.AsyncClient(base_url=base) as client:
+            async with client.stream("POST", "/v1/chat/completions", json={"messages": [], "stream": True}) as r:
+                got = []
+                async for line in r.aiter_lines():
+                    got.append(line)
+                    if len(got) == 3:
+                        proc.send_signal(15)  # SIGTERM while the stream is running
+        assert got[-2:] == ["data: [DONE]", ""] or "data: [DONE]" in got
+        assert "w5" in "".join(got)  # the stream finished whole
+        with trio.fail_after(8):
+            await proc.wait()
+        assert proc.returncode == 0
+        assert upstream.seen[-1].completed
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+
+
+async def test_sigterm_cancels_streams_past_the_grace(upstream: FakeSGLang) -> None:
+    port = _free_port()
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "kimiproxy.py", "--port", str(port)], cwd=HERE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env={**os.environ, "SGLANG_API_BASE": upstream.url, "SHUTDOWN_GRACE": "0.5"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_health(base, proc)
+        upstream.script(Script(steps=[*stream_of(content=["a"])[:2], *([1.0] * 20)]))
+        async with httpx.AsyncClient(base_url=base) as client:
+            async with client.stream("POST", "/v1/chat/completions", json={"messages": [], "stream": True}) as r:
+                async for _ in r.aiter_bytes():
+                    proc.send_signal(15)
+                    break
+            signalled = time.monotonic()
+        with trio.fail_after(5):
+            await proc.wait()
+        assert proc.returncode == 0
+        assert upstream.seen[-1].aborted_at is not None  # the GPU was told to stop
+        assert upstream.seen[-1].aborted_at - signalled < 2.0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+
+
+async def test_several_hypercorn_workers(upstream: FakeSGLang) -> None:
+    port = _free_port()
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "hypercorn", "kimiproxy:app", "-k", "trio", "-w", "2", "-b", f"127.0.0.1:{port}"],
+        cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "SGLANG_API_BASE": upstream.url})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_health(base, proc)
+        results = []
+
+        async def one(i: int) -> None:
+            async with httpx.AsyncClient(base_url=base) as client:
+                r = await client.post("/v1/chat/completions", json={"messages": [], "stream": i % 2 == 0})
+                results.append(r.status_code == 200 and b"Hel" in r.content)
+
+        async with trio.open_nursery() as n:
+            for i in range(20):
+                n.start_soon(one, i)
+        assert results == [True] * 20
+    finally:
+        proc.terminate()
+        with trio.move_on_after(5):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hostile and broken input: a clear error or a clean pass-through, and the proxy keeps serving
+# ---------------------------------------------------------------------------------------------------
+
+async def test_half_body_then_stall_is_408(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    running = await start_proxy(nursery, upstream.url, BODY_TIMEOUT="0.5")
+    host, port = running.base.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                          b"content-length: 1000\r\n\r\n{\"messages\": [")
+    data = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+    await stream.aclose()
+    assert data.startswith(b"HTTP/1.1 408") and b"BODY_TIMEOUT" in data
+    assert upstream.seen == []
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        assert (await client.post("/v1/chat/completions", json={"messages": []})).status_code == 200
+
+
+async def test_thousands_of_idle_connections(proxy: Running) -> None:
+    host, port = proxy.base.removeprefix("http://").split(":")
+    idle = []
+    for _ in range(1500):
+        idle.append(await trio.open_tcp_stream(host, int(port)))
+    try:
+        async with httpx.AsyncClient(base_url=proxy.base) as client:
+            t0 = time.monotonic()
+            r = await client.post("/v1/chat/completions", json={"messages": [], "stream": True})
+            assert r.status_code == 200 and b"[DONE]" in r.content
+            assert time.monotonic() - t0 < 2.0
+    finally:
+        for s in idle:
+            await s.aclose()
+
+
+async def test_upstream_huge_line_is_dropped_memory_bounded(proxy: Running) -> None:
+    huge = b"data: {\"x\": \"" + b"y" * (20 * 1024 * 1024) + b"\"}\n\n"
+    steps = stream_of(content=["before", "after"])
+    proxy.upstream.script(Script(steps=[steps[0], steps[1], huge, *steps[2:]]))
+    async with httpx.AsyncClient(base_url=proxy.base, timeout=20) as client:
+        r = await client.post("/v1/chat/completions", json={"messages": [], "stream": True})
+    assert len(r.content) < 100_000
+    assert accumulate(frames_to_events([r.content]))["content"] == "beforeafter"
+
+
+async def test_upstream_events_split_at_every_byte(proxy: Running) -> None:
+    case = next(c for c in CASES if c["name"] == "reasoning_three_concatenated")
+    body = b"".join(stream_of(reasoning=[case["upstream"]["reasoning_content"]]))
+    proxy.upstream.script(Script(steps=[body[i:i + 1] for i in range(len(body))]))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        r = await client.post("/v1/chat/completions", json={"messages": [], "stream": True,
+                                                              "tools": case["request_tools"]})
+    check_expected(case, accumulate(frames_to_events([r.content])))
+
+
+async def test_upstream_without_finish_chunk_or_done(proxy: Running) -> None:
+    case = CASES[0]
+    steps = [sse(chunk({"role": "assistant", "content": ""})),
+             sse(chunk({"reasoning_content": case["upstream"]["reasoning_content"]}))]
+    proxy.upstream.script(Script(steps=steps))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        r = await client.post("/v1/chat/completions", json={"messages": [], "stream": True,
+                                                              "tools": case["request_tools"]})
+    check_expected(case, accumulate(frames_to_events([r.content])))
+
+
+async def test_upstream_not_sse_and_connection_dropped(proxy: Running) -> None:
+    proxy.upstream.script(Script(body=completion(), content_type="application/json"))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        r = await client.post("/v1/chat/completions", json={"messages": [], "stream": True})
+        assert r.status_code == 502 and "without an event stream" in r.json()["error"]["message"]
+        proxy.upstream.script(Script(steps=[*stream_of(content=["partial"])[:2], "close"]))
+        r = await client.post("/v1/chat/completions", json={"messages": [], "stream": True})
+        events = frames_to_events([r.content])
+        assert "partial" in r.text and "error" in events[-1] and "broke off" in events[-1]["error"]["message"]
+        assert (await client.get("/health")).status_code == 200
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                           max_leaves=8)
+HOSTILE_CALLS = st.lists(st.fixed_dictionaries({
+    "index": st.one_of(st.integers(0, 3), JSON_VALUES), "id": JSON_VALUES,
+    "function": st.one_of(JSON_VALUES, st.fixed_dictionaries({"name": JSON_VALUES, "arguments": JSON_VALUES})),
+}), max_size=2)
+HOSTILE_DELTAS = st.one_of(JSON_VALUES, st.fixed_dictionaries({
+    "content": st.one_of(st.none(), TEXTS, JSON_VALUES),
+    "reasoning_content": st.one_of(st.none(), TEXTS),
+    "tool_calls": st.one_of(st.none(), JSON_VALUES, HOSTILE_CALLS),
+}))
+HOSTILE_CHOICES = st.lists(st.fixed_dictionaries({
+    "index": st.one_of(st.integers(0, 2), JSON_VALUES),
+    "delta": HOSTILE_DELTAS,
+    "finish_reason": st.one_of(st.none(), st.sampled_from(["stop", "tool_calls", "length"]), JSON_VALUES),
+}), max_size=2)
+HOSTILE_CHUNKS = st.one_of(JSON_VALUES, st.fixed_dictionaries({"choices": st.one_of(JSON_VALUES, HOSTILE_CHOICES)}))
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunks=st.lists(HOSTILE_CHUNKS, max_size=8))
+def test_property_hostile_upstream_chunks_never_raise(chunks: list) -> None:
+    relay = kp.StreamRepair(ctx_for(TOOLS))
+    frames = []
+    for c in chunks:
+        frames += relay.feed(json.dumps(c).encode())
+    frames += relay.close()
+    assert frames[-1] == kp.DONE_FRAME
+    for frame in frames:  # whatever came in, what goes out is well-formed SSE with JSON data
+        assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
+        if frame != kp.DONE_FRAME:
+            json.loads(frame[6:])
+    body = {"choices": [{"index": 0, "message": c, "finish_reason": "stop"} for c in chunks if isinstance(c, dict)]}
+    kp.repair_completion(body, ctx_for(TOOLS))
