@@ -54,6 +54,11 @@ import trio
 from quart import jsonify, request
 from quart_trio import QuartTrio
 
+try:  # 2-4x faster JSON (README: Dependencies); without it the stdlib does the same work
+    import orjson
+except ImportError:  # pragma: no cover - exercised where orjson is not installed
+    orjson = None
+
 __version__ = "0.1.0"
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,6 +107,9 @@ MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024  # one SSE line from upstream; longer one
 MAX_UPSTREAM_BODY_BYTES = 256 * 1024 * 1024  # a non-streamed upstream response
 # Stream bytes waiting for a slow client before the relay stops reading the upstream (backpressure).
 MAX_PENDING_BYTES = 1024 * 1024
+# Upstream reads closer together than this are a burst, batched into one downstream write; a read
+# after a longer pause (a model emitting tokens) is written at once.
+BURST_GAP = 0.002  # seconds
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (CPython: 700)
 # Idle upstream connections kept for reuse. httpcore checks every idle one with a syscall on each
 # new request, so after a burst of 500 streams a large pool makes every later request slower.
@@ -524,6 +532,28 @@ class MarkupParser:
 
 
 _PARTIAL = object()  # _match: could still become a marker
+
+
+def json_loads(data: bytes | str) -> Any:
+    """json.loads, by orjson when it is installed. Whatever orjson refuses (invalid JSON, but also
+    NaN or integers past 64 bits, which the stdlib accepts) is left to the stdlib, so the result
+    never depends on whether orjson is there."""
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
+def json_dumps_compact(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as SGLang writes its chunks."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(value)
+        except TypeError:  # integers past 64 bits
+            pass
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def json_value_end(text: str) -> int:
@@ -980,7 +1010,7 @@ class StreamRepair:
         if data == b"[DONE]":
             return self._end() + [DONE_FRAME]
         try:
-            chunk = json.loads(data)
+            chunk = json_loads(data)
         except ValueError:  # also invalid UTF-8
             self.skipped += 1
             log.warning("upstream SSE event is not JSON, skipped: %.200r", data)
@@ -1120,7 +1150,7 @@ class StreamRepair:
         chunk = dict(envelope, choices=choices)
         if "usage" in envelope:
             chunk["usage"] = None
-        return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+        return b"data: " + json_dumps_compact(chunk) + b"\n\n"
 
     def final_messages(self) -> list[dict]:
         """The aggregated message of each choice, as the client received it: for the log."""
@@ -1610,13 +1640,18 @@ class Downstream:
 
 
 class SSEWriter:
-    """The one task that writes a stream's body. The relay ``put``s frames without waiting; what
-    piles up while a write is in progress goes out together in the next write, so a fast upstream
-    costs one downstream write per upstream read, not one per SSE event. It also starts the
-    response if the upstream stays silent past HEADER_GRACE, and writes an SSE comment whenever
-    ``interval`` seconds pass with nothing written: they keep Node clients (300 s body timeout) and
-    proxies from giving up during a long prefill or a long tool call, and make a vanished client
-    visible."""
+    """Writes a stream's body. Two ways in, chosen by how the upstream is sending:
+
+    - a chunk that arrives after a pause (a model emitting tokens) is written at once by the relay
+      itself when nothing else is being written: no task switch, the lowest latency;
+    - chunks of a burst (one upstream read holding many SSE events) are ``put`` and the writer task
+      sends everything that piled up in one write: one downstream write per upstream read, not one
+      per event.
+
+    The writer task also starts the response if the upstream stays silent past HEADER_GRACE, and
+    writes an SSE comment whenever ``interval`` seconds pass with nothing written: they keep Node
+    clients (300 s body timeout) and proxies from giving up during a long prefill or a long tool
+    call, and make a vanished client visible."""
 
     def __init__(self, down: Downstream, interval: float) -> None:
         self.down = down
@@ -1624,20 +1659,25 @@ class SSEWriter:
         self.interval = interval if interval > 0 else math.inf
         self._frames: list[bytes] = []
         self._pending = 0  # bytes in _frames
+        self._writing = False  # a write is in progress, by either way in
         self._closing = False
+        self._last_write = trio.current_time()
         self._wake = trio.Event()  # frames were put, or the stream is closing
         self._room = trio.Event()  # the writer took the frames: a blocked relay may go on
+
+    async def send(self, data: bytes, paced: bool) -> None:
+        """The relay's way in (see the class docstring)."""
+        if paced and not self._writing and not self._frames and self.down.started:
+            await self._write(data)
+            return
+        self.put(data)
+        while self._pending > MAX_PENDING_BYTES:  # a slow client: stop reading the upstream
+            await self._room.wait()
 
     def put(self, data: bytes) -> None:
         self._frames.append(data)
         self._pending += len(data)
         self._wake.set()
-
-    async def put_bounded(self, data: bytes) -> None:
-        """put, then wait while more than MAX_PENDING_BYTES wait for a slow client."""
-        self.put(data)
-        while self._pending > MAX_PENDING_BYTES:
-            await self._room.wait()
 
     def close(self, data: bytes = b"") -> None:
         if data:
@@ -1649,6 +1689,14 @@ class SSEWriter:
         """One OpenAI-style error event and the end: clients raise it as a stream error."""
         self.close(b"data: " + json.dumps(err.body(), ensure_ascii=False).encode() + b"\n\n")
 
+    async def _write(self, data: bytes) -> None:
+        self._writing = True
+        try:
+            await self.down.write(data)
+        finally:
+            self._writing = False
+            self._last_write = trio.current_time()
+
     async def run(self) -> None:
         down = self.down
         if not down.started and self.interval < math.inf:
@@ -1656,10 +1704,14 @@ class SSEWriter:
                 await self._wake.wait()
             if not down.started:  # the upstream is still silent: commit to the stream now
                 await down.start(200, list(SSE_HEADERS))
-                await down.write(HEARTBEAT_FRAME)
+                await self._write(HEARTBEAT_FRAME)
         while True:
-            with trio.move_on_after(self.interval):
+            with trio.move_on_at(self._last_write + self.interval):
                 await self._wake.wait()
+            if not self._wake.is_set():  # nothing was put for a while
+                if not self._writing and trio.current_time() >= self._last_write + self.interval:
+                    await self._write(HEARTBEAT_FRAME)
+                continue
             self._wake = trio.Event()
             data = b"".join(self._frames) if len(self._frames) != 1 else self._frames[0]
             self._frames.clear()
@@ -1671,7 +1723,8 @@ class SSEWriter:
             if self._closing:
                 await down.end(data)
                 return
-            await down.write(data or HEARTBEAT_FRAME)
+            if data:
+                await self._write(data)
 
 
 @dataclasses.dataclass
@@ -1886,7 +1939,7 @@ class Proxy:
         ctx = RepairContext.from_request(request, enabled=settings.repair)
         if settings.repair and canonicalize_history(request):
             log.info("repair: rewrote non-canonical tool-call ids in the history for the upstream")
-            body = json.dumps(request, ensure_ascii=False).encode()
+            body = json_dumps_compact(request)
         url = self.upstream_url(scope["path"], scope["query_string"])
         headers = self.upstream_headers(scope["headers"], accept_encoding=False, keep_content_encoding=False)
         assert self.client is not None
@@ -1910,14 +1963,14 @@ class Proxy:
         if ctx.enabled and "json" in response.headers.get("content-type", "") and (
                 MAY_NEED_REPAIR_RE.search(data) or log.isEnabledFor(logging.INFO)):
             try:
-                completion = json.loads(data)
+                completion = json_loads(data)
             except ValueError:
                 log.warning("upstream sent invalid JSON; relayed as it came")
         if isinstance(completion, dict):
             repairs, changed = repair_completion(completion, ctx)
             if changed:
                 self.report_repairs(repairs)
-                data = json.dumps(completion, ensure_ascii=False).encode()
+                data = json_dumps_compact(completion)
             if log.isEnabledFor(logging.INFO):
                 log.info("response %s", _describe_completion(completion))
         headers = [(k, v) for k, v in headers if k != b"content-length"]
@@ -1951,15 +2004,18 @@ class Proxy:
         decoder = SSEDecoder()
         relay = StreamRepair(ctx)
         debug = log.isEnabledFor(logging.DEBUG)
+        last_read = trio.current_time()
         try:
             async for chunk in response.aiter_bytes():
+                now = trio.current_time()
+                paced, last_read = now - last_read > BURST_GAP, now
                 frames = []
                 for data in decoder.decode(chunk):
                     if debug:
                         log.debug("upstream event %s", data.decode("utf-8", "replace"))
                     frames += relay.feed(data)
                 if frames:
-                    await writer.put_bounded(b"".join(frames))
+                    await writer.send(b"".join(frames) if len(frames) > 1 else frames[0], paced)
         except httpx.HTTPError as exc:
             err = upstream_failure(exc, str(response.url))
             err.message = f"upstream stream broke off: {err.message}"
@@ -2034,7 +2090,7 @@ def parse_chat_request(scope: dict, body: bytes) -> dict:
         if name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
             raise ClientError("compressed request bodies are not supported", 415)
     try:
-        request = json.loads(body)
+        request = json_loads(body)
     except ValueError as exc:
         raise ClientError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
