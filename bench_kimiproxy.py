@@ -377,6 +377,7 @@ class Bench:
         return result, cpu_seconds(pids) - before
 
     def round(self) -> None:
+        self.transformer()
         for target, port in (("direct", self.up_port), ("proxy", self.proxy_port)):
             self.fast(target, port)
             self.paced_streams(target, port)
@@ -384,6 +385,25 @@ class Bench:
             self.small(target, port)
             self.body(target, port)
             self.leave(target, port)
+
+    def transformer(self) -> None:
+        """The repair core alone (StreamRepair.feed on one core, in this process): Kimi-like events,
+        a tool call leaked into reasoning included, as the fast stream sends them."""
+        sys.path.insert(0, str(HERE))
+        import kimiproxy
+        chunks, tail = kimi_stream(self.fast_chunks, False)
+        events = [c[6:-2] for c in chunks] + [e[6:] for e in tail.split(b"\n\n") if e]
+        ctx = kimiproxy.RepairContext.from_request({"tools": [{"type": "function", "function": {
+            "name": "read_file", "parameters": {"type": "object", "properties": {"path": {}}}}}]})
+        started = time.process_time()
+        relay = kimiproxy.StreamRepair(ctx)
+        for data in events:
+            relay.feed(data)
+        relay.close()
+        elapsed = time.process_time() - started
+        assert relay.choices[0].calls and relay.choices[0].calls[0].name == "read_file"
+        self.record("proxy", "transformer_chunks_per_s", len(events) / elapsed)
+        self.record("proxy", "transformer_max_held_chars", relay.max_held)
 
     def fast(self, target: str, port: int) -> None:
         (r, cpu) = self.measure(target, port, lambda p: one_stream(p, f"n={self.fast_chunks},batch=32"))
@@ -456,6 +476,8 @@ def _get(port: int, path: str) -> bytes:
 
 # (figure, label, target, "hi"/"lo" = which way is better, compare: "ratio" | "added" | None)
 FIGURES = [
+    ("transformer_chunks_per_s", "repair transformer alone, one core: chunks/s", None, "hi", None),
+    ("transformer_max_held_chars", "repair transformer: largest hold-back (chars)", 27, "lo", None),
     ("fast_chunks_per_s", "fast stream: chunks/s", 60_000, "hi", "ratio"),
     ("fast_cpu_us_per_chunk", "fast stream: proxy CPU per chunk (us)", None, "lo", None),
     ("paced_completed", "paced streams completed", "all", "hi", None),

@@ -41,6 +41,7 @@ import logging.handlers
 import math
 import os
 import re
+import resource
 import signal
 import sys
 import time
@@ -131,10 +132,11 @@ DONE_FRAME = b"data: [DONE]\n\n"
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and the ones httpx or Hypercorn set themselves.
 HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-    "proxy-authenticate", "proxy-authorization", "host", "content-length",
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
+    b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"host", b"content-length",
 })
-RESPONSE_HEADERS_DROPPED = HOP_BY_HOP | {"date", "server"}
+REQUEST_HEADERS_DROPPED = HOP_BY_HOP | {b"accept-encoding"}  # set per route, see forward_request_headers
+RESPONSE_HEADERS_DROPPED = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}  # Hypercorn and we set these
 SECRET_HEADERS = frozenset({
     "authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie",
 })
@@ -1558,37 +1560,33 @@ def upstream_http_error(status: int, body: bytes) -> UpstreamError:
     return err
 
 
-def forward_request_headers(headers: Iterable[tuple[bytes, bytes]], accept_encoding: bool,
+def end_to_end_headers(headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[bytes],
+                       keep_content_encoding: bool) -> list[tuple[bytes, bytes]]:
+    """Headers less the dropped names (lower-cased), and Content-Encoding where the body is
+    decoded on the way."""
+    out = []
+    for name, value in headers:
+        key = name.lower()
+        if key in dropped or (key == b"content-encoding" and not keep_content_encoding):
+            continue
+        out.append((key, value))
+    return out
+
+
+def forward_request_headers(headers: list[tuple[bytes, bytes]], accept_encoding: bool,
                             keep_content_encoding: bool) -> list[tuple[bytes, bytes]]:
     """End-to-end headers, Authorization included. Not hop-by-hop ones, Host, or a Content-Length
     (httpx sets it for the body it sends). Accept-Encoding passes only where the response is relayed
     untouched; where kimiproxy reads the body it asks for identity."""
-    out = []
-    for name, value in headers:
-        key = name.lower()
-        if key.decode("latin-1") in HOP_BY_HOP or key == b"accept-encoding":
-            continue
-        if key == b"content-encoding" and not keep_content_encoding:
-            continue
-        out.append((key, value))
-    if not accept_encoding or not any(k == b"accept-encoding" for k, _ in headers):
-        out.append((b"accept-encoding", b"identity"))
-    else:
-        out.extend((k.lower(), v) for k, v in headers if k.lower() == b"accept-encoding")
+    out = end_to_end_headers(headers, REQUEST_HEADERS_DROPPED, keep_content_encoding)
+    asked = [(k.lower(), v) for k, v in headers if k.lower() == b"accept-encoding"]
+    out.extend(asked if accept_encoding and asked else [(b"accept-encoding", b"identity")])
     return out
 
 
 def response_headers(upstream: httpx.Response, keep_content_encoding: bool) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers worth relaying (Downstream.start adds X-Request-ID)."""
-    out = []
-    for name, value in upstream.headers.raw:
-        key = name.lower()
-        if key.decode("latin-1") in RESPONSE_HEADERS_DROPPED or key == b"x-request-id":
-            continue
-        if key == b"content-encoding" and not keep_content_encoding:
-            continue
-        out.append((key, value))
-    return out
+    return end_to_end_headers(upstream.headers.raw, RESPONSE_HEADERS_DROPPED, keep_content_encoding)
 
 
 class Downstream:
@@ -2202,6 +2200,11 @@ def create_app(settings: Settings) -> KimiProxyApp:
         # start-up objects frozen out of the scans, saves measurable CPU per chunk (benchmark).
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD, 20, 100)
+        # Each stream holds two sockets (client, upstream): 500 streams pass the usual soft limit of
+        # 1024 open files. The hard limit is what the administrator allows; take all of it.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         await app.proxy.open()
         log.info("kimiproxy %s serving, upstream %s, repair %s, heartbeat %gs", __version__,
                  settings.upstream, "on" if settings.repair else "off", settings.heartbeat_interval)

@@ -6,11 +6,12 @@ Run: python -m pytest -q
 
 from __future__ import annotations
 
-import gzip
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -921,35 +922,14 @@ def test_asyncio_worker_refused_with_hint() -> None:
 
 async def test_readme_commands_serve_a_real_stream(upstream: FakeSGLang) -> None:
     """`hypercorn kimiproxy:app -k trio` and `python kimiproxy.py`, as the README runs them."""
-    for cmd in (["-m", "hypercorn", "kimiproxy:app", "-k", "trio", "-b", "127.0.0.1:{port}"],
-                ["kimiproxy.py", "--port", "{port}", "--host", "127.0.0.1"]):
-        port = _free_port()
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, *[c.format(port=port) for c in cmd]], cwd=HERE,
-            env={**os.environ, "SGLANG_API_BASE": upstream.url}, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        try:
-            base = f"http://127.0.0.1:{port}"
+    case = CASES[0]
+    for args in (HYPERCORN_ARGS, PYTHON_ARGS):
+        async with proxy_process(args, {"SGLANG_API_BASE": upstream.url}) as (base, _):
+            upstream.script(Script(steps=stream_of(reasoning=[case["upstream"]["reasoning_content"]])))
             async with httpx.AsyncClient(base_url=base) as client:
-                with trio.fail_after(10):
-                    while True:
-                        try:
-                            if (await client.get("/health")).status_code == 200:
-                                break
-                        except httpx.TransportError:
-                            await trio.sleep(0.1)
-                case = CASES[0]
-                upstream.script(Script(steps=stream_of(reasoning=[case["upstream"]["reasoning_content"]])))
                 r = await client.post("/v1/chat/completions", json={
                     "messages": [], "stream": True, "tools": case["request_tools"]})
-            message = accumulate(frames_to_events([r.content]))
-            assert message["tool_calls"][0]["name"] == "ReadFile", message
-        finally:
-            proc.terminate()
-            with trio.move_on_after(5):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
+            check_expected(case, accumulate(frames_to_events([r.content])))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1054,29 +1034,42 @@ async def test_metrics_upstream_errors_and_health(nursery: trio.Nursery, upstrea
     assert m_up['kimiproxy_upstream_errors_total{kind="http",status="500"}'] == 1
 
 
-async def _wait_health(base: str, proc: Any) -> None:
-    async with httpx.AsyncClient(base_url=base) as client:
-        with trio.fail_after(10):
-            while True:
-                assert proc.returncode is None, "proxy exited at start-up"
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    await trio.sleep(0.05)
-
-
-@pytest.mark.parametrize("runner", ["python", "hypercorn"])
-async def test_sigterm_lets_streams_finish_then_exits(upstream: FakeSGLang, runner: str) -> None:
+@contextlib.asynccontextmanager
+async def proxy_process(args: list[str], env: dict[str, str]) -> Any:
+    """kimiproxy as its own process (args: after the interpreter, "{port}" filled in), healthy, on a
+    free port; yields (base URL, process) and kills it if a test left it running."""
     port = _free_port()
-    cmd = {"python": [sys.executable, "kimiproxy.py", "--port", str(port)],
-           "hypercorn": [sys.executable, "-m", "hypercorn", "kimiproxy:app", "-k", "trio",
-                         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5"]}[runner]
-    proc = await trio.lowlevel.open_process(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                            env={**os.environ, "SGLANG_API_BASE": upstream.url, "SHUTDOWN_GRACE": "5"})
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, *[a.format(port=port) for a in args]], cwd=HERE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env={**os.environ, **env})
     base = f"http://127.0.0.1:{port}"
     try:
-        await _wait_health(base, proc)
+        async with httpx.AsyncClient(base_url=base) as client:
+            with trio.fail_after(10):
+                while True:
+                    assert proc.returncode is None, "proxy exited at start-up"
+                    try:
+                        if (await client.get("/health")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        await trio.sleep(0.05)
+        yield base, proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            with trio.move_on_after(5):
+                await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+
+
+HYPERCORN_ARGS = ["-m", "hypercorn", "kimiproxy:app", "-k", "trio", "-b", "127.0.0.1:{port}"]
+PYTHON_ARGS = ["kimiproxy.py", "--host", "127.0.0.1", "--port", "{port}"]
+
+
+@pytest.mark.parametrize("args", [PYTHON_ARGS, HYPERCORN_ARGS + ["--graceful-timeout", "5"]], ids=["python", "hypercorn"])
+async def test_sigterm_lets_streams_finish_then_exits(upstream: FakeSGLang, args: list[str]) -> None:
+    async with proxy_process(args, {"SGLANG_API_BASE": upstream.url, "SHUTDOWN_GRACE": "5"}) as (base, proc):
         steps = stream_of(content=[f"w{i} " for i in range(6)])
         upstream.script(Script(steps=[x for s in steps for x in (s, 0.2)]))
         async with httpx.AsyncClient(base_url=base) as client:
@@ -1085,31 +1078,21 @@ async def test_sigterm_lets_streams_finish_then_exits(upstream: FakeSGLang, runn
                 async for line in r.aiter_lines():
                     got.append(line)
                     if len(got) == 3:
-                        proc.send_signal(15)  # SIGTERM while the stream is running
-        assert got[-2:] == ["data: [DONE]", ""] or "data: [DONE]" in got
-        assert "w5" in "".join(got)  # the stream finished whole
+                        proc.send_signal(signal.SIGTERM)  # while the stream is running
+        assert "data: [DONE]" in got and "w5" in "".join(got)  # the stream finished whole
         with trio.fail_after(8):
             await proc.wait()
         assert proc.returncode == 0
         assert upstream.seen[-1].completed
-    finally:
-        if proc.returncode is None:
-            proc.kill()
 
 
 async def test_sigterm_cancels_streams_past_the_grace(upstream: FakeSGLang) -> None:
-    port = _free_port()
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "kimiproxy.py", "--port", str(port)], cwd=HERE, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, env={**os.environ, "SGLANG_API_BASE": upstream.url, "SHUTDOWN_GRACE": "0.5"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await _wait_health(base, proc)
+    async with proxy_process(PYTHON_ARGS, {"SGLANG_API_BASE": upstream.url, "SHUTDOWN_GRACE": "0.5"}) as (base, proc):
         upstream.script(Script(steps=[*stream_of(content=["a"])[:2], *([1.0] * 20)]))
         async with httpx.AsyncClient(base_url=base) as client:
             async with client.stream("POST", "/v1/chat/completions", json={"messages": [], "stream": True}) as r:
                 async for _ in r.aiter_bytes():
-                    proc.send_signal(15)
+                    proc.send_signal(signal.SIGTERM)
                     break
             signalled = time.monotonic()
         with trio.fail_after(5):
@@ -1117,20 +1100,10 @@ async def test_sigterm_cancels_streams_past_the_grace(upstream: FakeSGLang) -> N
         assert proc.returncode == 0
         assert upstream.seen[-1].aborted_at is not None  # the GPU was told to stop
         assert upstream.seen[-1].aborted_at - signalled < 2.0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
 
 
 async def test_several_hypercorn_workers(upstream: FakeSGLang) -> None:
-    port = _free_port()
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "hypercorn", "kimiproxy:app", "-k", "trio", "-w", "2", "-b", f"127.0.0.1:{port}"],
-        cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "SGLANG_API_BASE": upstream.url})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await _wait_health(base, proc)
+    async with proxy_process(HYPERCORN_ARGS + ["-w", "2"], {"SGLANG_API_BASE": upstream.url}) as (base, _):
         results = []
 
         async def one(i: int) -> None:
@@ -1142,12 +1115,6 @@ async def test_several_hypercorn_workers(upstream: FakeSGLang) -> None:
             for i in range(20):
                 n.start_soon(one, i)
         assert results == [True] * 20
-    finally:
-        proc.terminate()
-        with trio.move_on_after(5):
-            await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
 
 
 # ---------------------------------------------------------------------------------------------------
