@@ -31,6 +31,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -191,8 +192,19 @@ def chat_request(port: int, stream: bool, knobs: str = "", body: bytes | None = 
             f"authorization: Bearer bench\r\nx-bench: {knobs}\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
 
 
+STREAM_DEADLINE = 120.0  # seconds: a stream not done by then counts as not completed
+
+
 async def one_stream(port: int, knobs: str, leave_after: int = 0) -> dict:
     """One streamed request: time to first event, events, stamps latency, whether it completed."""
+    try:
+        return await asyncio.wait_for(_one_stream(port, knobs, leave_after), STREAM_DEADLINE)
+    except (asyncio.TimeoutError, OSError) as exc:
+        return {"ttfc": None, "events": 0, "completed": False, "latencies": [], "left_at": time.time(),
+                "elapsed": STREAM_DEADLINE, "error": repr(exc)}
+
+
+async def _one_stream(port: int, knobs: str, leave_after: int) -> dict:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     t0 = time.perf_counter()
     writer.write(chat_request(port, True, knobs))
@@ -328,9 +340,14 @@ def wait_port(port: int, timeout: float = 15) -> None:
 
 
 def start(argv: list[str], env: dict[str, str], port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(argv, cwd=HERE, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    wait_port(port)
+    """A server process, its output to a file: a pipe nobody reads would fill and block its logging."""
+    log_file = tempfile.NamedTemporaryFile(prefix="bench-", suffix=".log", delete=False)
+    proc = subprocess.Popen(argv, cwd=HERE, env={**os.environ, **env}, stdout=log_file, stderr=log_file)
+    try:
+        wait_port(port)
+    except RuntimeError:
+        proc.kill()
+        raise RuntimeError(f"{argv} did not start; its output is in {log_file.name}") from None
     return proc
 
 

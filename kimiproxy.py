@@ -14,16 +14,19 @@ How to run
     Configuration comes from the environment and a ``.env`` file (see ``Settings``).
 
 Rules the repair never breaks
-    1. Text outside tool markup is never dropped, and stays in its own channel, in order.
+    1. Text outside tool markup is never dropped, and stays in its own channel, in order. (What is
+       removed: the markup itself, noise inside a section, leaked control tokens.)
     2. Text is held back only while it could still be the start of a marker: never more than
        ``LONGEST_MARKER - 1`` characters (plus leading whitespace of ``content`` while deciding
        whether it opens a think block, bounded the same way).
     3. A recovered call is never dropped: what cannot be resolved or repaired passes as written.
+       (The one exception: an exact duplicate of a structured call SGLang did return.)
     4. The streamed result equals the non-streamed result for the same upstream text.
     5. A response with no markup passes byte for byte.
 
 Layout (top to bottom): constants, errors, the repair core (pure: no I/O, no async), the SSE codec,
-configuration and logging, the upstream edge (httpx + trio), the app and its routes, ``main()``.
+configuration and logging, metrics, the upstream edge (httpx + trio), the app and its routes,
+``main()``.
 """
 
 from __future__ import annotations
@@ -178,6 +181,10 @@ class UpstreamError(ProxyError):
 
 class ConfigError(Exception):
     """A bad setting: start-up stops with this one line."""
+
+
+class _ClientGone(Exception):
+    """The client left: mid-request, or a write to it failed. Not an error of anyone's to report."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1060,6 +1067,8 @@ class StreamRepair:
     def _choice(self, choice: dict) -> list[dict] | None:
         """Repaired choice dicts for this event, or None when it passes unchanged."""
         index = _choice_index(choice)
+        if index in self.finished:  # past its finish chunk: nothing left to repair or to resolve
+            return None
         repair = self.choices.get(index)
         if repair is None:
             repair = self.choices[index] = ChoiceRepair(self.ctx)
@@ -1122,7 +1131,9 @@ class StreamRepair:
 
     def _end(self) -> list[bytes]:
         self.done = True
-        frames = []
+        frames: list[bytes] = []
+        if not self.ctx.enabled:  # transparent: only the [DONE] the caller adds
+            return frames
         for index, repair in self.choices.items():
             if index in self.finished:
                 continue
@@ -1607,18 +1618,24 @@ class Downstream:
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
         self.status = status
-        await self._send({"type": "http.response.start", "status": status,
-                          "headers": headers + [(b"x-request-id", self.request_id.encode())]})
+        await self._message({"type": "http.response.start", "status": status,
+                             "headers": headers + [(b"x-request-id", self.request_id.encode())]})
 
     async def write(self, data: bytes) -> None:
         self.bytes += len(data)
-        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        await self._message({"type": "http.response.body", "body": data, "more_body": True})
 
     async def end(self, data: bytes = b"") -> None:
         self.ended = True
         self.bytes += len(data)
-        await self._send({"type": "http.response.body", "body": data, "more_body": False})
+        await self._message({"type": "http.response.body", "body": data, "more_body": False})
         self.finished.set()
+
+    async def _message(self, message: dict) -> None:
+        try:
+            await self._send(message)
+        except Exception as exc:  # Hypercorn can refuse a write once the connection is gone
+            raise _ClientGone() from exc
 
     async def send_json(self, status: int, payload: Any) -> None:
         body = json.dumps(payload, ensure_ascii=False).encode()
@@ -1651,9 +1668,10 @@ class SSEWriter:
     clients (300 s body timeout) and proxies from giving up during a long prefill or a long tool
     call, and make a vanished client visible."""
 
-    def __init__(self, down: Downstream, interval: float) -> None:
+    def __init__(self, down: Downstream, interval: float, on_client_gone: Any) -> None:
         self.down = down
         down.writer = self
+        self._on_client_gone = on_client_gone
         self.interval = interval if interval > 0 else math.inf
         self._frames: list[bytes] = []
         self._pending = 0  # bytes in _frames
@@ -1696,6 +1714,14 @@ class SSEWriter:
             self._last_write = trio.current_time()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except _ClientGone:
+            if not self._closing:  # a client that hangs up on [DONE] got its whole stream
+                self._on_client_gone()
+            self.down.finished.set()
+
+    async def _run(self) -> None:
         down = self.down
         if not down.started and self.interval < math.inf:
             with trio.move_on_after(min(HEADER_GRACE, self.interval)):
@@ -1757,10 +1783,6 @@ async def read_body(receive: Any, limit: int, timeout: float) -> bytes:
     if scope.cancelled_caught:
         raise ClientError(f"request body not received within {timeout:g} s (BODY_TIMEOUT)", 408)
     return b"".join(parts)
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its request was complete."""
 
 
 async def watch_disconnect(receive: Any, exchange: Exchange, down: Downstream,
@@ -1889,6 +1911,9 @@ class Proxy:
                         await self.chat(scope, body, exchange, down, nursery)
                     else:
                         await self.passthrough(scope, body, exchange, down)
+                except _ClientGone:  # a write to the client failed: it left
+                    exchange.client_gone = True
+                    nursery.cancel_scope.cancel()
                 except ProxyError as err:
                     await self._fail(exchange, down, err)
                 except Exception as exc:  # the request boundary: the proxy keeps serving
@@ -1907,7 +1932,10 @@ class Proxy:
         level = logging.WARNING if err.status < 500 else logging.ERROR
         log.log(level, "%s %s failed after %.3fs: %d %s", exchange.method, exchange.path,
                 time.monotonic() - exchange.started, err.status, err.message)
-        await down.fail(err)
+        try:
+            await down.fail(err)
+        except _ClientGone:
+            exchange.client_gone = True
 
     def _log_end(self, exchange: Exchange, down: Downstream) -> None:
         elapsed = time.monotonic() - exchange.started
@@ -1930,7 +1958,8 @@ class Proxy:
     async def chat(self, scope: dict, body: bytes, exchange: Exchange, down: Downstream,
                    nursery: trio.Nursery) -> None:
         request = parse_chat_request(scope, body)
-        log.info("%s %s %s", exchange.method, exchange.path, summarize_request(request, len(body)))
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s %s", exchange.method, exchange.path, summarize_request(request, len(body)))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request body %s", body.decode("utf-8", "replace"))
         settings = self.settings
@@ -1978,7 +2007,11 @@ class Proxy:
 
     async def stream_chat(self, upstream_request: httpx.Request, ctx: RepairContext,
                           exchange: Exchange, down: Downstream, nursery: trio.Nursery) -> None:
-        writer = SSEWriter(down, self.settings.heartbeat_interval)
+        def client_gone() -> None:
+            exchange.client_gone = True
+            nursery.cancel_scope.cancel()
+
+        writer = SSEWriter(down, self.settings.heartbeat_interval, client_gone)
         nursery.start_soon(writer.run)
         response = None
         self.metrics.streams_in_flight += 1
@@ -2047,8 +2080,11 @@ class Proxy:
                 raise upstream_http_error(response.status_code, await _read_upstream_body(response))
             await down.start(response.status_code,
                              response_headers(response, keep_content_encoding=True))
-            async for chunk in response.aiter_raw():
-                await down.write(chunk)
+            try:
+                async for chunk in response.aiter_raw():
+                    await down.write(chunk)
+            except httpx.HTTPError as exc:  # the response has begun: it can only be cut short
+                raise upstream_failure(exc, str(response.url)) from None
             await down.end()
         finally:
             await close_upstream(response, exchange)

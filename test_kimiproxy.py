@@ -346,6 +346,17 @@ def test_structured_and_recovered_share_no_index_and_duplicates_drop() -> None:
     assert streamed == whole
 
 
+def test_second_finish_chunk_sends_no_call_twice() -> None:
+    up = {"reasoning_content": None, "content": f'{S}{B}functions.exec:0{A}{{"command": "ls"}}{Z}{E}',
+          "tool_calls": None, "finish_reason": "stop"}
+    events = upstream_chunks(up)
+    finish = next(e for e in events if b'"finish_reason":"stop"' in e)
+    events.insert(events.index(finish) + 1, finish)
+    sent = [tc["id"] for ev in frames_to_events(run_stream(ctx_for(TOOLS), events)[0]) if ev != b"[DONE]"
+            for ch in ev["choices"] for tc in (ch["delta"].get("tool_calls") or []) if tc.get("id")]
+    assert sent == ["functions.exec:0"]
+
+
 def test_finish_reason_follows_delivered_calls() -> None:
     up = {"reasoning_content": None, "content": "No call here.", "tool_calls": None, "finish_reason": "tool_calls"}
     assert run_whole(ctx_for(TOOLS), up)["finish_reason"] == "stop"
