@@ -363,16 +363,23 @@ def percentile(values: list[float], p: float) -> float | None:
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
 
 
+RUNNERS = {  # the README's two commands
+    "hypercorn": ["-m", "hypercorn", "kimiproxy:app", "-k", "trio", "-b", "127.0.0.1:{port}"],
+    "python": ["kimiproxy.py", "--host", "127.0.0.1", "--port", "{port}"],
+}
+
+
 class Bench:
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, runner: str = "hypercorn") -> None:
+        self.runner = runner
         self.quick = quick
         self.fast_chunks = 20_000
         self.paced = (100, 40) if quick else (500, 100)  # streams, chunks each
         self.small_seconds = 2.0 if quick else 4.0
         self.up_port, self.proxy_port = free_port(), free_port()
         self.upstream = start([sys.executable, __file__, "--upstream", str(self.up_port)], {}, self.up_port)
-        self.proxy = start([sys.executable, "-m", "hypercorn", "kimiproxy:app", "-k", "trio",
-                            "-b", f"127.0.0.1:{self.proxy_port}", *EXTRA_HYPERCORN_ARGS],
+        self.proxy = start([sys.executable, *[a.format(port=self.proxy_port) for a in RUNNERS[runner]],
+                            *(EXTRA_HYPERCORN_ARGS if runner == "hypercorn" else [])],
                            {"SGLANG_API_BASE": f"http://127.0.0.1:{self.up_port}/v1",
                             "ENABLE_STREAMING_TOOL_PARSER": "true", "ENABLE_FILE_LOGGING": "false",
                             "LOG_LEVEL": "WARNING"}, self.proxy_port)
@@ -532,10 +539,10 @@ def report(bench: Bench, as_json: bool) -> int:
         rows.append({"figure": key, "label": label, "direct": direct, "proxy": proxy, "compare": compare,
                      "versus": versus, "target": target, "ok": ok})
     if as_json:
-        print(json.dumps({"machine": machine(), "quick": bench.quick, "rows": rows,
+        print(json.dumps({"machine": machine(), "quick": bench.quick, "runner": bench.runner, "rows": rows,
                           "raw": bench.results}, indent=1))
         return 0
-    print(f"kimiproxy benchmark ({'quick' if bench.quick else 'full'}); {machine()}")
+    print(f"kimiproxy benchmark ({'quick' if bench.quick else 'full'}, {bench.runner}); {machine()}")
     print(f"{'figure':48} {'direct':>10} {'kimiproxy':>10} {'vs direct':>11} {'target':>9}  ")
     for r in rows:
         versus = "" if r["versus"] is None else (f"x{r['versus']:.2f}" if r["compare"] == "ratio"
@@ -565,12 +572,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one round of smaller workloads (~30 s)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3, or 1 with --quick)")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--runner", choices=sorted(RUNNERS), default="hypercorn",
+                        help="start kimiproxy with hypercorn (3 processes: supervisor, resource tracker, "
+                             "worker) or python kimiproxy.py (1 process)")
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.upstream:
         run_upstream(args.upstream)
         return 0
-    bench = Bench(args.quick)
+    bench = Bench(args.quick, args.runner)
     try:
         for _ in range(args.rounds or (1 if args.quick else 3)):
             bench.round()

@@ -1196,8 +1196,9 @@ def _has_payload(delta: dict) -> bool:
 
 class SSEDecoder:
     """Bytes from the upstream in, the data of each complete event out (``decode``/``flush``).
-    Lines end in LF, CRLF or CR... as SGLang writes them: LF, with CRLF tolerated. A line longer than
-    ``max_line`` bytes is dropped whole (memory stays bounded) and counted in ``oversized``."""
+    Lines end in LF, as SGLang writes them, or CRLF; a lone CR (allowed by the SSE spec, used by no
+    OpenAI-compatible server we know) is not a line end here. A line longer than ``max_line`` bytes is
+    dropped whole (memory stays bounded) and counted in ``oversized``."""
 
     def __init__(self, max_line: int = MAX_SSE_EVENT_BYTES) -> None:
         self.max_line = max_line
@@ -1405,12 +1406,17 @@ def setup_logging(settings: Settings) -> None:
     console.addFilter(RequestIdFilter())
     log.addHandler(console)
     if settings.file_logging:
-        file_handler = logging.handlers.RotatingFileHandler(
-            settings.log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups,
-            encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        file_handler.addFilter(RequestIdFilter())
-        log.addHandler(file_handler)
+        log.addHandler(file_handler(settings))
+
+
+def file_handler(settings: Settings) -> logging.Handler:
+    """LOG_FILE, rotated at LOG_MAX_BYTES with LOG_BACKUPS old files kept."""
+    handler = logging.handlers.RotatingFileHandler(
+        settings.log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups,
+        encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(RequestIdFilter())
+    return handler
 
 
 def redact_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -1758,7 +1764,7 @@ class Exchange:
     method: str
     path: str
     started: float = dataclasses.field(default_factory=time.monotonic)
-    first_byte: float | None = None  # upstream's first byte, seconds after start
+    first_byte: float | None = None  # the upstream's response headers (its first bytes), seconds after start
     client_gone: bool = False
     upstream_closed: bool = False
 

@@ -900,6 +900,25 @@ def test_dotenv_file(tmp_path: Path) -> None:
                                                                  "LOG_LEVEL": "DEBUG"}
 
 
+def test_log_file_rotates_by_size(tmp_path: Path) -> None:
+    settings = kp.Settings.from_env({"LOG_FILE": str(tmp_path / "kp.log"), "LOG_MAX_BYTES": "2048",
+                                     "LOG_BACKUPS": "2"})
+    handler = kp.file_handler(settings)
+    logger = logging.getLogger("kimiproxy.rotation-test")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for i in range(200):
+            logger.warning("line %d %s", i, "x" * 50)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["kp.log", "kp.log.1", "kp.log.2"]
+    assert all((tmp_path / f).stat().st_size <= 2048 for f in files)
+    assert "line 199" in (tmp_path / "kp.log").read_text()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
