@@ -427,7 +427,6 @@ class Bench:
         elapsed = time.process_time() - started
         assert relay.choices[0].calls and relay.choices[0].calls[0].name == "read_file"
         self.record("proxy", "transformer_chunks_per_s", len(events) / elapsed)
-        self.record("proxy", "transformer_max_held_chars", relay.max_held)
 
     def fast(self, target: str, port: int) -> None:
         (r, cpu) = self.measure(target, port, lambda p: one_stream(p, f"n={self.fast_chunks},batch=32"))
@@ -501,7 +500,6 @@ def _get(port: int, path: str) -> bytes:
 # (figure, label, target, "hi"/"lo" = which way is better, compare: "ratio" | "added" | None)
 FIGURES = [
     ("transformer_chunks_per_s", "repair transformer alone, one core: chunks/s", None, "hi", None),
-    ("transformer_max_held_chars", "repair transformer: largest hold-back (chars)", 27, "lo", None),
     ("fast_chunks_per_s", "fast stream: chunks/s", 60_000, "hi", "ratio"),
     ("fast_cpu_us_per_chunk", "fast stream: proxy CPU per chunk (us)", None, "lo", None),
     ("paced_completed", "paced streams completed", "all", "hi", None),

@@ -107,6 +107,7 @@ DEFAULT_HEARTBEAT_INTERVAL = 15.0  # seconds between SSE comments while nothing 
 HEADER_GRACE = 0.5  # seconds
 DEFAULT_MAX_BODY_MB = 64  # agents send multi-MB contexts; Quart's own default is 16 MiB
 BODY_READ_TIMEOUT = 60.0  # seconds a client may take to send its request body
+MAX_DRAIN_BYTES = 64 * 1024 * 1024  # of an oversized body, read and dropped so the 413 arrives
 MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024  # one SSE line from upstream; longer ones are dropped
 MAX_UPSTREAM_BODY_BYTES = 256 * 1024 * 1024  # a non-streamed upstream response
 # Stream bytes waiting for a slow client before the relay stops reading the upstream (backpressure).
@@ -1770,7 +1771,10 @@ class Exchange:
 
 
 async def read_body(receive: Any, limit: int, timeout: float) -> bytes:
-    """The whole request body, or ClientError 413 past ``limit`` / 408 if the client stalls."""
+    """The whole request body, or ClientError 413 past ``limit`` / 408 if the client stalls.
+
+    Past the limit the rest is read and dropped (up to MAX_DRAIN_BYTES) before answering: a client
+    still sending when the server answers and closes gets a connection reset instead of the 413."""
     parts: list[bytes] = []
     size = 0
     with trio.move_on_after(timeout) as scope:
@@ -1780,11 +1784,15 @@ async def read_body(receive: Any, limit: int, timeout: float) -> bytes:
                 raise _ClientGone()
             chunk = message.get("body", b"")
             size += len(chunk)
+            more = message.get("more_body", False)
             if size > limit:
-                raise ClientError(f"request body exceeds the {limit / 1048576:g} MiB limit (MAX_BODY_MB)",
-                                  413)
+                parts = []  # from here on the body is only drained
+                if not more or size > limit + MAX_DRAIN_BYTES:
+                    raise ClientError(f"request body exceeds the {limit / 1048576:g} MiB limit "
+                                      "(MAX_BODY_MB)", 413)
+                continue
             parts.append(chunk)
-            if not message.get("more_body", False):
+            if not more:
                 break
     if scope.cancelled_caught:
         raise ClientError(f"request body not received within {timeout:g} s (BODY_TIMEOUT)", 408)
@@ -2043,7 +2051,7 @@ class Proxy:
         debug = log.isEnabledFor(logging.DEBUG)
         last_read = trio.current_time()
         try:
-            async for chunk in response.aiter_bytes():
+            async for chunk in body_chunks(response):
                 now = trio.current_time()
                 paced, last_read = now - last_read > BURST_GAP, now
                 frames = []
@@ -2108,10 +2116,19 @@ class Proxy:
         return response
 
 
+def body_chunks(response: httpx.Response) -> Any:
+    """The response body as it arrives. kimiproxy asks for identity encoding where it reads bodies, so
+    the raw bytes are the body and httpx's decoder layers can be skipped; an upstream that compresses
+    anyway is decoded."""
+    if response.headers.get("content-encoding", "identity").lower() in ("", "identity"):
+        return response.aiter_raw()
+    return response.aiter_bytes()
+
+
 async def _read_upstream_body(response: httpx.Response) -> bytes:
     parts, size = [], 0
     try:
-        async for chunk in response.aiter_bytes():
+        async for chunk in body_chunks(response):
             size += len(chunk)
             if size > MAX_UPSTREAM_BODY_BYTES:
                 raise UpstreamError(f"upstream response exceeds {MAX_UPSTREAM_BODY_BYTES} bytes")
