@@ -177,8 +177,11 @@ class FakeSGLang:
         async with trio.open_nursery() as nursery:
             # SGLang polls for a closed client while generating: so does the fake, the whole time.
             nursery.start_soon(self._watch_close, stream, seen, nursery.cancel_scope)
-            await self._play(stream, conn, script)
-            seen.completed = True
+            try:
+                await self._play(stream, conn, script)
+                seen.completed = True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):  # the client is gone
+                self._abort(seen)
             nursery.cancel_scope.cancel()
 
     async def _watch_close(self, stream: trio.SocketStream, seen: Seen, scope: trio.CancelScope) -> None:
