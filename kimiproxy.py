@@ -703,7 +703,7 @@ class ToolCall:
     id: str
     name: str
     arguments: str
-    channel: str = "tool_calls"
+    channel: str  # where the markup was: reasoning_content or content
     rules: tuple[str, ...] = ()
 
     def delta(self) -> dict:
@@ -1009,7 +1009,6 @@ class StreamRepair:
         self.done = False  # [DONE] relayed
         self.usage: Any = None
         self.skipped = 0  # events that were not JSON
-        self.events = 0
         self.max_held = 0
         self.aggregate: dict[int, dict] = {}  # choice index -> final message, for the log
         self._envelope: dict = {}
@@ -1029,7 +1028,6 @@ class StreamRepair:
             self.skipped += 1
             log.warning("upstream SSE event is not a JSON object, skipped: %.200r", data)
             return []
-        self.events += 1
         raw = b"data: " + data + b"\n\n"
         choices = chunk.get("choices")
         if chunk.get("usage"):
@@ -1439,20 +1437,6 @@ def summarize_request(request: dict, size: int) -> str:
 
 def _preview(text: str) -> str:
     return text if len(text) <= LOG_PREVIEW_CHARS else text[:LOG_PREVIEW_CHARS] + f"...(+{len(text) - LOG_PREVIEW_CHARS})"
-
-
-def log_repairs(repairs: list[ChoiceRepair]) -> None:
-    """One line per recovered call, one for the text-level repairs: what, from where, by which rule."""
-    for repair in repairs:
-        for call in repair.calls:
-            log.info("repair: recovered tool call %s (%s) from %s by rules [%s]", call.id, call.name,
-                     call.channel, ", ".join(call.rules) or "markup")
-            if "arguments-unrepairable" in call.rules:
-                log.warning("repair: arguments of %s are not valid JSON and could not be repaired; "
-                            "passed on as written", call.id)
-        text_repairs = repair.repairs()
-        if text_repairs:
-            log.info("repair: text %s", ", ".join(f"{k}={v}" for k, v in sorted(text_repairs.items())))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1889,15 +1873,23 @@ class Proxy:
                         "use the GPU. Set PROXY_API_KEY, or bind to 127.0.0.1.", server[0])
 
     def report_repairs(self, repairs: list[ChoiceRepair]) -> None:
-        """One log line per recovered call (what, from where, by which rule), and the metrics."""
-        log_repairs(repairs)
+        """One log line per recovered call (what, from where, by which rule), one for the text-level
+        repairs, and the metrics."""
         metrics = self.metrics
         for repair in repairs:
             for call in repair.calls:
+                log.info("repair: recovered tool call %s (%s) from %s by rules [%s]", call.id, call.name,
+                         call.channel, ", ".join(call.rules) or "markup")
+                if "arguments-unrepairable" in call.rules:
+                    log.warning("repair: arguments of %s are not valid JSON and could not be repaired; "
+                                "passed on as written", call.id)
                 metrics.inc("kimiproxy_tool_calls_recovered_total", channel=call.channel)
                 for rule in call.rules:
                     metrics.inc("kimiproxy_repairs_total", rule=rule)
-            for rule, count in repair.repairs().items():
+            text_repairs = repair.repairs()
+            if text_repairs:
+                log.info("repair: text %s", ", ".join(f"{k}={v}" for k, v in sorted(text_repairs.items())))
+            for rule, count in text_repairs.items():
                 metrics.inc("kimiproxy_repairs_total", count, rule=rule)
 
     # -- routes --------------------------------------------------------------------------------------

@@ -822,19 +822,20 @@ def _sdk_message(sdk: openai.OpenAI, case: dict, stream: bool) -> dict:
 
 
 async def test_corpus_end_to_end_with_openai_sdk(proxy: Running) -> None:
+    """Every case through the running proxy with the OpenAI SDK: streamed (reasoning in 7-character
+    deltas, content in 5) and whole; both must give the expected, and the same, calls."""
+    def pieces(text: str | None, size: int) -> list[str]:
+        return [text[i:i + size] for i in range(0, len(text), size)] if text else []
+
     for case in CASES:
         up = case["upstream"]
         calls = [{"index": i, "id": t["id"], "type": "function",
                   "function": {"name": t["name"], "arguments": t["arguments"]}}
                  for i, t in enumerate(up.get("tool_calls") or [])]
-        steps = [s for s in stream_of(reasoning=list(up.get("reasoning_content") or "")[:0] +
-                                      ([up["reasoning_content"][i:i + 7] for i in range(0, len(up["reasoning_content"]), 7)]
-                                       if up.get("reasoning_content") else []),
-                                      content=[up["content"][i:i + 5] for i in range(0, len(up["content"]), 5)]
-                                      if up.get("content") else [],
-                                      finish=up["finish_reason"], tool_calls=calls)]
         proxy.upstream.script(
-            Script(steps=steps),
+            Script(steps=stream_of(reasoning=pieces(up.get("reasoning_content"), 7),
+                                   content=pieces(up.get("content"), 5),
+                                   finish=up["finish_reason"], tool_calls=calls)),
             Script(body=completion(up.get("content"), up.get("reasoning_content"), up["finish_reason"],
                                    calls or None), content_type="application/json"))
         streamed = await sdk_call(lambda: _sdk_message(proxy.sdk(), case, True))
