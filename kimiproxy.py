@@ -950,6 +950,12 @@ def _canonical_args(arguments: str) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def reasoning_field(message: dict) -> str:
+    """Where this server puts reasoning: ``reasoning_content`` (SGLang), or its alias ``reasoning``."""
+    return "reasoning" if "reasoning" in message and "reasoning_content" not in message \
+        else "reasoning_content"
+
+
 def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair], bool]:
     """Repair a whole (non-streamed) chat.completion in place; returns the per-choice repairs and
     whether anything changed."""
@@ -963,8 +969,7 @@ def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair
         structured = message.get("tool_calls")
         if isinstance(structured, list):
             repair.add_structured(structured)
-        reasoning_key = "reasoning" if "reasoning" in message and "reasoning_content" not in message \
-            else "reasoning_content"
+        reasoning_key = reasoning_field(message)
         content_in, reasoning_in = message.get("content"), message.get(reasoning_key)
         content, reasoning = repair.feed(content_in if isinstance(content_in, str) else None,
                                          reasoning_in if isinstance(reasoning_in, str) else None)
@@ -1055,6 +1060,9 @@ class StreamRepair:
             return [raw]
         return [self._frame(chunk, [choice]) for choice in outputs]
 
+    def feed_all(self, events: list[bytes]) -> list[bytes]:
+        return [frame for data in events for frame in self.feed(data)]
+
     def close(self) -> list[bytes]:
         """The upstream stream ended: finish what it left open, then [DONE] if it never came."""
         if self.done:
@@ -1068,16 +1076,11 @@ class StreamRepair:
         index = _choice_index(choice)
         if index in self.finished:  # past its finish chunk: nothing left to repair or to resolve
             return None
-        repair = self.choices.get(index)
-        if repair is None:
-            repair = self.choices[index] = ChoiceRepair(self.ctx)
-            self.aggregate[index] = {"content": [], "reasoning": [], "finish_reason": None}
-        agg = self.aggregate[index]
+        repair, agg = self._state(index)
         delta = choice.get("delta")
         delta = delta if isinstance(delta, dict) else {}
         changed = False
-        reasoning_key = "reasoning" if "reasoning" in delta and "reasoning_content" not in delta \
-            else "reasoning_content"
+        reasoning_key = reasoning_field(delta)
         content_in, reasoning_in = delta.get("content"), delta.get(reasoning_key)
         content_in = content_in if isinstance(content_in, str) else None
         reasoning_in = reasoning_in if isinstance(reasoning_in, str) else None
@@ -1145,8 +1148,7 @@ class StreamRepair:
 
     def _aggregate_passthrough(self, choice: dict) -> None:
         index = _choice_index(choice)
-        agg = self.aggregate.setdefault(index, {"content": [], "reasoning": [], "finish_reason": None})
-        repair = self.choices.setdefault(index, ChoiceRepair(self.ctx))
+        repair, agg = self._state(index)
         delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
         for key, field in (("content", "content"), ("reasoning_content", "reasoning"),
                            ("reasoning", "reasoning")):
@@ -1157,6 +1159,14 @@ class StreamRepair:
         if choice.get("finish_reason") is not None:
             agg["finish_reason"] = choice["finish_reason"]
             self.finished.add(index)
+
+    def _state(self, index: int) -> tuple[ChoiceRepair, dict]:
+        """A choice's repair and its aggregated message (for the log), made at its first chunk."""
+        repair = self.choices.get(index)
+        if repair is None:
+            repair = self.choices[index] = ChoiceRepair(self.ctx)
+            self.aggregate[index] = {"content": [], "reasoning": [], "finish_reason": None}
+        return repair, self.aggregate[index]
 
     def _frame(self, envelope: dict, choices: list[dict]) -> bytes:
         chunk = dict(envelope, choices=choices)
@@ -2056,12 +2066,11 @@ class Proxy:
         except httpx.HTTPError as exc:
             err = upstream_failure(exc, str(response.url))
             err.message = f"upstream stream broke off: {err.message}"
-            frames = [f for data in decoder.flush() for f in relay.feed(data)]
-            frames += relay.close()[:-1]  # what was recovered, but no [DONE]: this stream failed
+            frames = relay.feed_all(decoder.flush()) + relay.close()[:-1]  # no [DONE]: this stream failed
             if frames:
                 writer.put(b"".join(frames))
             raise err from None
-        frames = [f for data in decoder.flush() for f in relay.feed(data)] + relay.close()
+        frames = relay.feed_all(decoder.flush()) + relay.close()
         writer.close(b"".join(frames))
         if relay.skipped or decoder.oversized:
             log.warning("upstream stream: %d events not JSON, %d oversized lines dropped",
