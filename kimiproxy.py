@@ -35,6 +35,7 @@ import argparse
 import contextvars
 import dataclasses
 import enum
+import functools
 import gc
 import hmac
 import itertools
@@ -1763,6 +1764,12 @@ class Exchange:
     client_gone: bool = False
     upstream_closed: bool = False
 
+    def client_left(self, scope: trio.CancelScope) -> None:
+        """The client left before its response was complete: cancel what serves it (the upstream
+        request is closed on the way out)."""
+        self.client_gone = True
+        scope.cancel()
+
 
 async def read_body(receive: Any, limit: int, timeout: float) -> bytes:
     """The whole request body, or ClientError 413 past ``limit`` / 408 if the client stalls.
@@ -1802,8 +1809,7 @@ async def watch_disconnect(receive: Any, exchange: Exchange, down: Downstream,
         message = await receive()
         if message["type"] == "http.disconnect":
             if not down.ended:
-                exchange.client_gone = True
-                scope.cancel()
+                exchange.client_left(scope)
             return
 
 
@@ -1928,8 +1934,7 @@ class Proxy:
                     else:
                         await self.passthrough(scope, body, exchange, down)
                 except _ClientGone:  # a write to the client failed: it left
-                    exchange.client_gone = True
-                    nursery.cancel_scope.cancel()
+                    exchange.client_left(nursery.cancel_scope)
                 except ProxyError as err:
                     await self._fail(exchange, down, err)
                 except Exception as exc:  # the request boundary: the proxy keeps serving
@@ -2023,11 +2028,8 @@ class Proxy:
 
     async def stream_chat(self, upstream_request: httpx.Request, ctx: RepairContext,
                           exchange: Exchange, down: Downstream, nursery: trio.Nursery) -> None:
-        def client_gone() -> None:
-            exchange.client_gone = True
-            nursery.cancel_scope.cancel()
-
-        writer = SSEWriter(down, self.settings.heartbeat_interval, client_gone)
+        writer = SSEWriter(down, self.settings.heartbeat_interval,
+                           functools.partial(exchange.client_left, nursery.cancel_scope))
         nursery.start_soon(writer.run)
         response = None
         self.metrics.streams_in_flight += 1
