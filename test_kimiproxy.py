@@ -7,6 +7,8 @@ Run: python -m pytest -q
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import hashlib
 import json
 import logging
@@ -673,6 +675,53 @@ async def test_disconnect_mid_stream_or_during_prefill_closes_upstream(proxy: Ru
         while proxy.upstream.seen[-1].aborted_at is None:
             await trio.sleep(0.02)
     assert proxy.upstream.seen[-1].aborted_at - left_at < 2.0
+
+
+@contextlib.contextmanager
+def full_collections() -> Any:
+    """The times of the full (oldest-generation) garbage collections while the block runs."""
+    times: list[float] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            times.append(time.monotonic())
+
+    gc.callbacks.append(callback)
+    try:
+        yield times
+    finally:
+        gc.callbacks.remove(callback)
+
+
+async def test_garbage_collected_when_idle_and_every_n_requests(proxy: Running,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection leaves reference cycles that would otherwise wait for a rare full collection:
+    one runs once the proxy has been idle a while, never while a request is in flight, and after
+    COLLECT_EVERY finished requests when the proxy is never idle."""
+    monkeypatch.setattr(kp, "IDLE_COLLECT_AFTER", 0.3)
+    monkeypatch.setattr(kp, "COLLECT_EVERY", 3)
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        with full_collections() as idle_runs:
+            proxy.upstream.script(Script(steps=[*stream_of(content=["a"])[:2], 0.8, *stream_of(content=["b"])[2:]]))
+            r = await client.post("/v1/chat/completions", json={"model": "m", "messages": [], "stream": True})
+            ended = time.monotonic()
+            assert r.status_code == 200 and idle_runs == []  # 0.8 s in flight: none meanwhile
+            await trio.sleep(0.6)
+            assert len(idle_runs) == 1 and idle_runs[0] - ended >= 0.25
+            await trio.sleep(0.5)
+            assert len(idle_runs) == 1  # nothing happened since: no more
+
+        monkeypatch.setattr(kp, "IDLE_COLLECT_AFTER", 30.0)
+        with full_collections() as busy_runs:
+            async with trio.open_nursery() as nursery:  # one slow stream keeps the proxy busy
+                proxy.upstream.script(Script(steps=[*stream_of(content=["a"])[:2], 2.0, *stream_of(content=["b"])[2:]]))
+                nursery.start_soon(functools.partial(client.post, "/v1/chat/completions",
+                                                     json={"model": "m", "messages": [], "stream": True}))
+                await trio.sleep(0.2)
+                for _ in range(3):
+                    assert (await client.get("/v1/models")).status_code == 200
+                await trio.sleep(0.1)
+                assert len(busy_runs) == 1 and proxy.app.proxy.in_flight == 1
 
 
 async def test_silent_stream_disconnect_without_heartbeats(proxy: Running) -> None:
