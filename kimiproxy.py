@@ -1860,7 +1860,8 @@ class Proxy:
         reach the oldest generation, which CPython collects only after millions of allocations
         (and GC_THRESHOLD makes that rarer still): left to it, the worker's memory grows with every
         burst. Collecting when nothing is in flight pauses no request; under constant load one pause
-        of a few milliseconds per COLLECT_EVERY requests bounds the garbage."""
+        per COLLECT_EVERY requests bounds the garbage (measured: about 1 ms after small
+        requests, 50-75 ms with 500 streams open)."""
         with trio.CancelScope() as self._collector:
             while True:
                 await self._collect_due.wait()
