@@ -49,9 +49,9 @@ import resource
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import httpx
 import sniffio
@@ -70,30 +70,18 @@ __version__ = "0.1.0"
 # Constants
 # ---------------------------------------------------------------------------------------------------
 
-# Kimi-K2 markup (FORMAT.md section 1). The singular section spellings are accepted too: the tech
-# report uses them and llama.cpp/vLLM accept them.
-SECTION_BEGIN_MARKERS = ("<|tool_calls_section_begin|>", "<|tool_call_section_begin|>")
-SECTION_END_MARKERS = ("<|tool_calls_section_end|>", "<|tool_call_section_end|>")
-CALL_BEGIN_MARKER = "<|tool_call_begin|>"
-ARGUMENT_BEGIN_MARKER = "<|tool_call_argument_begin|>"
-CALL_END_MARKER = "<|tool_call_end|>"
-# Chat-template control tokens that some servers leak as text: always removed.
-CONTROL_TOKENS = ("<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>")
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-
-LONGEST_MARKER = max(
-    len(m) for m in (*SECTION_BEGIN_MARKERS, *SECTION_END_MARKERS, CALL_BEGIN_MARKER,
-                     ARGUMENT_BEGIN_MARKER, CALL_END_MARKER, *CONTROL_TOKENS, THINK_CLOSE)
-)  # 28 characters: the hold-back bound is one less
-# A held-back tail this long that never completed into a marker at the end of a message is a marker
-# cut off by max_tokens ("<|tool_call_e"): it is removed. Shorter tails ("<|", "<|x") stay as text.
+# The repair (REPAIR.md). Text is held back at most one character less than the longest marker.
+# A tail at least this long that never became a marker by the end of the text is a marker cut off
+# by max_tokens ("<|tool_call_e"): it is removed. Shorter ones ("<|", "<|x") stay as text.
 MIN_TRUNCATED_MARKER = 6  # characters
-# Text between a section's begin and its first call is noise (vLLM PR #28543). Past this much, it is
-# not noise but prose after a section that was never closed: it goes back to its channel.
+# Text inside a section is noise (vLLM PR #28543). Past this much it is prose after a section that
+# was never closed, and goes back to its channel.
 MAX_SECTION_NOISE = 2048  # characters
-# A call id longer than this is not an id: the header is given up and read as arguments.
-MAX_CALL_HEADER = 512  # characters
+MAX_CALL_HEADER = 512  # characters: a longer "id" is not one
+# At the start of a line, what may still become a call's id is held this long at most: it heads a
+# call if <|tool_call_argument_begin|> follows (a header with no <|tool_call_begin|>).
+MAX_LINE_HEADER = 64  # characters
+MAX_ROLE_WORD = 16  # characters between a leaked role marker and <|im_middle|>
 # One call's arguments beyond this end the call (file writes are large, but not this large).
 MAX_CALL_ARGUMENTS = 32 * 1024 * 1024  # characters
 
@@ -192,423 +180,411 @@ class _ClientGone(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Repair core: the markup parser (one per channel)
+# Repair core: markers
 # ---------------------------------------------------------------------------------------------------
 
-class State(enum.Enum):
-    START = "start"  # content only: not yet known whether it opens with <think>
-    THINK = "think"  # inside the think block at the start of content: text goes to reasoning
-    TEXT = "text"  # ordinary text of the channel
-    SECTION = "section"  # inside a tool-call section, between calls: text here is noise
-    HEADER = "header"  # after <|tool_call_begin|>: the call id
-    ARGUMENTS = "arguments"  # the call's JSON arguments
-
-
 class Marker(enum.Enum):
-    SECTION_BEGIN = "section_begin"
-    SECTION_END = "section_end"
-    CALL_BEGIN = "call_begin"
-    ARGUMENT_BEGIN = "argument_begin"
-    CALL_END = "call_end"
-    CONTROL = "control"
-    THINK_CLOSE = "think_close"
+    """What a marker means (REPAIR.md 1); the tokenizer gives text as str and markers as these."""
+    SECTION_BEGIN = "section-begin"
+    SECTION_END = "section-end"
+    CALL_BEGIN = "call-begin"
+    ARGUMENT_BEGIN = "argument-begin"
+    CALL_END = "call-end"
+    IM_END = "im-end"
+    ROLE = "role"  # <|im_user|>, <|im_assistant|>, <|im_system|>
+    IM_MIDDLE = "im-middle"
+    THINK_OPEN = "think-open"
+    THINK_CLOSE = "think-close"
+    TRUNCATED = "truncated-marker"  # cut off at the end of the text: "<|tool_call_e"
+    END = "end"  # of the text
 
 
-MARKERS: dict[str, Marker] = {
-    **{m: Marker.SECTION_BEGIN for m in SECTION_BEGIN_MARKERS},
-    **{m: Marker.SECTION_END for m in SECTION_END_MARKERS},
-    CALL_BEGIN_MARKER: Marker.CALL_BEGIN,
-    ARGUMENT_BEGIN_MARKER: Marker.ARGUMENT_BEGIN,
-    CALL_END_MARKER: Marker.CALL_END,
-    **{m: Marker.CONTROL for m in CONTROL_TOKENS},
+(SECTION_BEGIN, SECTION_END, CALL_BEGIN, ARGUMENT_BEGIN, CALL_END, IM_END, ROLE, IM_MIDDLE, THINK_OPEN,
+ THINK_CLOSE, TRUNCATED, EOF) = Marker
+MARKERS = {
+    "<|tool_calls_section_begin|>": SECTION_BEGIN, "<|tool_call_section_begin|>": SECTION_BEGIN,
+    "<|tool_calls_section_end|>": SECTION_END, "<|tool_call_section_end|>": SECTION_END,
+    "<|tool_call_begin|>": CALL_BEGIN, "<|tool_call_argument_begin|>": ARGUMENT_BEGIN,
+    "<|tool_call_end|>": CALL_END, "<|im_end|>": IM_END, "<|im_middle|>": IM_MIDDLE,
+    "<|im_user|>": ROLE, "<|im_assistant|>": ROLE, "<|im_system|>": ROLE,
+    "<think>": THINK_OPEN, "</think>": THINK_CLOSE,
 }
-# Every proper prefix of a "<|...|>" marker: a tail in this set may still become one.
-MARKER_PREFIXES = frozenset(m[:k] for m in MARKERS for k in range(1, len(m)))
-THINK_CLOSE_PREFIXES = frozenset(THINK_CLOSE[:k] for k in range(1, len(THINK_CLOSE)))
-# "<|name|>", or "<|name|" cut short (family 13: "..._end|" without ">").
-MARKER_RE = re.compile(r"<\|([a-z_]{1,32})\|(>?)")
-# What a call id may look like when no <|tool_call_begin|> announced it (families 10, 26).
-ID_LIKE_RE = re.compile(r"[\w.\-:]{1,256}")
+LONGEST_MARKER = max(map(len, MARKERS))  # 28 characters
+THINK_CLOSE_TEXT = "</think>"
+SECTION_BEGIN_TEXTS = tuple(text for text, kind in MARKERS.items() if kind is SECTION_BEGIN)
+
+_MARKER_RE = re.compile(r"<\|([a-z_]{1,32})\|(>?)|</?think>")
+_MARKER_PREFIXES = frozenset(m[:k] for m in MARKERS for k in range(1, len(m)))
+_ID = r"[\w.\-:]"
+_ID_RE = re.compile(rf"{_ID}{{1,{MAX_CALL_HEADER}}}")
+_LINE_HEADER_RE = re.compile(rf"[ \t]*(?:{_ID}{{1,{MAX_LINE_HEADER}}}[ \t]*)?")
+_TRAILING_ID_RE = re.compile(rf"(?:functions{_ID}*|{_ID}+[:.]\d+)\s*\Z")
+_ROLE_WORD_RE = re.compile(r"\s*[a-z]*\s*")
+_COUNTER_TAIL_RE = re.compile(r"[:.]\d*\Z")
+NEED = object()  # a parser has read all its input and waits for more
 
 
-@dataclasses.dataclass
-class RawCall:
-    """A call as the markup wrote it, before its name, id and arguments are resolved."""
-    header: str
-    arguments: str
-    channel: str
-    rules: tuple[str, ...] = ()
+def match_marker(buf: str, i: int, final: bool) -> tuple[str | None, int]:
+    """What starts at buf[i], a "<": (kind, end), ("partial", 0) while more text could still make it a
+    marker, or (None, 0) for plain text. ``final``: no more text follows this buffer."""
+    m = _MARKER_RE.match(buf, i)
+    if m is not None:
+        kind = MARKERS.get(m.group(0))
+        if kind is not None:
+            return kind, m.end()
+        if m.group(1) and not m.group(2):  # "<|tool_call_end|" without its ">" (REPAIR.md 4.2)
+            kind = MARKERS.get(m.group(0) + ">")
+            if kind is not None:
+                if m.end() == len(buf):
+                    return (kind, m.end()) if final else ("partial", 0)
+                if buf.startswith("<", m.end()):
+                    return kind, m.end()
+        return None, 0
+    if len(buf) - i < LONGEST_MARKER and buf[i:] in _MARKER_PREFIXES:
+        if not final:
+            return "partial", 0
+        if buf.startswith("<|", i) and len(buf) - i >= MIN_TRUNCATED_MARKER:
+            return TRUNCATED, len(buf)
+    return None, 0
 
 
-class MarkupParser:
-    """Incremental parser of one channel's text: ``feed(text)`` and ``close()`` each return
-    ``(text, moved_to_reasoning, calls)``: the channel's text that can be released now, text of a
-    leading think block that belongs in reasoning, and the calls completed so far.
+# ---------------------------------------------------------------------------------------------------
+# Repair core: a call's arguments
+# ---------------------------------------------------------------------------------------------------
 
-    Like multipart's push parser it holds back only a tail that could still be the start of a marker,
-    so text is released as soon as it can no longer be markup. ``repairs`` counts the text-level
-    repairs by rule, for the log.
+_STRING_RUN = re.compile(r'[^"\\<\x00-\x1f]+')
+_LITERAL_RUN = re.compile(r"[\w.+\-]+")
+_LITERAL_RE = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+\-]?\d+)?|true|false|null")
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
+_HEX = frozenset("0123456789abcdefABCDEF")
+# Where ArgumentRepair stands in the JSON text.
+_START, _KEY, _KEY_STRING, _COLON, _VALUE, _STRING, _LITERAL, _AFTER, _DONE, _JUNK, _RAW = range(11)
+
+
+class ArgumentRepair:
+    """One call's arguments, repaired while they stream (REPAIR.md 4.3 and 4.6).
+
+    ``scan(buf, i, final)`` reads JSON text from buf[i] and returns where it stopped: at the end, at a
+    marker outside every string (the caller decides what it ends), or where it needs more text. What is
+    certain goes to ``take()``. Held back is only what a later character may still change: a key or a
+    comma until its value begins, a number until it ends, an incomplete escape, a top-level string (it
+    may be double-encoded) or text that is not JSON, and everything after a marker found inside a
+    string, until that string closes (the marker was text) or never does (it ended the call: the
+    caller calls ``rewind()`` and reads the marker again). ``finish()`` closes what is open.
     """
 
-    def __init__(self, channel: str, *, strip_think: bool = False) -> None:
-        self.channel = channel
-        self.state = State.START if strip_think else State.TEXT
-        self.repairs: Counter[str] = Counter()
-        self._tail = ""  # held back: a possible marker prefix (rule 2)
-        self._start = ""  # START only: leading text while deciding about <think>
-        self._in_section = False
-        self._think_opened = False
-        self._noise = ""  # SECTION only: text that is noise unless the section never closes
-        self._header = ""
-        self._arguments: list[str] = []
-        self._arguments_len = 0
-        self._call_rules: list[str] = []
+    def __init__(self, markers: bool = True) -> None:
+        self.markers = markers  # False for the decoded text of a double-encoded string
+        self.rules: list[str] = []
+        self.size = 0  # characters released
+        self.junk: list[str] = []  # after the value ended or broke: the next call's id, or dropped
+        self._junk_size = 0
+        self.rewind_now = False
         self._out: list[str] = []
-        self._think: list[str] = []
-        self._calls: list[RawCall] = []
+        self._state = _START
+        self._closers: list[str] = []
+        self._pending = ""  # held: cut back if the text ends before it is certain
+        self._literal_at = 0  # where the literal starts in _pending
+        self._top: list[str] | None = None  # a top-level string, literal or non-JSON text, held whole
+        self._suspect: tuple | None = None  # the state at the first marker inside a string
+        self._suspect_open = False  # still inside the string that holds it
+        self._suspect_out: list[str] = []
+        self._suspect_raw: list[str] = []
 
     @property
-    def held(self) -> int:
-        """Characters of channel text held back right now."""
-        return len(self._tail) + len(self._start)
+    def in_string(self) -> bool:
+        return self._state in (_STRING, _KEY_STRING)
 
-    # -- the two-call contract ---------------------------------------------------------------------
+    @property
+    def must_rewind(self) -> bool:
+        """The text ended inside the string that holds a marker: that marker ended the call."""
+        return self._suspect is not None and self._suspect_open
 
-    def feed(self, text: str) -> tuple[str, str, list[RawCall]]:
-        if self.state is State.TEXT and not self._tail and "<" not in text:
-            return text, "", []  # fast path: nothing here can be markup
-        if self.state is State.START:
-            text = self._decide_start(text, final=False)
-        if text:
-            self._scan(self._tail + text if self._tail else text, final=False)
-        return self._drain()
+    def take(self) -> str:
+        out = "".join(self._out)
+        self._out.clear()
+        self.size += len(out)
+        return out
 
-    def close(self) -> tuple[str, str, list[RawCall]]:
-        """End of the message: release what is held, finish an open call or section."""
-        if self.state is State.START:
-            self._scan(self._decide_start("", final=True), final=True)
-        elif self._tail:
-            self._scan(self._tail, final=True)
-        self._tail = ""
-        if self.state is State.SECTION:
-            self._flush_noise_at_end()
-        elif self.state in (State.HEADER, State.ARGUMENTS):
-            self._call_rules.append("unterminated-call")
-            self._end_call()
-        self.state = State.TEXT
-        self._in_section = False
-        return self._drain()
+    def _emit(self, text: str) -> None:
+        if self._pending:
+            text, self._pending = self._pending + text, ""
+        if self._top is not None:
+            self._top.append(text)
+        else:
+            (self._suspect_out if self._suspect else self._out).append(text)
+
+    def _rule(self, rule: str) -> None:
+        if rule not in self.rules:
+            self.rules.append(rule)
 
     # -- scanning ----------------------------------------------------------------------------------
 
-    def _decide_start(self, text: str, final: bool) -> str:
-        """Content that opens with <think> (SGLang without a reasoning parser, FORMAT.md 4.7)."""
-        self._start += text
-        lead = self._start.lstrip()
-        if lead.startswith(THINK_OPEN):
-            self.state = State.THINK
-            self._think_opened = True
-            self.repairs["think-moved-to-reasoning"] += 1
-            self._start = ""
-            return lead[len(THINK_OPEN):]
-        undecided = THINK_OPEN.startswith(lead) and len(self._start) < LONGEST_MARKER
-        if undecided and not final:
-            return ""
-        self.state = State.TEXT
-        text, self._start = self._start, ""
-        return text
-
-    def _scan(self, buf: str, final: bool) -> None:
-        self._tail = ""
-        segment = i = 0
-        while True:
-            i = buf.find("<", i)
-            if i < 0:
-                self._consume(buf[segment:] if segment else buf)
-                return
-            kind, end = self._match(buf, i, final)
-            if kind is None:
+    def scan(self, buf: str, i: int, final: bool) -> int:
+        n = len(buf)
+        raw_from = i
+        while i < n and not self.rewind_now:
+            state, ch = self._state, buf[i]
+            if state == _STRING or state == _KEY_STRING:
+                m = _STRING_RUN.match(buf, i)
+                if m is not None:
+                    self._string_text(m.group())
+                    i = m.end()
+                elif ch == '"':
+                    self._string_text('"')
+                    self._suspect_open = False
+                    self._state = _COLON if state == _KEY_STRING else self._after_value()
+                    i += 1
+                elif ch == "\\":
+                    j = self._escape(buf, i, final)
+                    if j == i:
+                        break
+                    i = j
+                elif ch == "<":
+                    kind, end = match_marker(buf, i, final) if self.markers else (None, 0)
+                    if kind == "partial":
+                        break
+                    if kind is None:
+                        end = i + 1
+                    elif self._suspect is None:  # REPAIR.md 4.3: text of the string, unless it never closes
+                        self._suspect = (list(self._closers), state, self._pending, len(self._top or ()))
+                        self._suspect_open = True
+                        raw_from = i
+                    self._string_text(buf[i:end])
+                    i = end
+                else:  # a raw control character (pretty-printed JSON): escaped
+                    self._string_text(_CONTROL_ESCAPES.get(ch) or f"\\u{ord(ch):04x}")
+                    self._rule("control-character-escaped")
+                    i += 1
+            elif ch == "<" and self.markers:
+                kind, _ = match_marker(buf, i, final)
+                if kind is not None:
+                    break  # a marker: it ends the arguments, or heads the next call; the caller decides
+                if state < _DONE:
+                    self._broken(i)
+                    if self.rewind_now:
+                        break
+                self._rest("<")
                 i += 1
-                continue
-            self._consume(buf[segment:i])
-            if kind is _PARTIAL:
-                rest = buf[i:]
+            elif state >= _DONE:  # after the value, broken, or not JSON: up to the next "<"
+                j = buf.find("<", i) if self.markers else -1
+                j = n if j < 0 else j
+                self._rest(buf[i:j])
+                i = j
+            elif state == _LITERAL:
+                m = _LITERAL_RUN.match(buf, i)
+                if m is not None:
+                    self._pending += m.group()
+                    i = m.end()
+                    if i == n and not final:
+                        break
+                else:
+                    self._end_literal(i)
+            elif ch in " \t\r\n":
+                if state == _AFTER:
+                    self._emit(ch)
+                elif state != _START:
+                    self._pending += ch
+                i += 1
+            else:
+                i = self._structure(ch, i)
+        if self._suspect is not None:
+            self._suspect_raw.append(buf[raw_from:i])
+        return i
+
+    def _rest(self, text: str) -> None:
+        """Text after the value (or instead of one): kept whole when not JSON, else as junk."""
+        if self._state == _RAW:
+            self._top.append(text)
+        elif self._junk_size <= MAX_CALL_HEADER:
+            self.junk.append(text)
+            self._junk_size += len(text)
+
+    def _string_text(self, text: str) -> None:
+        if self._state == _KEY_STRING:
+            self._pending += text
+        else:
+            self._emit(text)
+
+    def _escape(self, buf: str, i: int, final: bool) -> int:
+        """Valid escapes pass; a backslash before anything else was meant literally (a Windows path);
+        an incomplete one at the end waits for more text, or is cut when there is none."""
+        c = buf[i + 1:i + 2]
+        if c == "u":
+            digits = buf[i + 2:i + 6]
+            if len(digits) == 4 and set(digits) <= _HEX:
+                self._string_text(buf[i:i + 6])
+                return i + 6
+            if len(digits) < 4 and set(digits) <= _HEX:
                 if not final:
-                    self._tail = rest
-                elif len(rest) >= MIN_TRUNCATED_MARKER:
-                    self.repairs["truncated-marker-removed"] += 1
-                else:
-                    self._consume(rest)
-                return
-            self._on_marker(kind)
-            segment = i = end
+                    return i
+                self._rule("incomplete-escape-cut")
+                return len(buf)
+        elif c and c in '"\\/bfnrt':
+            self._string_text(buf[i:i + 2])
+            return i + 2
+        elif not c:
+            if not final:
+                return i
+            self._rule("incomplete-escape-cut")
+            return len(buf)
+        self._string_text("\\\\")
+        self._rule("invalid-escape-repaired")
+        return i + 1
 
-    def _match(self, buf: str, i: int, final: bool) -> tuple[Any, int]:
-        """What starts at buf[i] ("<"): (Marker, end), (_PARTIAL, 0) or (None, 0) for plain text."""
-        if buf.startswith("<|", i):
-            m = MARKER_RE.match(buf, i)
-            if m is None:
-                return (_PARTIAL, 0) if buf[i:] in MARKER_PREFIXES else (None, 0)
-            if m.group(2):
-                return MARKERS.get(m.group(0), None), m.end()
-            kind = MARKERS.get(m.group(0) + ">")
-            end = m.end()
-            if kind is None:
-                return None, 0
-            if end == len(buf):  # "<|tool_call_end|" so far: the ">" may be in the next chunk
-                if final:
-                    self.repairs["truncated-marker-repaired"] += 1
-                    return kind, end
-                return _PARTIAL, 0
-            if buf.startswith("<", end):  # "<|tool_call_end|<|tool_calls_section_end|>"
-                self.repairs["truncated-marker-repaired"] += 1
-                return kind, end
-            return None, 0
-        if i == len(buf) - 1:  # a lone "<": the "|" may be in the next chunk
-            return _PARTIAL, 0
-        if self.state is State.THINK or self._think_opened:
-            if buf.startswith(THINK_CLOSE, i):
-                return Marker.THINK_CLOSE, i + len(THINK_CLOSE)
-            if buf[i:] in THINK_CLOSE_PREFIXES:
-                return _PARTIAL, 0
-        return None, 0
+    def _structure(self, ch: str, i: int) -> int:
+        """One character outside strings: where JSON allows it, or where the text breaks."""
+        state = self._state
+        top = self._closers[-1] if self._closers else ""
+        if state == _START:
+            if ch in "{[":
+                self._open(ch)
+                return i + 1
+            self._top = []  # held whole until the end
+            if ch == '"':
+                self._state = _STRING
+                self._emit(ch)
+                return i + 1
+            self._state, self._literal_at = (_LITERAL, 0) if ch in "-0123456789tfn" else (_RAW, 0)
+            return i
+        if state == _KEY and ch == '"':
+            self._pending += ch
+            self._state = _KEY_STRING
+            return i + 1
+        if state == _COLON and ch == ":":
+            self._pending += ch
+            self._state = _VALUE
+            return i + 1
+        if state == _VALUE:
+            if ch in "{[":
+                self._open(ch)
+                return i + 1
+            if ch == '"':
+                self._state = _STRING
+                self._emit(ch)
+                return i + 1
+            if ch in "-0123456789tfn":
+                self._state, self._literal_at = _LITERAL, len(self._pending)
+                return i
+        if state == _AFTER and ch == ",":
+            self._pending = ","
+            self._state = _KEY if top == "}" else _VALUE
+            return i + 1
+        if ch == top and (state == _AFTER or state == _KEY or state == _VALUE and top == "]"):
+            if "," in self._pending:  # {"a": 1,}
+                self._pending = ""
+                self._rule("trailing-comma-dropped")
+            self._emit(ch)
+            self._closers.pop()
+            self._state = self._after_value()
+            return i + 1
+        return self._broken(i)
 
-    def _consume(self, text: str) -> None:
-        """Text between markers, routed by state."""
-        if not text:
-            return
-        state = self.state
-        if state is State.TEXT:
+    def _open(self, ch: str) -> None:
+        self._emit(ch)
+        self._closers.append("}" if ch == "{" else "]")
+        self._state = _KEY if ch == "{" else _VALUE
+
+    def _after_value(self) -> int:
+        if self._closers:
+            return _AFTER
+        self._resolve_suspect()
+        return _DONE
+
+    def _end_literal(self, i: int) -> None:
+        literal = self._pending[self._literal_at:]
+        if _LITERAL_RE.fullmatch(literal):
+            self._emit("")
+            self._state = self._after_value()
+        elif self._top is not None and not self._closers:
+            self._top.append(self._pending)  # a top-level word that is no JSON literal: not JSON
+            self._pending = ""
+            self._state = _RAW
+        else:
+            self._broken(i)
+
+    def _broken(self, i: int) -> int:
+        """The JSON cannot go on here. With a marker held inside a string, that marker ended the call
+        (REPAIR.md 4.3); otherwise what follows is junk, or the next call's id."""
+        if self._suspect is not None:
+            self.rewind_now = True
+            return i
+        if self._state != _DONE:
+            self._rule("arguments-broken-off")
+        self._state = _JUNK
+        return i
+
+    def _resolve_suspect(self) -> None:
+        if self._suspect is not None:
+            self._suspect = None
+            self._suspect_raw.clear()
+            self._out.extend(self._suspect_out)
+            self._suspect_out.clear()
+
+    def rewind(self) -> str:
+        """The held marker was the real one: forget what followed it and return the raw text from it on."""
+        closers, state, pending, top = self._suspect
+        raw = "".join(self._suspect_raw)
+        self._suspect, self._suspect_open, self.rewind_now = None, False, False
+        self._suspect_raw.clear()
+        self._suspect_out.clear()
+        self._closers, self._state, self._pending = closers, state, pending
+        if self._top is not None:
+            del self._top[top:]
+        self.junk.clear()
+        self._junk_size = 0
+        self._rule("marker-in-unclosed-string")
+        return raw
+
+    # -- the end -----------------------------------------------------------------------------------
+
+    def finish(self) -> str:
+        """The arguments ended: close what is open, and return the last of them."""
+        self._resolve_suspect()
+        state = self._state
+        if self._top is not None:
+            return self._finish_top()
+        if state == _START:
+            self._rule("arguments-empty")
+            self._out.append("{}")
+            return self.take()
+        if state == _LITERAL and _LITERAL_RE.fullmatch(self._pending[self._literal_at:]):
+            self._emit("")
+        self._pending = ""
+        if state == _STRING:
+            self._out.append('"')
+        if self._closers:
+            self._rule("arguments-closed")
+            self._out.append("".join(reversed(self._closers)))
+            self._closers.clear()
+        if "".join(self.junk).strip():
+            self._rule("junk-dropped")
+        self._state = _DONE
+        return self.take()
+
+    def _finish_top(self) -> str:
+        if self._state == _LITERAL:
+            self._top.append(self._pending)
+            self._pending = ""
+        text = "".join(self._top).strip()
+        self._top = None
+        value = _load_lenient(text)
+        if value is None and text.startswith('"'):
+            value = _decode_cut_string(text)
+        if isinstance(value, str) and value.lstrip().startswith(("{", "[")):
+            inner = ArgumentRepair(markers=False)  # REPAIR.md 4.6: a JSON string holding the arguments
+            inner.scan(value, 0, True)
+            self._out.append(inner.finish())
+            self._rule("arguments-double-encoded")
+        else:
+            if value is None:
+                self._rule("arguments-not-json")
             self._out.append(text)
-        elif state is State.THINK:
-            self._think.append(text)
-        elif state is State.ARGUMENTS:
-            self._add_arguments(text)
-        elif state is State.HEADER:
-            brace = text.find("{")
-            if brace < 0:
-                self._header += text
-                if len(self._header) > MAX_CALL_HEADER:  # not an id: read it as arguments
-                    self._call_rules.append("header-overflow")
-                    header, self._header = self._header, ""
-                    self.state = State.ARGUMENTS
-                    self._add_arguments(header)
-                return
-            self._header += text[:brace]  # family 11: JSON follows the id with no argument marker
-            self._call_rules.append("no-argument-marker")
-            self.state = State.ARGUMENTS
-            self._add_arguments(text[brace:])
-        elif state is State.SECTION:
-            self._noise += text
-            brace = self._noise.find("{")
-            if brace >= 0 and ID_LIKE_RE.fullmatch(self._noise[:brace].strip()):
-                # family 10: "functions.x:0 {...}" inside a section with no <|tool_call_begin|>
-                noise, self._noise = self._noise, ""
-                self._begin_call(noise[:brace], "no-call-begin", "no-argument-marker")
-                self.state = State.ARGUMENTS
-                self._add_arguments(noise[brace:])
-            elif len(self._noise) > MAX_SECTION_NOISE:
-                self._leave_section_as_text()
-        else:  # pragma: no cover - START is resolved before scanning
-            raise RuntimeError(f"text consumed in state {state}")
-
-    def _on_marker(self, kind: Marker) -> None:
-        """The single dispatch site of the state machine."""
-        state = self.state
-        if kind is Marker.CONTROL:
-            self.repairs["control-token-removed"] += 1
-            if state in (State.HEADER, State.ARGUMENTS):  # <|im_end|>: the message is over
-                self._call_rules.append("ended-by-control-token")
-                self._end_call()
-                self.state = State.TEXT
-                self._in_section = False
-        elif kind is Marker.THINK_CLOSE:
-            if state is State.THINK:
-                self.state = State.TEXT
-            else:
-                self.repairs["stray-think-close-removed"] += 1
-        elif kind is Marker.SECTION_BEGIN:
-            self._close_open_call("section-begin")
-            self._drop_noise()
-            self.state = State.SECTION
-            self._in_section = True
-        elif kind is Marker.CALL_BEGIN:
-            if not self._close_open_call("next-call-begin"):
-                if state is State.SECTION:
-                    self._drop_noise()
-                else:
-                    self._in_section = False
-                    self.repairs["no-section-wrapper"] += 1
-            self._begin_call("")
-        elif kind is Marker.ARGUMENT_BEGIN:
-            if state is State.HEADER:
-                self.state = State.ARGUMENTS
-            elif state is State.ARGUMENTS:
-                self._split_polluted_arguments()
-            elif state is State.SECTION:  # family 10: a header with no <|tool_call_begin|>
-                noise, self._noise = self._noise, ""
-                self._begin_call(noise, "no-call-begin")
-                self.state = State.ARGUMENTS
-            else:
-                self.repairs["stray-marker-removed"] += 1
-        elif kind is Marker.CALL_END:
-            if state in (State.HEADER, State.ARGUMENTS):
-                self._end_call()
-                self.state = State.SECTION if self._in_section else State.TEXT
-            else:
-                self.repairs["stray-marker-removed"] += 1
-        elif kind is Marker.SECTION_END:
-            if not self._close_open_call("section-end-as-call-end") and state is not State.SECTION:
-                self.repairs["stray-marker-removed"] += 1
-            self._drop_noise()
-            self.state = State.TEXT
-            self._in_section = False
-        else:  # pragma: no cover
-            raise RuntimeError(f"unknown marker {kind}")
-
-    # -- calls -------------------------------------------------------------------------------------
-
-    def _begin_call(self, header: str, *rules: str) -> None:
-        self.state = State.HEADER
-        self._header = header
-        self._arguments = []
-        self._arguments_len = 0
-        self._call_rules = list(rules)
-        if not self._in_section:
-            self._call_rules.append("no-section-wrapper")
-
-    def _close_open_call(self, rule: str) -> bool:
-        """A call still open when another structural marker comes (family 12/13)."""
-        if self.state not in (State.HEADER, State.ARGUMENTS):
-            return False
-        self._call_rules.append(rule)
-        self._end_call()
-        return True
-
-    def _end_call(self) -> None:
-        self._calls.append(RawCall(self._header.strip(), "".join(self._arguments), self.channel,
-                                   tuple(self._call_rules)))
-        self._header = ""
-        self._arguments = []
-        self._arguments_len = 0
-        self._call_rules = []
-
-    def _add_arguments(self, text: str) -> None:
-        self._arguments.append(text)
-        self._arguments_len += len(text)
-        if self._arguments_len > MAX_CALL_ARGUMENTS:
-            log.warning("tool call arguments exceed %d characters: call ended there", MAX_CALL_ARGUMENTS)
-            self._call_rules.append("arguments-overflow")
-            self._end_call()
-            self.state = State.TEXT
-            self._in_section = False
-
-    def _split_polluted_arguments(self) -> None:
-        """Family 26: "{...}functions.next:1<|tool_call_argument_begin|>": the next call's header ran
-        into these arguments because its <|tool_call_begin|> was lost."""
-        arguments = "".join(self._arguments)
-        end = json_value_end(arguments)
-        header = arguments[end:].strip() if end else ""
-        if not header or not ID_LIKE_RE.fullmatch(header):
-            self.repairs["stray-marker-removed"] += 1
-            return
-        self._arguments = [arguments[:end]]
-        self._call_rules.append("polluted-arguments-split")
-        self._end_call()
-        self._begin_call(header, "no-call-begin")
-        self.state = State.ARGUMENTS
-
-    # -- sections ----------------------------------------------------------------------------------
-
-    def _drop_noise(self) -> None:
-        if self._noise.strip():
-            self.repairs["section-noise-removed"] += 1
-        self._noise = ""
-
-    def _leave_section_as_text(self) -> None:
-        """Too much text for noise: the section was never closed and this is prose (rule 1)."""
-        self.repairs["unclosed-section"] += 1
-        noise, self._noise = self._noise, ""
-        self.state = State.TEXT
-        self._in_section = False
-        self._out.append(noise)
-
-    def _flush_noise_at_end(self) -> None:
-        if self._noise.strip():
-            self._leave_section_as_text()
-        self._noise = ""
-
-    def _drain(self) -> tuple[str, str, list[RawCall]]:
-        out, think, calls = self._out, self._think, self._calls
-        self._out, self._think, self._calls = [], [], []
-        return ("".join(out) if out else "", "".join(think) if think else "", calls)
-
-
-_PARTIAL = object()  # _match: could still become a marker
-
-
-def json_loads(data: bytes | str) -> Any:
-    """json.loads, by orjson when it is installed. Whatever orjson refuses (invalid JSON, but also
-    NaN or integers past 64 bits, which the stdlib accepts) is left to the stdlib, so the result
-    never depends on whether orjson is there."""
-    if orjson is not None:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(data)
-
-
-def json_dumps_compact(value: Any) -> bytes:
-    """Compact UTF-8 JSON, as SGLang writes its chunks."""
-    if orjson is not None:
-        try:
-            return orjson.dumps(value)
-        except TypeError:  # integers past 64 bits
-            pass
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def json_value_end(text: str) -> int:
-    """Index just past the first JSON value in text (after leading whitespace), or 0."""
-    stripped = text.lstrip()
-    try:
-        _, end = _JSON_DECODER.raw_decode(stripped)
-    except ValueError:
-        return 0
-    return end + len(text) - len(stripped)
+        self._state = _DONE
+        return self.take()
 
 
 _JSON_DECODER = json.JSONDecoder(strict=False)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Repair core: arguments, names and ids
-# ---------------------------------------------------------------------------------------------------
-
-def normalize_arguments(raw: str) -> tuple[str, str | None]:
-    """FORMAT.md 4.5. Returns (arguments as a JSON text, the rule applied or None).
-    The rule "arguments-unrepairable" means the raw text passes on unchanged."""
-    text = raw.strip()
-    if not text:
-        return "{}", "arguments-empty"
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = _load_lenient(text)
-        if isinstance(value, dict):  # raw control characters inside strings (pretty-printed JSON)
-            return _dumps(value), "arguments-reencoded"
-    else:
-        if isinstance(value, dict):
-            return text, None
-        if isinstance(value, str):  # family 23: a JSON string that holds the JSON object
-            inner = _load_lenient(value.strip())
-            if isinstance(inner, dict):
-                return _dumps(inner), "arguments-double-encoded"
-    repaired = repair_json(text)
-    if repaired is not None:
-        return _dumps(repaired), "arguments-repaired"
-    return raw, "arguments-unrepairable"
 
 
 def _load_lenient(text: str) -> Any:
@@ -618,104 +594,552 @@ def _load_lenient(text: str) -> Any:
         return None
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
-
-
-def repair_json(text: str) -> dict | None:
-    """A bounded repair of a broken JSON object: start at the first "{", drop what follows the
-    object, close an open string and open brackets; failing that, cut back to the last complete
-    member. Two attempts, each one linear scan."""
-    start = text.find("{")
-    if start < 0:
-        return None
-    text = text[start:]
-    closed, last_comma = _close_json(text)
-    for candidate in (closed, _close_json(text[:last_comma])[0] if last_comma > 0 else None):
-        if candidate is not None:
-            value = _load_lenient(candidate)
-            if isinstance(value, dict):
-                return value
+def _decode_cut_string(text: str) -> str | None:
+    """A JSON string cut short: its text so far, an incomplete escape at its end dropped."""
+    for cut in range(6):
+        value = _load_lenient(text[:len(text) - cut] + '"')
+        if isinstance(value, str):
+            return value
     return None
 
 
-def _close_json(text: str) -> tuple[str, int]:
-    """(text cut after its first complete value, or completed with closers; index of the last comma
-    outside strings)."""
-    closers: list[str] = []
-    in_string = escaped = False
-    last_comma = -1
-    for i, ch in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch == "{":
-            closers.append("}")
-        elif ch == "[":
-            closers.append("]")
-        elif ch in "}]":
-            if not closers or closers[-1] != ch:
-                return text[:i] + "".join(reversed(closers)), last_comma
-            closers.pop()
-            if not closers:
-                return text[:i + 1], last_comma
-        elif ch == ",":
-            last_comma = i
-    tail = text + ('"' if in_string else "")
-    stripped = tail.rstrip()
-    if stripped.endswith(","):
-        stripped = stripped[:-1]
-    elif stripped.endswith(":"):
-        stripped += " null"
-    return stripped + "".join(reversed(closers)), last_comma
+# ---------------------------------------------------------------------------------------------------
+# Repair core: the model's text in, typed events out
+# ---------------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(slots=True)
+class Text:
+    channel: str  # where it goes: "reasoning" or "content"
+    text: str
+
+
+@dataclasses.dataclass(slots=True)
+class CallStart:
+    key: int
+    header: str  # the id as the model wrote it, or a structured call's name
+    channel: str  # where SGLang put it: "reasoning", "content" or "tool_calls"
+    group: int  # calls of one group (a section) may repeat each other; across groups, a repeat is a duplicate
+
+
+@dataclasses.dataclass(slots=True)
+class CallText:
+    key: int
+    text: str  # repaired arguments: nothing before it is ever changed
+
+
+@dataclasses.dataclass(slots=True)
+class CallEnd:
+    key: int
+    rules: list[str]  # the repairs this call needed
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StructuredCall:
+    """A structured call from the upstream, read as if the model had written its markup (REPAIR.md 4.1)."""
+    name: str
+    group: int
+
+
+CHANNEL_FIELDS = {"reasoning": "reasoning_content", "content": "content", "tool_calls": "tool_calls"}
+NONE, OPEN, MAYBE = "none", "open", "maybe"  # where the parser stands with the model's thinking
+_ENDING_RULES = {SECTION_END: "section-end-as-call-end", CALL_BEGIN: "no-call-end", EOF: "unterminated-call",
+                 SECTION_BEGIN: "no-call-end", TRUNCATED: "truncated-marker-removed", IM_END: "ended-by-im-end",
+                 THINK_CLOSE: "ended-by-think-close", ROLE: "ended-by-role-marker"}
+
+
+class MarkupParser:
+    """The parser of what the model wrote: ``feed(text)`` and ``close()`` return events (REPAIR.md 4.2-4.8).
+
+    The model writes one stream, ``<think>`` reasoning ``</think>`` answer, with tool sections
+    anywhere; SGLang cuts it into ``reasoning_content`` and ``content``. One parser reads both, in
+    order (``feed(text, reasoning=True)``, then the content), so a call that SGLang cut in two at a
+    ``</think>`` inside its arguments is read whole. Structured calls get a parser of their own, into
+    which they are ``inject``ed as tokens: the same road as markup.
+
+    ``_token`` is the tokenizer: text and markers, holding back only a possible marker prefix.
+    ``_parse`` is a generator that reads tokens; where it stands in its own code is the parser's state
+    (the top, a section, a call's header, its arguments), as in the stdlib's email.feedparser. It
+    yields events, and NEED when its input runs out.
+    """
+
+    def __init__(self, keys: Iterator[int], tools: Iterable[str] = (), structured: bool = False) -> None:
+        self.tools = tuple(tools)  # declared names: a line that starts with one may head a call
+        self.structured = structured
+        self.rules: Counter[str] = Counter()  # text-level repairs
+        self.answered = False  # answer text went out
+        self._keys = keys  # call keys and group ids, unique within the choice
+        self._buf = ""
+        self._pos = 0
+        self._queue: deque = deque()  # after the buffer: text and injected tokens
+        self._eof = False
+        self._back: Any = None  # a token read ahead and put back
+        self._reasoning = False  # the text comes from SGLang's reasoning channel
+        self._think = NONE
+        self._maybe: list[str] = []  # MAYBE: thinking if a </think> follows, else the answer
+        self._lead = ""  # an id at the start of a line: a call's header if an argument marker follows
+        self._line_start = True
+        self._recent = ""  # the end of the text released
+        self._top = False  # the generator waits at the top level
+        self._plain = False  # ... with nothing held: text without "<" or a newline passes at once
+        self.in_section = self.in_call = False  # for the choice: which end markers a structured call needs
+        self._gen = self._parse()
+
+    # -- the two-call contract ---------------------------------------------------------------------
+
+    def feed(self, text: str, reasoning: bool = False) -> list:
+        events = []
+        if reasoning != self._reasoning:
+            self._reasoning = reasoning
+            if reasoning:  # (back) in SGLang's reasoning channel: thinking, whatever came before
+                if self._maybe:
+                    events.append(Text("reasoning", "".join(self._maybe)))
+                    self._maybe.clear()
+                self._think = OPEN
+        if self._plain and "<" not in text and "\n" not in text:
+            return events + self._release(text)  # the fast path: nothing in this text can be markup
+        if self._queue:
+            self._queue.append(text)
+        else:
+            self._buf = self._buf[self._pos:] + text if self._pos < len(self._buf) else text
+            self._pos = 0
+        return events + self._run()
+
+    def inject(self, token: Any) -> list:
+        self._queue.append(token)
+        return self._run()
+
+    def close(self) -> list:
+        self._eof = True
+        return self._run()
+
+    def _run(self) -> list:
+        self._plain = False
+        events = []
+        for event in self._gen:
+            if event is NEED:
+                break
+            events.append(event)
+        return events
+
+    def switch(self, lost_think: bool) -> list:
+        """SGLang's channel changes from reasoning to content. Its reasoning parser ended the reasoning
+        at a </think>, which it removed (put back, wherever it was: in a string of arguments it is
+        part of the string), or at a tool section, which it kept."""
+        self._reasoning = False
+        return self.feed(THINK_CLOSE_TEXT) if lost_think else []
+
+    def interrupt(self) -> None:
+        """A tool section starts in content while the model is thinking: the text after it may still be
+        thinking. It is held until a </think> says so, or the end says it was the answer (REPAIR.md 4.8)."""
+        if self._think == OPEN and not self._reasoning:
+            self._think = MAYBE
+
+    # -- the tokenizer -----------------------------------------------------------------------------
+
+    def _final(self) -> bool:
+        """Whether no more text can follow the buffer: the end, or an injected token is next."""
+        while self._queue and isinstance(self._queue[0], str):
+            self._buf = self._buf[self._pos:] + self._queue.popleft()
+            self._pos = 0
+        return self._eof or bool(self._queue)
+
+    def _unread(self, text: str) -> None:
+        self._buf = text + self._buf[self._pos:]
+        self._pos = 0
+
+    def _token(self):
+        """The next token: text (a str), a Marker, a StructuredCall, or EOF."""
+        while True:
+            if self._back is not None:
+                token, self._back = self._back, None
+                return token
+            final = self._final()
+            buf, pos = self._buf, self._pos
+            if pos < len(buf):
+                i = buf.find("<", pos)
+                if i != pos:
+                    self._pos = len(buf) if i < 0 else i
+                    return buf[pos:self._pos]
+                kind, end = match_marker(buf, i, final)
+                if kind is None:
+                    j = buf.find("<", i + 1)
+                    self._pos = len(buf) if j < 0 else j
+                    return buf[i:self._pos]
+                if kind != "partial":
+                    self._pos = end
+                    return kind
+            elif self._queue:
+                return self._queue.popleft()
+            elif self._eof:
+                return EOF
+            self._plain = self._top and not self._lead and not self._line_start and self._think != MAYBE \
+                and pos >= len(buf)
+            yield NEED
+
+    # -- the parser: where it stands in this code is its state -------------------------------------
+
+    def _parse(self):
+        yield from self._opening()
+        while True:
+            self._top = True
+            token = yield from self._token()
+            self._top = False
+            if token is EOF:
+                break
+            yield from self._top_level(token)
+        yield from self._flush_lead()
+        if self._think == MAYBE:  # no </think> came: that text was the answer
+            self._think = NONE
+            yield from self._release_all(self._maybe)
+
+    def _opening(self):
+        """Text that opens with <think> (SGLang without a reasoning parser, or one that left the tag):
+        reasoning, up to </think> or a tool section (REPAIR.md 4.8)."""
+        space = ""
+        while True:
+            token = yield from self._token()
+            if isinstance(token, str) and len(space + token) < LONGEST_MARKER and not (space + token).strip():
+                space += token
+                continue
+            break
+        if token is THINK_OPEN:
+            if not self._reasoning:
+                self.rules["think-moved-to-reasoning"] += 1
+            self._think = OPEN
+            return
+        self._back = token
+        if space:
+            yield from self._text(space)
+
+    def _top_level(self, token: Any):
+        if isinstance(token, str):
+            yield from self._text(token)
+            return
+        if token is ARGUMENT_BEGIN:
+            yield from self._headless_call()
+            return
+        yield from self._flush_lead()
+        self._line_start = True
+        if token is SECTION_BEGIN:
+            self.interrupt()
+            token = yield from self._section()
+        elif token is CALL_BEGIN or isinstance(token, StructuredCall):
+            self.interrupt()
+            header = None if token is CALL_BEGIN else token
+            token = yield from self._calls(header, [] if self.structured else ["no-section-wrapper"],
+                                           next(self._keys))
+        elif token is THINK_CLOSE:
+            yield from self._think_close()
+            token = None
+        elif token is ROLE:
+            token = yield from self._role()
+        elif token is THINK_OPEN:
+            yield from self._text("<think>")  # only the start of the text opens a think block
+            token = None
+        else:
+            self._count_removed(token)
+            token = None
+        if token not in (None, CALL_END, SECTION_END, TRUNCATED):
+            self._back = token  # what ended a call or section, for the top level to read
+
+    def _count_removed(self, token: Any) -> None:
+        """<|im_end|>, <|im_middle|>, stray end markers, a marker cut off at the end: removed."""
+        self.rules["control-token-removed" if token in (IM_END, IM_MIDDLE) else
+                   "truncated-marker-removed" if token is TRUNCATED else "stray-marker-removed"] += 1
+
+    def _headless_call(self):
+        """<|tool_call_argument_begin|> outside a call: the id before it heads a call (REPAIR.md 4.2)."""
+        header = self._lead.strip()
+        if _ID_RE.fullmatch(header):
+            self._lead = ""
+        else:
+            yield from self._flush_lead()
+            m = _TRAILING_ID_RE.search(self._recent)
+            if m is None:
+                self.rules["stray-marker-removed"] += 1
+                return
+            header = m.group().strip()  # already sent as text: it stays there (nothing sent is taken back)
+            self.rules["call-id-left-in-text"] += 1
+        self._line_start = True
+        self.interrupt()
+        token = yield from self._calls(header, ["no-call-begin", "no-section-wrapper"], next(self._keys))
+        if token not in (None, CALL_END, SECTION_END, TRUNCATED):
+            self._back = token
+
+    def _text(self, text: str):
+        """Text. What may still become a call's id at the start of a line (``functions...``, or a
+        declared tool's name) is held back: it heads a call if <|tool_call_argument_begin|> follows."""
+        if self._lead:
+            text, self._lead = self._lead + text, ""
+        start = text.rfind("\n") + 1
+        if start or self._line_start:
+            tail = text[start:]
+            if not tail or tail.isspace():
+                self._line_start = True
+            elif _LINE_HEADER_RE.fullmatch(tail) and self._may_head(tail.strip()):
+                text, self._lead = text[:start], tail
+                self._line_start = True
+            else:
+                self._line_start = False
+        if text:
+            for event in self._release(text):
+                yield event
+
+    def _may_head(self, word: str) -> bool:
+        name = _COUNTER_TAIL_RE.sub("", word)
+        return "functions".startswith(word) or word.startswith("functions") or \
+            any(tool.startswith(name) for tool in self.tools)
+
+    def _release_all(self, parts: list[str]):
+        text = "".join(parts)
+        parts.clear()
+        for event in self._release(text) if text else ():
+            yield event
+
+    def _release(self, text: str) -> list:
+        if self._think == MAYBE:
+            self._maybe.append(text)
+            return []
+        self._recent = (self._recent + text)[-MAX_LINE_HEADER:]
+        if self._think == OPEN:
+            return [Text("reasoning", text)]
+        if not self.answered and not text.isspace():
+            self.answered = True
+        return [Text("content", text)]
+
+    def _flush_lead(self):
+        if self._lead:
+            lead, self._lead = self._lead, ""
+            for event in self._release(lead):
+                yield event
+
+    def _think_close(self):
+        if self._think == MAYBE:  # the thinking went on after a tool section (REPAIR.md 4.8)
+            self._think = NONE
+            self.rules["thinking-after-section-moved"] += 1
+            text = "".join(self._maybe)
+            self._maybe.clear()
+            if text:
+                yield Text("reasoning", text)
+        elif self._think == OPEN:
+            self._think = NONE
+        elif self.answered:
+            self._line_start = False
+            yield from self._text(THINK_CLOSE_TEXT)  # inside an answer it is text like any other
+        else:
+            self.rules["stray-think-close-removed"] += 1
+
+    def _role(self):
+        """A leaked role header, <|im_assistant|>assistant<|im_middle|>: removed whole."""
+        word = ""
+        while True:
+            token = yield from self._token()
+            if isinstance(token, str) and len(word + token) <= MAX_ROLE_WORD and \
+                    _ROLE_WORD_RE.fullmatch(word + token):
+                word += token
+                continue
+            break
+        self.rules["control-token-removed"] += 1
+        if token is IM_MIDDLE:
+            return None
+        if word:
+            yield from self._text(word)
+        return token
+
+    def _section(self):
+        """Inside <|tool_calls_section_begin|>: calls, and noise between them (REPAIR.md 4.7). Returns the
+        token that ended the section, for the top level (None when it ended normally)."""
+        self.in_section = True
+        try:
+            return (yield from self._section_calls(next(self._keys)))
+        finally:
+            self.in_section = False
+
+    def _section_calls(self, group: int):
+        noise = ""
+        while True:
+            token = yield from self._token()
+            if isinstance(token, str):
+                noise += token
+                brace = noise.find("{")
+                if brace >= 0 and _ID_RE.fullmatch(noise[:brace].strip()):  # "functions.x:0 {": no markers
+                    self._unread(noise[brace:])
+                    token = yield from self._calls(noise[:brace].strip(), ["no-call-begin", "no-argument-marker"],
+                                                   group)
+                    noise = ""
+                elif len(noise) > MAX_SECTION_NOISE:  # too long for noise: the section never closed
+                    self.rules["unclosed-section"] += 1
+                    yield from self._text(noise)
+                    return None
+                else:
+                    continue
+            else:
+                if token is CALL_BEGIN or isinstance(token, StructuredCall):
+                    token = yield from self._calls(None if token is CALL_BEGIN else token, [], group)
+                elif token is ARGUMENT_BEGIN and _ID_RE.fullmatch(noise.strip()):
+                    token = yield from self._calls(noise.strip(), ["no-call-begin"], group)
+                    noise = ""
+                elif token is EOF and noise.strip():
+                    self.rules["unclosed-section"] += 1
+                    yield from self._text(noise)  # text after a section that never closed
+                    noise = ""
+                elif token in (CALL_END, ARGUMENT_BEGIN, IM_MIDDLE, TRUNCATED):
+                    self._count_removed(token)
+                    token = None
+                if noise.strip():
+                    self.rules["section-noise-removed"] += 1
+                noise = ""
+            if token in (None, CALL_END, TRUNCATED, SECTION_BEGIN):
+                continue
+            return None if token is SECTION_END else token
+
+    def _calls(self, header: Any, rules: list[str], group: int):
+        """A call, and those that follow it with nothing between; returns the token after the last."""
+        follow = [r for r in rules if r == "no-section-wrapper"]
+        while True:
+            token, header = yield from self._call(header, rules, group)
+            if header is not None:  # the arguments ran into the next call's id
+                rules = follow + ["no-call-begin", "polluted-arguments-split"]
+            elif token is CALL_BEGIN or isinstance(token, StructuredCall):
+                header, rules = (None if token is CALL_BEGIN else token), follow
+            else:
+                return token
+
+    def _call(self, header: Any, rules: list[str], group: int):
+        """One call, from its header to the token that ends it. Returns (that token, the next call's id
+        when the arguments ran into one)."""
+        rules = list(rules)
+        channel = "tool_calls" if self.structured else "reasoning" if self._reasoning else "content"
+        if isinstance(header, StructuredCall):
+            header, group = header.name, header.group
+        elif header is None:
+            header, token = yield from self._header(rules)
+            if token is not None:  # another marker before any arguments
+                key = next(self._keys)
+                yield CallStart(key, header, channel, group)
+                yield CallText(key, "{}")
+                yield CallEnd(key, rules + ["arguments-empty", _ENDING_RULES.get(token, "call-ended")])
+                return token, None
+        key = next(self._keys)
+        yield CallStart(key, header, channel, group)
+        self.in_call = True
+        token, next_header, rules = yield from self._arguments(key, rules)
+        self.in_call = False
+        if next_header is not None:
+            token = ARGUMENT_BEGIN
+        elif token is not CALL_END:
+            rules.append(_ENDING_RULES.get(token, "call-ended"))
+        yield CallEnd(key, rules)
+        return token, next_header
+
+    def _arguments(self, key: int, rules: list[str]):
+        """A call's arguments, through ArgumentRepair, up to the token that ends them."""
+        args = ArgumentRepair()
+        next_header = None
+        while True:
+            final = self._final()
+            buf, pos = self._buf, self._pos
+            if pos < len(buf):
+                i = args.scan(buf, pos, final)
+                self._pos = i
+                out = args.take()
+                if out:
+                    yield CallText(key, out)
+                if args.rewind_now:  # a marker inside a string ended the call after all
+                    self._buf, self._pos = args.rewind() + buf[i:], 0
+                    token = self._marker_at_start(final)
+                    break
+                if args.size > MAX_CALL_ARGUMENTS:
+                    rules.append("arguments-overflow")
+                    token = CALL_END
+                    break
+                if i == len(buf):
+                    continue
+                kind, end = match_marker(buf, i, final) if not args.in_string else ("partial", 0)
+                if kind == "partial":
+                    yield NEED
+                    continue
+                self._pos = end
+                if kind is ARGUMENT_BEGIN:  # the arguments ran into the next call's id (REPAIR.md 4.6)
+                    junk = "".join(args.junk).strip()
+                    args.junk.clear()
+                    if _ID_RE.fullmatch(junk):
+                        next_header, token = junk, None
+                        break
+                    self.rules["stray-marker-removed"] += 1
+                    continue
+                token = kind
+                break
+            if self._queue:
+                token = self._queue.popleft()
+                break
+            if self._eof:
+                if args.must_rewind:
+                    self._buf, self._pos = args.rewind(), 0
+                    token = self._marker_at_start(True)
+                else:
+                    token = EOF
+                break
+            yield NEED
+        tail = args.finish()
+        if tail:
+            yield CallText(key, tail)
+        return token, next_header, rules + args.rules
+
+    def _marker_at_start(self, final: bool) -> Any:
+        kind, end = match_marker(self._buf, 0, final)
+        self._pos = end
+        return kind
+
+    def _header(self, rules: list[str]):
+        """After <|tool_call_begin|>: the id, up to <|tool_call_argument_begin|>, or up to the JSON when
+        that marker is missing (REPAIR.md 4.2). Returns (id, None), or (id, token) when another marker
+        came first."""
+        header = ""
+        while True:
+            token = yield from self._token()
+            if isinstance(token, str):
+                brace = token.find("{")
+                if brace >= 0:
+                    self._unread(token[brace:])
+                    rules.append("no-argument-marker")
+                    return (header + token[:brace]).strip(), None
+                header += token
+                if len(header) > MAX_CALL_HEADER:  # not an id: read it as the arguments
+                    self._unread(header)
+                    rules.append("no-id")
+                    return "", None
+                continue
+            if token is ARGUMENT_BEGIN:
+                return header.strip(), None
+            return header.strip(), token
+
+
+# ---------------------------------------------------------------------------------------------------
+# Repair core: names and ids
+# ---------------------------------------------------------------------------------------------------
 
 CANONICAL_ID_RE = re.compile(r"functions\.([^\s:]+):(\d+)")
-_ID_FORMS = (
-    re.compile(r"(?:functions\.)?(?P<name>[^\s:]+?)[:.](?P<idx>\d+)"),  # search:2, functions.x.0
-    re.compile(r"functions(?P<name>[A-Za-z_][\w\-.]*?)(?P<idx>\d+)?"),  # functionsexec5
-    re.compile(r"call[_\-]?(?P<idx>\d+)"),  # call_2, call00003: a counter, no name
-    re.compile(r"(?P<idx>\d+)"),  # a bare counter
-)
+_NAME_COUNTER_RE = re.compile(r"(?:functions\.)?([^\s:]+?)[:.](\d+)")  # search:2, functions.x.0
+_GLUED_RE = re.compile(r"functions([A-Za-z_][\w\-.]*?)(\d*)")  # functionsexec5
+_COUNTER_RE = re.compile(r"(?:call[_\-]?)?(\d+)")  # call_2, call00003, a bare 0
 
 
 def id_candidates(header: str) -> list[tuple[str | None, int | None]]:
-    """The (name, counter) readings of a call id, most literal first (FORMAT.md 4.3)."""
+    """The (name, counter) readings of a call id, most literal first (REPAIR.md 4.4)."""
     header = header.strip()
-    candidates: list[tuple[str | None, int | None]] = []
-    for form in _ID_FORMS:
-        m = form.fullmatch(header)
-        if m:
-            groups = m.groupdict()
-            idx = int(groups["idx"]) if groups.get("idx") else None
-            candidates.append((groups.get("name"), idx))
+    out: list[tuple[str | None, int | None]] = []
+    if m := _NAME_COUNTER_RE.fullmatch(header):
+        out.append((m[1], int(m[2])))
+    if m := _GLUED_RE.fullmatch(header):  # every split of the trailing digits: read_file_v2 + 7
+        name, digits = m[1], m[2]
+        out += [(name + digits[:k], int(digits[k:])) for k in range(len(digits) - 1, -1, -1)]
+        out.append((name + digits, None))
+    if m := _COUNTER_RE.fullmatch(header):
+        out.append((None, int(m[1])))
     if header:
-        candidates.append((header, None))  # the id as written is a name too ("get_weather")
-    return candidates
-
-
-@dataclasses.dataclass
-class ToolCall:
-    index: int
-    id: str
-    name: str
-    arguments: str
-    channel: str  # where the markup was: reasoning_content or content
-    rules: tuple[str, ...] = ()
-
-    def delta(self) -> dict:
-        return {"index": self.index, "id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
-
-    def message_entry(self) -> dict:
-        return {"id": self.id, "index": self.index, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
+        out.append((header, None))  # the id as written may be the name itself ("get_weather")
+    return out
 
 
 @dataclasses.dataclass
@@ -736,19 +1160,17 @@ class RepairContext:
         return cls(tools, count_history_calls(request.get("messages")), enabled)
 
     def resolve_name(self, name: str) -> str | None:
-        if not name:
-            return None
+        """A declared tool's name for ``name``: as written, a dotted namespace's last parts, or the
+        one declared name equal to it but for case."""
         tools = self.tools
         if name in tools:
             return name
-        parts = name.split(".")  # dotted namespaces: "default_api.get_weather"
+        parts = name.split(".")
         for k in range(1, len(parts)):
-            suffix = ".".join(parts[k:])
-            if suffix in tools:
+            if (suffix := ".".join(parts[k:])) in tools:
                 return suffix
-        folded = name.casefold()
-        matches = [t for t in tools if t.casefold() == folded]
-        return matches[0] if len(matches) == 1 else None
+        folded = [t for t in tools if t.casefold() == name.casefold()]
+        return folded[0] if len(folded) == 1 else None
 
     def infer_name(self, arguments: str) -> str | None:
         """The one declared tool whose parameters fit the argument keys, if exactly one does."""
@@ -759,10 +1181,9 @@ class RepairContext:
         fits = []
         for name, params in self.tools.items():
             props = params.get("properties")
-            props = set(props) if isinstance(props, dict) else set()
             required = params.get("required")
-            required = set(required) if isinstance(required, list) else set()
-            if keys <= props and required <= keys:
+            if keys <= set(props if isinstance(props, dict) else ()) and \
+                    set(required if isinstance(required, list) else ()) <= keys:
                 fits.append(name)
         return fits[0] if len(fits) == 1 else None
 
@@ -770,20 +1191,21 @@ class RepairContext:
 def count_history_calls(messages: Any) -> int:
     if not isinstance(messages, list):
         return 0
-    return sum(len(m.get("tool_calls") or ()) for m in messages
-               if isinstance(m, dict) and m.get("role") == "assistant"
+    return sum(len(m["tool_calls"]) for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
                and isinstance(m.get("tool_calls"), list))
 
 
 def canonicalize_history(request: dict) -> int:
-    """FORMAT.md 4.12: rewrite non-canonical tool-call ids in the history to functions.NAME:COUNTER,
-    and the tool results' tool_call_id with them, so the model keeps seeing its own id format.
+    """REPAIR.md 4.13: tool-call ids in the history that are not canonical (``call_abc``, ``toolu_1``), or
+    that an earlier call already holds, become ``functions.NAME:COUNTER`` with the dialog-wide counter,
+    and the tool results' ``tool_call_id`` with them, so the model keeps seeing its own id format.
     Returns how many ids were rewritten (0: the request is untouched)."""
     messages = request.get("messages")
     if not isinstance(messages, list):
         return 0
     counter = rewritten = 0
-    mapping: dict[str, str] = {}
+    used: set[str] = set()
+    mapping: dict[str, str] = {}  # the latest assistant turn's id for each id as sent
     for message in messages:
         if not isinstance(message, dict):
             continue
@@ -793,232 +1215,399 @@ def canonicalize_history(request: dict) -> int:
                 if not isinstance(call, dict):
                     continue
                 function = call.get("function") if isinstance(call.get("function"), dict) else {}
-                name = function.get("name")
-                old = call.get("id")
-                m = CANONICAL_ID_RE.fullmatch(old) if isinstance(old, str) else None
-                if isinstance(name, str) and not (m and m.group(1) == name):
+                name, old = function.get("name"), call.get("id")
+                canonical = CANONICAL_ID_RE.fullmatch(old) if isinstance(old, str) else None
+                new = old
+                if isinstance(name, str) and not (canonical and canonical[1] == name and old not in used):
                     new = f"functions.{name}:{counter}"
-                    if isinstance(old, str):
-                        mapping[old] = new
+                    while new in used:
+                        counter += 1
+                        new = f"functions.{name}:{counter}"
                     call["id"] = new
                     rewritten += 1
+                if isinstance(old, str):
+                    mapping[old] = new
+                if isinstance(new, str):
+                    used.add(new)
                 counter += 1
-        elif message.get("role") == "tool" and message.get("tool_call_id") in mapping:
-            message["tool_call_id"] = mapping[message["tool_call_id"]]
+        elif message.get("role") == "tool" and isinstance(message.get("tool_call_id"), str):
+            message["tool_call_id"] = mapping.get(message["tool_call_id"], message["tool_call_id"])
     return rewritten
 
 
+# ---------------------------------------------------------------------------------------------------
+# Repair core: one choice, its calls resolved, numbered and sent
+# ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(slots=True)
+class ToolDelta:
+    """A piece of a tool call for the client: the first carries id and name."""
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclasses.dataclass(slots=True)
+class Call:
+    key: int
+    channel: str  # where SGLang put it: "reasoning", "content" or "tool_calls"
+    group: int
+    header: str
+    name: str | None = None  # None until it is resolved
+    written: str = ""  # the name as the model wrote it, kept when nothing resolves
+    counter: int | None = None  # the model's own counter
+    verbatim: bool = False  # a canonical id whose name resolved as written: kept as it is
+    index: int = -1  # once sent
+    id: str = ""
+    args: list[str] = dataclasses.field(default_factory=list)
+    rules: list[str] = dataclasses.field(default_factory=list)
+    held: bool = False
+    ended: bool = False
+    dropped: bool = False
+
+    @property
+    def arguments(self) -> str:
+        if len(self.args) > 1:
+            self.args[:] = ["".join(self.args)]
+        return self.args[0] if self.args else ""
+
+
 class ChoiceRepair:
-    """The repair of one choice: both channels' parsers, the structured calls seen, and the
-    resolution of recovered calls. The same object serves streamed and whole responses (rule 4)."""
+    """The repair of one choice (REPAIR.md 4.4-4.10): the model's text (reasoning, then content) through one
+    parser, structured calls through another, and the calls they find resolved, numbered and sent in
+    the order they begin. ``feed()`` per upstream delta, ``finish()`` at the end; both return Text and
+    ToolDelta events, the same for a stream and a whole response.
+
+    A call goes out live, its first delta as soon as its name is known, unless its name needs its
+    argument keys, or an earlier call of another group has that name (it may be the same call twice):
+    then it is held until its arguments are complete."""
 
     def __init__(self, ctx: RepairContext) -> None:
         self.ctx = ctx
-        self.content = MarkupParser("content", strip_think=True)
-        self.reasoning = MarkupParser("reasoning_content")
-        self._recovered: dict[str, list[RawCall]] = {"reasoning_content": [], "content": []}
-        self.structured: dict[int, dict] = {}  # upstream index -> {"id", "name", "arguments"}
-        self.calls: list[ToolCall] = []  # recovered calls, resolved by finish()
-        self.dropped_duplicates = 0
+        keys = itertools.count()
+        self.text = MarkupParser(keys, ctx.tools)
+        self.structured = MarkupParser(keys, structured=True)
+        self.calls: dict[int, Call] = {}
+        self.sent: list[Call] = []
+        self.texts: dict[str, list[str]] = {"reasoning": [], "content": []}
+        self.dropped = 0
+        self._keys = keys
+        self._ids: set[str] = set()
+        self._thinking = False  # reasoning came, and no content yet: SGLang's channel switch is ahead
+        self._head = ""  # the first content, until it shows how SGLang ended the reasoning
+        self._open: Any = None  # the upstream index of the structured call being read
+        self._closed: set = set()
+        self._group = -1  # the structured calls' group: a new one after text came between them
+        self._surrogate: dict[Any, str] = {}
 
-    @property
-    def held(self) -> int:
-        return self.content.held + self.reasoning.held
+    def feed(self, reasoning: str | None = None, content: str | None = None,
+             tool_calls: list | None = None, whole: bool = False) -> list:
+        out: list = []
+        if reasoning and (reasoning := self._pair("reasoning", reasoning)):
+            self._thinking = self._thinking or not self.texts["content"] and not self._head
+            self._group = -1
+            self._take(self.text.feed(reasoning, reasoning=True), out)
+        if content and (content := self._pair("content", content)):
+            self._group = -1
+            self._content(content, out)
+        for position, delta in enumerate(tool_calls or ()):
+            if isinstance(delta, dict):
+                self._structured(delta, ("whole", position) if whole else None, out)
+        return out
 
-    def feed(self, content: str | None, reasoning: str | None) -> tuple[str, str]:
-        """Channel text in, (content, reasoning) that can be released now out."""
-        out_reasoning = ""
-        if reasoning:
-            out_reasoning, _, calls = self.reasoning.feed(reasoning)
-            if calls:
-                self._recovered["reasoning_content"].extend(calls)
-        out_content = ""
-        if content:
-            out_content, think, calls = self.content.feed(content)
-            if think:
-                out_reasoning += think
-            if calls:
-                self._recovered["content"].extend(calls)
-        return out_content, out_reasoning
-
-    def add_structured(self, deltas: Iterable[Any]) -> None:
-        """Structured upstream tool-call deltas (streamed pieces or whole entries)."""
-        for position, delta in enumerate(deltas):
-            if not isinstance(delta, dict):
-                continue
-            index = delta.get("index")
-            if not isinstance(index, int) or isinstance(index, bool):
-                index = len(self.structured) if delta.get("id") else max(self.structured, default=position)
-            entry = self.structured.setdefault(index, {"id": None, "name": "", "arguments": ""})
-            if isinstance(delta.get("id"), str) and delta["id"]:
-                entry["id"] = delta["id"]
-            function = delta.get("function")
-            if isinstance(function, dict):
-                if isinstance(function.get("name"), str):
-                    entry["name"] += function["name"]
-                if isinstance(function.get("arguments"), str):
-                    entry["arguments"] += function["arguments"]
-
-    def finish(self) -> tuple[str, str]:
-        """End of the message: release held text and resolve the recovered calls into self.calls."""
-        out_reasoning, _, calls = self.reasoning.close()
-        self._recovered["reasoning_content"].extend(calls)
-        out_content, think, calls = self.content.close()
-        self._recovered["content"].extend(calls)
-        self.calls = self._resolve()
-        return out_content, out_reasoning + think
-
-    def _resolve(self) -> list[ToolCall]:
-        ctx = self.ctx
-        next_index = max(self.structured, default=-1) + 1
-        used_ids = {e["id"] for e in self.structured.values() if e["id"]}
-        known = {(e["name"], _canonical_args(e["arguments"])) for e in self.structured.values()}
-        resolved: list[ToolCall] = []
-        for raw in self._recovered["reasoning_content"] + self._recovered["content"]:
-            rules = list(raw.rules)
-            arguments, arg_rule = normalize_arguments(raw.arguments)
-            if arg_rule:
-                rules.append(arg_rule)
-            name, counter, kept_id = self._resolve_name(raw.header, arguments, rules)
-            if (name, _canonical_args(arguments)) in known:
-                self.dropped_duplicates += 1
-                continue
-            call_id = kept_id
-            if call_id is None or call_id in used_ids:
-                dialog_counter = ctx.history_calls + next_index
-                candidates = ([counter] if counter is not None else []) + [dialog_counter]
-                call_id = next((f"functions.{name}:{c}" for c in candidates
-                                if f"functions.{name}:{c}" not in used_ids), None)
-                bump = dialog_counter
-                while call_id is None:
-                    bump += 1
-                    if f"functions.{name}:{bump}" not in used_ids:
-                        call_id = f"functions.{name}:{bump}"
-                if call_id != raw.header:
-                    rules.append("id-rewritten")
-            used_ids.add(call_id)
-            known.add((name, _canonical_args(arguments)))
-            resolved.append(ToolCall(next_index, call_id, name, arguments, raw.channel, tuple(rules)))
-            next_index += 1
-        return resolved
-
-    def _resolve_name(self, header: str, arguments: str,
-                      rules: list[str]) -> tuple[str, int | None, str | None]:
-        """(name, the model's own counter or None, the id to keep verbatim or None)."""
-        ctx = self.ctx
-        candidates = id_candidates(header)
-        canonical = CANONICAL_ID_RE.fullmatch(header)
-        for cand_name, counter in candidates:
-            if cand_name is None:
-                continue
-            name = ctx.resolve_name(cand_name) if ctx.tools else cand_name
-            if name is None:
-                continue
-            if canonical and name == canonical.group(1):
-                return name, counter, header  # rule 4.4: canonical and resolved as written
-            if name != cand_name:
-                rules.append("name-resolved")
-            return name, counter, None
-        counter = next((c for _, c in candidates if c is not None), None)
-        inferred = ctx.infer_name(arguments)
-        if inferred:
-            rules.append("name-inferred-from-arguments")
-            return inferred, counter, None
-        written = next((n for n, _ in candidates if n), "") or header or "unknown"
-        rules.append("name-unresolved")
-        return written, counter, None
+    def finish(self) -> list:
+        out: list = []
+        for stream in ("reasoning", "content"):
+            if self._surrogate.get(stream):
+                self.feed(**{stream: self._surrogate.pop(stream)})
+        if self._head:
+            self._switch(out, force=True)
+        self._end_structured(out)
+        if self.structured.in_section:
+            self._take(self.structured.inject(SECTION_END), out)
+        for parser in (self.text, self.structured):
+            self._take(parser.close(), out)
+        for call in list(self.calls.values()):
+            if call.held:
+                self._decide(call, out, final=True)
+        return out
 
     def finish_reason(self, upstream: str | None) -> str | None:
-        """FORMAT.md 4.9: follow the calls actually delivered."""
-        has_calls = bool(self.structured or self.calls)
+        """REPAIR.md 4.10: follow the calls delivered."""
         if upstream == "length":
             return upstream
-        if has_calls:
+        if self.sent:
             return "tool_calls"
-        if upstream == "tool_calls":
-            return "stop"
-        return upstream
+        return "stop" if upstream == "tool_calls" else upstream
 
     def repairs(self) -> Counter[str]:
-        total = self.content.repairs + self.reasoning.repairs
-        if self.dropped_duplicates:
-            total["duplicate-call-dropped"] += self.dropped_duplicates
+        """The text-level repairs (each call carries its own ``rules``)."""
+        total = self.text.rules + self.structured.rules
+        if self.dropped:
+            total["duplicate-call-dropped"] += self.dropped
         return total
 
+    # -- SGLang's channels back into one text --------------------------------------------------------
 
-def _canonical_args(arguments: str) -> str:
-    value = _load_lenient(arguments) if arguments.strip() else {}
-    if value is None:
-        return arguments
-    return json.dumps(value, sort_keys=True)
+    def _content(self, content: str, out: list) -> None:
+        if self._thinking:
+            self._head += content
+            self._switch(out)
+            return
+        self._take(self.text.feed(content), out)
+
+    def _switch(self, out: list, force: bool = False, lost_think: bool | None = None) -> None:
+        """The first content after reasoning: did SGLang end the reasoning at a </think> (removed) or at
+        a tool section (kept)? Decided once the content shows whether it starts with a section."""
+        if lost_think is None:
+            lead = self._head.lstrip()
+            if not force and (not lead or len(lead) < LONGEST_MARKER and
+                              any(text.startswith(lead) for text in SECTION_BEGIN_TEXTS)):
+                return  # too early to tell
+            lost_think = not lead.startswith(SECTION_BEGIN_TEXTS)
+        self._thinking = False
+        self._take(self.text.switch(lost_think), out)
+        head, self._head = self._head, ""
+        if head:
+            self._take(self.text.feed(head), out)
+
+    # -- structured calls: given to a parser as markup -----------------------------------------------
+
+    def _structured(self, delta: dict, index: Any, out: list) -> None:
+        if index is None:
+            index = delta.get("index")
+            if not isinstance(index, int) or isinstance(index, bool):
+                index = self._open if self._open is not None and not delta.get("id") else ("new", len(self._closed))
+        function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
+        if index != self._open:
+            if index in self._closed:
+                return  # a late piece of a call already ended
+            self._end_structured(out)
+            if not self.structured.in_section:
+                self._take(self.structured.inject(SECTION_BEGIN), out)
+            if self._thinking:  # SGLang's reasoning parser stopped at this call's section
+                self._switch(out, lost_think=False)
+            self.text.interrupt()
+            if self._group < 0:
+                self._group = next(self._keys)
+            self._open = index
+            name = function.get("name")
+            self._take(self.structured.inject(StructuredCall(name if isinstance(name, str) else "", self._group)), out)
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments and (arguments := self._pair(index, arguments)):
+            self._take(self.structured.feed(arguments), out)
+
+    def _end_structured(self, out: list) -> None:
+        """The structured call being read is complete: its end, unless its arguments held one."""
+        if self._open is not None:
+            if self._surrogate.get(self._open):
+                self._take(self.structured.feed(self._surrogate.pop(self._open)), out)
+            self._closed.add(self._open)
+            self._open = None
+            if self.structured.in_call:
+                self._take(self.structured.inject(CALL_END), out)
+
+    def _pair(self, stream: Any, text: str) -> str:
+        """A surrogate pair split across two events (JSON escapes of UTF-16 halves) is joined."""
+        held = self._surrogate.pop(stream, "")
+        if held:
+            text = (held + text).encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+        if "\ud800" <= text[-1] <= "\udbff":
+            self._surrogate[stream] = text[-1]
+            text = text[:-1]
+        return text
+
+    # -- calls -------------------------------------------------------------------------------------
+
+    def _take(self, events: list, out: list) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is Text:
+                self.texts[event.channel].append(event.text)
+                out.append(event)
+            elif kind is CallText:
+                call = self.calls[event.key]
+                call.args.append(event.text)
+                if not call.held:
+                    out.append(ToolDelta(call.index, None, None, event.text))
+            elif kind is CallStart:
+                self._start(event, out)
+            else:
+                call = self.calls[event.key]
+                call.ended = True
+                call.rules += event.rules
+                if call.held:
+                    self._decide(call, out)
+
+    def _start(self, event: CallStart, out: list) -> None:
+        call = self.calls[event.key] = Call(event.key, event.channel, event.group, event.header)
+        candidates = id_candidates(event.header)
+        call.written = next((n for n, _ in candidates if n), "") or "unknown"
+        call.counter = next((c for _, c in candidates if c is not None), None)
+        for written, counter in candidates:
+            name = written and (self.ctx.resolve_name(written) if self.ctx.tools else written)
+            if name:
+                call.name, call.counter = name, counter
+                canonical = CANONICAL_ID_RE.fullmatch(event.header.strip())
+                call.verbatim = bool(canonical) and canonical[1] == name
+                if name != written:
+                    call.rules.append("name-resolved")
+                break
+        call.held = call.name is None or any(self._twins(call))
+        if not call.held:
+            self._send(call, out)
+
+    def _twins(self, call: Call) -> Iterable[Call]:
+        """Earlier calls of another group with the same name: ``call`` may repeat one of them."""
+        return (c for c in self.calls.values() if c.key < call.key and c.group != call.group
+                and c.name == call.name and not c.dropped)
+
+    def _decide(self, call: Call, out: list, final: bool = False) -> None:
+        """A held call whose arguments are complete: its name resolved, dropped if it repeats a call of
+        another group (REPAIR.md 4.9), else sent whole."""
+        if call.name is None:
+            call.name = self.ctx.infer_name(call.arguments)
+            call.rules.append("name-inferred-from-arguments" if call.name else "name-unresolved")
+            call.name = call.name or call.written
+        twins = list(self._twins(call))
+        if not final and any(not t.ended for t in twins):
+            return  # decided when they end
+        mine = _canonical(call.arguments)
+        if any(t.ended and _canonical(t.arguments) == mine for t in twins):
+            call.dropped, call.held = True, False
+            self.dropped += 1
+            return
+        call.held = False
+        self._send(call, out)
+
+    def _send(self, call: Call, out: list) -> None:
+        """Number the call and give it its id (REPAIR.md 4.5): the next index, in the order calls go out."""
+        call.index = len(self.sent)
+        self.sent.append(call)
+        dialog = self.ctx.history_calls + call.index
+        structured = call.channel == "tool_calls"
+        call_id = call.header.strip() if call.verbatim and not structured else None
+        if call_id is None or call_id in self._ids:
+            counters = [call.counter] if call.counter is not None and not structured else []
+            for counter in itertools.chain(counters, itertools.count(dialog)):
+                call_id = f"functions.{call.name}:{counter}"
+                if call_id not in self._ids:
+                    break
+            if not structured and call_id != call.header.strip():
+                call.rules.append("id-rewritten")
+        call.id = call_id
+        self._ids.add(call_id)
+        out.append(ToolDelta(call.index, call.id, call.name, call.arguments))
+
+    def message(self) -> tuple[str, str, list[Call]]:
+        """The final message as the client got it: content, reasoning, calls."""
+        return "".join(self.texts["content"]), "".join(self.texts["reasoning"]), self.sent
+
+
+def _canonical(arguments: str) -> str:
+    value = _load_lenient(arguments)
+    return arguments if value is None else json.dumps(value, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Repair core: whole responses and streams
+# ---------------------------------------------------------------------------------------------------
+
+def json_loads(data: bytes | str) -> Any:
+    """json.loads, by orjson when it is installed. Whatever orjson refuses (invalid JSON, but also
+    NaN or integers past 64 bits, which the stdlib accepts) is left to the stdlib, so the result
+    never depends on whether orjson is there."""
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
+def json_dumps_compact(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as SGLang writes its chunks."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(value)
+        except TypeError:  # integers past 64 bits, lone surrogates
+            pass
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate (a client cut a string mid-emoji): as an escape
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def reasoning_field(message: dict) -> str:
     """Where this server puts reasoning: ``reasoning_content`` (SGLang), or its alias ``reasoning``."""
-    return "reasoning" if "reasoning" in message and "reasoning_content" not in message \
-        else "reasoning_content"
+    return "reasoning" if "reasoning" in message and "reasoning_content" not in message else "reasoning_content"
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair], bool]:
-    """Repair a whole (non-streamed) chat.completion in place; returns the per-choice repairs and
-    whether anything changed."""
-    repairs = []
-    changed = False
+    """Repair a whole chat.completion in place: the same machinery as a stream, fed each field whole.
+    Returns the choices' repairs and whether anything changed."""
+    repairs, changed = [], False
     for choice in body.get("choices") or ():
         message = choice.get("message") if isinstance(choice, dict) else None
         if not isinstance(message, dict):
             continue
         repair = ChoiceRepair(ctx)
-        structured = message.get("tool_calls")
-        if isinstance(structured, list):
-            repair.add_structured(structured)
-        reasoning_key = reasoning_field(message)
-        content_in, reasoning_in = message.get("content"), message.get(reasoning_key)
-        content, reasoning = repair.feed(content_in if isinstance(content_in, str) else None,
-                                         reasoning_in if isinstance(reasoning_in, str) else None)
-        content_end, reasoning_end = repair.finish()
-        content += content_end
-        reasoning += reasoning_end
-        if content != (content_in or "") or reasoning != (reasoning_in or ""):
+        key = reasoning_field(message)
+        content_in, reasoning_in, calls_in = message.get("content"), message.get(key), message.get("tool_calls")
+        calls = calls_in if isinstance(calls_in, list) else None
+        # A whole message does not say whether its content came before its structured calls or after.
+        # Content with a </think> came after (thinking went on past a section; SGLang streams it so).
+        late = calls and isinstance(content_in, str) and THINK_CLOSE_TEXT in content_in
+        repair.feed(_str(reasoning_in), None if late else _str(content_in), calls, whole=True)
+        if late:
+            repair.feed(content=content_in)
+        repair.finish()
+        content, reasoning, sent = repair.message()
+        if isinstance(content_in, (str, type(None))) and content != (content_in or ""):
+            message["content"] = content or ("" if content_in is not None and not sent else None)
             changed = True
-            message["content"] = content if content or content_in is not None and not repair.calls else None
-            message[reasoning_key] = reasoning or None
-        if repair.calls:
+        if isinstance(reasoning_in, (str, type(None))) and reasoning != (reasoning_in or ""):
+            message[key] = reasoning or None
             changed = True
-            message["tool_calls"] = (structured if isinstance(structured, list) else []) + \
-                [call.message_entry() for call in repair.calls]
-        finish = repair.finish_reason(choice.get("finish_reason"))
+        entries = [{"id": c.id, "index": c.index, "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments}} for c in sent]
+        if _call_tuples(entries) != _call_tuples(calls_in):
+            message["tool_calls"] = entries or None
+            changed = True
+        finish = repair.finish_reason(_str(choice.get("finish_reason")))
         if finish != choice.get("finish_reason"):
-            changed = True
             choice["finish_reason"] = finish
+            changed = True
         repairs.append(repair)
     return repairs, changed
 
 
-# ---------------------------------------------------------------------------------------------------
-# Repair core: the stream transformer
-# ---------------------------------------------------------------------------------------------------
+def _call_tuples(calls: Any) -> list:
+    out = []
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else {}
+        out.append((call.get("id") if isinstance(call, dict) else None, function.get("name"), function.get("arguments")))
+    return out
+
 
 class StreamRepair:
-    """Upstream SSE event data in, downstream SSE frames out. ``feed(data)`` per event,
-    ``close()`` at the end of the upstream stream.
-
-    Text deltas are repaired as they come; recovered calls are sent, one chunk per call, just before
-    the finish chunk, when every structured call has been seen (so duplicates can be dropped and
-    indices never collide) and the arguments are complete (so they can be repaired). An event that
-    the repair leaves unchanged is forwarded as the very bytes that came in. With ``ctx.enabled``
-    false the transformer only relays and aggregates for the log.
-    """
+    """Upstream SSE event data in, downstream SSE frames out: ``feed(data)`` per event, ``close()`` at
+    the end of the upstream stream. An event the repair leaves as it was goes out as the very bytes
+    that came in. With ``ctx.enabled`` false it only relays (and keeps the final message for the log)."""
 
     def __init__(self, ctx: RepairContext) -> None:
         self.ctx = ctx
         self.choices: dict[int, ChoiceRepair] = {}
-        self.finished: set[int] = set()
-        self.done = False  # [DONE] relayed
+        self.keys: dict[int, str] = {}  # the reasoning field name per choice
+        self.finish: dict[int, str | None] = {}  # the finish reason each choice got
+        self.done = False
         self.usage: Any = None
-        self.skipped = 0  # events that were not JSON
-        self.max_held = 0
-        self.aggregate: dict[int, dict] = {}  # choice index -> final message, for the log
+        self.skipped = 0  # events that were not JSON objects
         self._envelope: dict = {}
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -1029,25 +1618,17 @@ class StreamRepair:
         try:
             chunk = json_loads(data)
         except ValueError:  # also invalid UTF-8
-            self.skipped += 1
-            log.warning("upstream SSE event is not JSON, skipped: %.200r", data)
-            return []
+            chunk = None
         if not isinstance(chunk, dict):
             self.skipped += 1
-            log.warning("upstream SSE event is not a JSON object, skipped: %.200r", data)
             return []
         raw = b"data: " + data + b"\n\n"
-        choices = chunk.get("choices")
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+        choices = chunk.get("choices")
         if not choices or not isinstance(choices, list):
             return [raw]
         self._envelope = chunk
-        if not self.ctx.enabled:
-            for choice in choices:
-                if isinstance(choice, dict):
-                    self._aggregate_passthrough(choice)
-            return [raw]
         outputs: list[dict] = []
         changed = False
         for choice in choices:
@@ -1058,138 +1639,80 @@ class StreamRepair:
                 outputs.append(choice)
             else:
                 changed = True
-                outputs.extend(produced)
+                outputs += produced
         if not changed:
             return [raw]
-        return [self._frame(chunk, [choice]) for choice in outputs]
-
-    def feed_all(self, events: list[bytes]) -> list[bytes]:
-        return [frame for data in events for frame in self.feed(data)]
+        return [self._frame(chunk, choice) for choice in outputs]
 
     def close(self) -> list[bytes]:
         """The upstream stream ended: finish what it left open, then [DONE] if it never came."""
-        if self.done:
-            return []
-        return self._end() + [DONE_FRAME]
-
-    # -- per choice ----------------------------------------------------------------------------------
+        return [] if self.done else self._end() + [DONE_FRAME]
 
     def _choice(self, choice: dict) -> list[dict] | None:
-        """Repaired choice dicts for this event, or None when it passes unchanged."""
+        """The choice dicts this event becomes, or None when it passes unchanged."""
         index = _choice_index(choice)
-        if index in self.finished:  # past its finish chunk: nothing left to repair or to resolve
-            return None
-        repair, agg = self._state(index)
-        delta = choice.get("delta")
-        delta = delta if isinstance(delta, dict) else {}
-        changed = False
-        reasoning_key = reasoning_field(delta)
-        content_in, reasoning_in = delta.get("content"), delta.get(reasoning_key)
-        content_in = content_in if isinstance(content_in, str) else None
-        reasoning_in = reasoning_in if isinstance(reasoning_in, str) else None
-        if content_in or reasoning_in:
-            content, reasoning = repair.feed(content_in, reasoning_in)
-            self.max_held = max(self.max_held, repair.held)
-            agg["content"].append(content)
-            agg["reasoning"].append(reasoning)
-            if content != (content_in or "") or reasoning != (reasoning_in or ""):
-                changed = True
-                delta = dict(delta)
-                delta["content"] = content or None
-                delta[reasoning_key] = reasoning or None
-        if isinstance(delta.get("tool_calls"), list):
-            repair.add_structured(delta["tool_calls"])
-        upstream_finish = choice.get("finish_reason")
-        if upstream_finish is not None and not isinstance(upstream_finish, str):
-            upstream_finish = "stop"  # a malformed finish is still the end of the choice
-        if upstream_finish is None:
-            if not changed:
-                return None
-            return [dict(choice, delta=delta)] if _has_payload(delta) else []
-        # The finish chunk: release held text, then the recovered calls, then the finish itself.
-        out = [dict(choice, delta=delta, finish_reason=None)] if changed and _has_payload(delta) else []
-        extra = self._finish_choice(index, repair, upstream_finish)
-        if not changed and not extra and agg["finish_reason"] == upstream_finish:
-            return None
-        if not changed and not extra:  # only the finish reason changed
-            return [dict(choice, finish_reason=agg["finish_reason"])]
-        finish_delta = {} if changed or not _has_payload(delta) else delta
-        return out + extra + [dict(choice, delta=finish_delta, finish_reason=agg["finish_reason"])]
-
-    def _finish_choice(self, index: int, repair: ChoiceRepair, upstream_finish: str | None) -> list[dict]:
-        """Close one choice: its held text and recovered calls as choice dicts (finish not included)."""
-        self.finished.add(index)
-        agg = self.aggregate[index]
-        content, reasoning = repair.finish()
-        agg["content"].append(content)
-        agg["reasoning"].append(reasoning)
-        agg["finish_reason"] = repair.finish_reason(upstream_finish)
-        extra = []
-        if content or reasoning:
-            extra.append({"index": index, "delta": {"content": content or None,
-                                                    "reasoning_content": reasoning or None},
-                          "logprobs": None, "finish_reason": None})
-        for call in repair.calls:
-            extra.append({"index": index, "delta": {"tool_calls": [call.delta()]},
-                          "logprobs": None, "finish_reason": None})
-        return extra
-
-    def _end(self) -> list[bytes]:
-        self.done = True
-        frames: list[bytes] = []
-        if not self.ctx.enabled:  # transparent: only the [DONE] the caller adds
-            return frames
-        for index, repair in self.choices.items():
-            if index in self.finished:
-                continue
-            extra = self._finish_choice(index, repair, None)
-            finish = self.aggregate[index]["finish_reason"] or "stop"
-            self.aggregate[index]["finish_reason"] = finish
-            extra.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish})
-            frames.extend(self._frame(self._envelope, [c]) for c in extra)
-        return frames
-
-    def _aggregate_passthrough(self, choice: dict) -> None:
-        index = _choice_index(choice)
-        repair, agg = self._state(index)
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-        for key, field in (("content", "content"), ("reasoning_content", "reasoning"),
-                           ("reasoning", "reasoning")):
-            if isinstance(delta.get(key), str):
-                agg[field].append(delta[key])
-        if isinstance(delta.get("tool_calls"), list):
-            repair.add_structured(delta["tool_calls"])
-        if choice.get("finish_reason") is not None:
-            agg["finish_reason"] = choice["finish_reason"]
-            self.finished.add(index)
-
-    def _state(self, index: int) -> tuple[ChoiceRepair, dict]:
-        """A choice's repair and its aggregated message (for the log), made at its first chunk."""
+        if index in self.finish:
+            return None  # past its finish: nothing left to repair
         repair = self.choices.get(index)
         if repair is None:
             repair = self.choices[index] = ChoiceRepair(self.ctx)
-            self.aggregate[index] = {"content": [], "reasoning": [], "finish_reason": None}
-        return repair, self.aggregate[index]
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        key = self.keys.setdefault(index, reasoning_field(delta))
+        content, reasoning = _str(delta.get("content")), _str(delta.get(key))
+        calls = delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else None
+        finish = choice.get("finish_reason")
+        if not self.ctx.enabled:
+            repair.texts["content"].append(content or "")
+            repair.texts["reasoning"].append(reasoning or "")
+            if finish is not None:
+                self.finish[index] = finish
+            return None
+        events = repair.feed(reasoning, content, calls) if content or reasoning or calls else []
+        if finish is None:
+            if _unchanged(events, content, reasoning, calls):
+                return None
+            return [dict(choice, delta=d) for d in _deltas(events, delta, key)]
+        finish = finish if isinstance(finish, str) else "stop"  # malformed, but still the end
+        events += repair.finish()
+        final = self.finish[index] = repair.finish_reason(finish)
+        if final == finish and _unchanged(events, content, reasoning, calls):
+            return None
+        out = [dict(choice, delta=d, finish_reason=None) for d in _deltas(events, delta, key)]
+        return out + [dict(choice, delta={}, finish_reason=final)]
 
-    def _frame(self, envelope: dict, choices: list[dict]) -> bytes:
-        chunk = dict(envelope, choices=choices)
+    def _end(self) -> list[bytes]:
+        """Choices the upstream never finished get their held text, calls and a finish chunk."""
+        self.done = True
+        frames: list[bytes] = []
+        for index, repair in self.choices.items():
+            if index in self.finish:
+                continue
+            if not self.ctx.enabled:
+                self.finish[index] = None
+                continue
+            events = repair.finish()
+            final = self.finish[index] = repair.finish_reason(None) or "stop"
+            key = self.keys.get(index, "reasoning_content")
+            choices = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
+                       for d in _deltas(events, {}, key)]
+            choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": final})
+            frames += [self._frame(self._envelope, c) for c in choices]
+        return frames
+
+    def _frame(self, envelope: dict, choice: dict) -> bytes:
+        chunk = dict(envelope, choices=[choice])
         if "usage" in envelope:
-            chunk["usage"] = None
+            chunk["usage"] = None  # the usage chunk passes on its own
         return b"data: " + json_dumps_compact(chunk) + b"\n\n"
 
     def final_messages(self) -> list[dict]:
-        """The aggregated message of each choice, as the client received it: for the log."""
+        """Each choice's message as the client received it: for the log."""
         messages = []
-        for index, agg in sorted(self.aggregate.items()):
-            repair = self.choices.get(index)
-            calls = []
-            if repair is not None:
-                calls = [{"id": e["id"], "name": e["name"], "arguments": e["arguments"]}
-                         for e in repair.structured.values()]
-                calls += [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in repair.calls]
-            messages.append({"index": index, "content": "".join(agg["content"]),
-                             "reasoning_content": "".join(agg["reasoning"]),
-                             "tool_calls": calls, "finish_reason": agg["finish_reason"]})
+        for index, repair in sorted(self.choices.items()):
+            content, reasoning, calls = repair.message()
+            messages.append({"index": index, "content": content, "reasoning_content": reasoning,
+                             "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls],
+                             "finish_reason": self.finish.get(index)})
         return messages
 
 
@@ -1198,8 +1721,63 @@ def _choice_index(choice: dict) -> int:
     return index if isinstance(index, int) and not isinstance(index, bool) else 0
 
 
-def _has_payload(delta: dict) -> bool:
-    return any(v is not None and v != "" for v in delta.values())
+def _unchanged(events: list, content: str | None, reasoning: str | None, calls: list | None) -> bool:
+    """Whether the events say exactly what the upstream delta said."""
+    if not events:
+        return not content and not reasoning and not calls
+    if len(events) == 1 and type(events[0]) is Text and not calls and not (content and reasoning):
+        return events[0].text == (content if events[0].channel == "content" else reasoning)
+    deltas = _deltas(events, {}, "reasoning_content")
+    if len(deltas) != 1 or not calls:
+        return False
+    given = {"content": content or None, "reasoning_content": reasoning or None,
+             "tool_calls": [_plain_call(c) for c in calls]}
+    ours = deltas[0]
+    return given == {"content": ours.get("content"), "reasoning_content": ours.get("reasoning_content"),
+                     "tool_calls": ours.get("tool_calls")}
+
+
+def _plain_call(call: Any) -> Any:
+    if not isinstance(call, dict):
+        return call
+    out = {k: v for k, v in call.items() if v is not None}
+    if isinstance(out.get("function"), dict):
+        out["function"] = {k: v for k, v in out["function"].items() if v is not None}
+    if "id" not in out:
+        out.pop("type", None)
+    return out
+
+
+def _deltas(events: list, template: dict, key: str) -> list[dict]:
+    """Events as chunk deltas: one per run of events that a client may read in one delta (reasoning,
+    then content, then tool calls); the first keeps the upstream delta's other fields."""
+    deltas: list[dict] = []
+    current: dict = {}
+    rank = 3
+    for event in events:
+        r = (0 if event.channel == "reasoning" else 1) if type(event) is Text else 2
+        if r < rank or not deltas:
+            current = {}
+            deltas.append(current)
+        rank = r
+        if r == 0:
+            current[key] = current.get(key, "") + event.text
+        elif r == 1:
+            current["content"] = current.get("content", "") + event.text
+        else:
+            calls = current.setdefault("tool_calls", [])
+            if event.id is None and calls and calls[-1]["index"] == event.index:
+                calls[-1]["function"]["arguments"] += event.arguments
+            elif event.id is None:
+                calls.append({"index": event.index, "function": {"arguments": event.arguments}})
+            else:
+                calls.append({"index": event.index, "id": event.id, "type": "function",
+                              "function": {"name": event.name, "arguments": event.arguments}})
+    if deltas and template:
+        first = {k: (None if k in ("content", key, "tool_calls") else v) for k, v in template.items()}
+        first.update(deltas[0])
+        deltas[0] = first
+    return deltas
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1919,17 +2497,22 @@ class Proxy:
                         "use the GPU. Set PROXY_API_KEY, or bind to 127.0.0.1.", server[0])
 
     def report_repairs(self, repairs: list[ChoiceRepair]) -> None:
-        """One log line per recovered call (what, from where, by which rule), one for the text-level
-        repairs, and the metrics."""
+        """One log line per call that needed a repair (what, from where, by which rules), one for the
+        text-level repairs, and the metrics."""
         metrics = self.metrics
         for repair in repairs:
-            for call in repair.calls:
-                log.info("repair: recovered tool call %s (%s) from %s by rules [%s]", call.id, call.name,
-                         call.channel, ", ".join(call.rules) or "markup")
-                if "arguments-unrepairable" in call.rules:
-                    log.warning("repair: arguments of %s are not valid JSON and could not be repaired; "
-                                "passed on as written", call.id)
-                metrics.inc("kimiproxy_tool_calls_recovered_total", channel=call.channel)
+            for call in repair.sent:
+                if call.channel == "tool_calls" and not call.rules:
+                    continue  # a structured call that needed nothing
+                channel = CHANNEL_FIELDS[call.channel]
+                log.info("repair: %s tool call %s (%s) from %s by rules [%s]",
+                         "repaired" if call.channel == "tool_calls" else "recovered", call.id, call.name, channel,
+                         ", ".join(call.rules) or "markup")
+                if "arguments-not-json" in call.rules:
+                    log.warning("repair: arguments of %s are not JSON and could not be repaired; passed on "
+                                "as written", call.id)
+                if call.channel != "tool_calls":
+                    metrics.inc("kimiproxy_tool_calls_recovered_total", channel=channel)
                 for rule in call.rules:
                     metrics.inc("kimiproxy_repairs_total", rule=rule)
             text_repairs = repair.repairs()
@@ -2103,11 +2686,11 @@ class Proxy:
         except httpx.HTTPError as exc:
             err = upstream_failure(exc, str(response.url))
             err.message = f"upstream stream broke off: {err.message}"
-            frames = relay.feed_all(decoder.flush()) + relay.close()[:-1]  # no [DONE]: this stream failed
+            frames = [f for data in decoder.flush() for f in relay.feed(data)] + relay.close()[:-1]  # no [DONE]
             if frames:
                 writer.put(b"".join(frames))
             raise err from None
-        frames = relay.feed_all(decoder.flush()) + relay.close()
+        frames = [f for data in decoder.flush() for f in relay.feed(data)] + relay.close()
         writer.close(b"".join(frames))
         if relay.skipped or decoder.oversized:
             log.warning("upstream stream: %d events not JSON, %d oversized lines dropped",

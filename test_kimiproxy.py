@@ -27,7 +27,7 @@ import pytest
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
 
 import kimiproxy as kp
 from fake_sglang import FakeSGLang, Script, USAGE, chunk, completion, sse, stream_of
@@ -118,31 +118,42 @@ def check_expected(case: dict, message: dict) -> None:
     assert message["finish_reason"] == expect["finish_reason"]
 
 
-def upstream_chunks(upstream: dict, splits_r: list[int] = (), splits_c: list[int] = ()) -> list[bytes]:
+def upstream_chunks(upstream: dict, splits_r: list[int] = (), splits_c: list[int] = (),
+                    arg_splits: list[int] | None = None) -> list[bytes]:
     """A case's upstream as SGLang streams it: reasoning deltas, content deltas cut at the given points,
-    structured calls, the finish chunk, usage, [DONE]."""
+    structured calls (whole, or as SGLang streams them: a first delta with the name and no arguments,
+    then the arguments cut at ``arg_splits``), the finish chunk, usage, [DONE]."""
     def cut(text: str | None, points: list[int]) -> list[str]:
         if not text:
             return []
         bounds = [0, *sorted(set(p for p in points if 0 < p < len(text))), len(text)]
         return [text[a:b] for a, b in zip(bounds, bounds[1:])]
 
-    calls = [{"index": i, "id": t["id"], "type": "function",
-              "function": {"name": t["name"], "arguments": t["arguments"]}}
-             for i, t in enumerate(upstream.get("tool_calls") or [])]
+    calls = []
+    for i, t in enumerate(upstream.get("tool_calls") or []):
+        if arg_splits is None:
+            calls.append({"index": i, "id": t["id"], "type": "function",
+                          "function": {"name": t["name"], "arguments": t["arguments"]}})
+            continue
+        calls.append({"index": i, "id": t["id"], "type": "function", "function": {"name": t["name"], "arguments": ""}})
+        calls += [{"index": i, "id": None, "type": "function", "function": {"name": None, "arguments": piece}}
+                  for piece in cut(t["arguments"], arg_splits)]
     steps = stream_of(reasoning=cut(upstream.get("reasoning_content"), splits_r),
                       content=cut(upstream.get("content"), splits_c),
                       finish=upstream["finish_reason"], tool_calls=calls)
+    if upstream.get("calls_first"):  # SGLang 0.5.2x: calls of a section in the thinking, then the content
+        first = 1 + len(cut(upstream.get("reasoning_content"), splits_r))
+        steps[first:first + len(calls) + len(cut(upstream.get("content"), splits_c))] = \
+            steps[-len(calls) - 3:-3] + steps[first:first + len(cut(upstream.get("content"), splits_c))]
     return [s[6:-2] for s in steps]  # the data of each event
 
 
-def run_stream(ctx: kp.RepairContext, events: list[bytes]) -> tuple[list[bytes], kp.StreamRepair]:
+def run_stream(ctx: kp.RepairContext, events: list[bytes]) -> list[bytes]:
     relay = kp.StreamRepair(ctx)
     frames = []
     for data in events:
         frames += relay.feed(data)
-    frames += relay.close()
-    return frames, relay
+    return frames + relay.close()
 
 
 def run_whole(ctx: kp.RepairContext, upstream: dict) -> dict:
@@ -179,18 +190,15 @@ def test_case_whole_response(case: dict) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_case_stream_equals_whole(case: dict) -> None:
-    ctx = case_ctx(case)
-    frames, _ = run_stream(ctx, upstream_chunks(case["upstream"]))
-    streamed = accumulate(frames_to_events(frames))
+    streamed = accumulate(frames_to_events(run_stream(case_ctx(case), upstream_chunks(case["upstream"]))))
     check_expected(case, streamed)
-    whole = run_whole(case_ctx(case), case["upstream"])
-    assert streamed == whole
+    assert streamed == run_whole(case_ctx(case), case["upstream"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_case_split_at_every_point_and_per_character(case: dict) -> None:
     up = case["upstream"]
-    reference = accumulate(frames_to_events(run_stream(case_ctx(case), upstream_chunks(up))[0]))
+    reference = accumulate(frames_to_events(run_stream(case_ctx(case), upstream_chunks(up))))
     r_len, c_len = len(up.get("reasoning_content") or ""), len(up.get("content") or "")
     layouts = [(list(range(r_len)), list(range(c_len)))]  # one character at a time
     layouts += [([p], []) for p in range(1, r_len)] + [([], [p]) for p in range(1, c_len)]
@@ -198,35 +206,44 @@ def test_case_split_at_every_point_and_per_character(case: dict) -> None:
         text_len = max(r_len, c_len)
         layouts += [([a, b], [a, b]) for a in range(1, text_len) for b in range(a + 1, text_len, 3)]
     for splits_r, splits_c in layouts:
-        frames, relay = run_stream(case_ctx(case), upstream_chunks(up, splits_r, splits_c))
+        frames = run_stream(case_ctx(case), upstream_chunks(up, splits_r, splits_c))
         assert accumulate(frames_to_events(frames)) == reference, (splits_r, splits_c)
-        assert relay.max_held < kp.LONGEST_MARKER
 
 
 def test_clean_stream_passes_byte_for_byte() -> None:
-    """No markup: every event leaves as the bytes that came in. (A delta that ends in a possible marker
-    prefix, like "<|tool", is the one exception: policy 10 holds that tail until it is ruled out.)"""
-    clean = [(c, [3, 9], [5, 11]) for c in CASES if c["name"].startswith("clean_")]
-    clean += [(c, [], []) for c in CASES if c["name"] == "marker_lookalike_text_kept"]
+    """No markup: every event leaves as the bytes that came in (what is held, a possible marker
+    prefix or a possible call id at the start of a line, does not occur in these)."""
+    clean = [c for c in CASES if c["name"].startswith("clean_") or c["name"] == "marker_lookalike_text_kept"]
     assert len(clean) == 3
-    for case, splits_r, splits_c in clean:
-        events = upstream_chunks(case["upstream"], splits_r, splits_c)
-        frames, _ = run_stream(case_ctx(case), events)
-        assert b"".join(frames) == b"".join(b"data: " + e + b"\n\n" for e in events)
+    for case in clean:
+        for splits in ([], [3, 9], [5, 11], [1, 2, 20]):
+            events = upstream_chunks(case["upstream"], splits, splits)
+            frames = run_stream(case_ctx(case), events)
+            if case["name"] == "marker_lookalike_text_kept" and splits:
+                continue  # "<|im_" cut at a chunk end is held until it is ruled out
+            assert b"".join(frames) == b"".join(b"data: " + e + b"\n\n" for e in events), splits
 
 
 # ---------------------------------------------------------------------------------------------------
-# The failure families beyond the corpus (FORMAT.md section 3), each through the stream transformer
-# split at every point, and compared with the whole response
+# The failure families beyond the corpus (REPAIR.md 3), each whole, streamed split at every point and
+# one character at a time
 # ---------------------------------------------------------------------------------------------------
 
 TOOLS = [tool("read_file", "path", required=("path",)), tool("exec", "command", required=("command",)),
          tool("mcp--github--create_issue", "title", "body", required=("title",)),
-         tool("search", "query", required=("query",))]
+         tool("search", "query", required=("query",)), tool("read_file_v2", "path", "encoding"),
+         tool("write_to_file", "path", "content", required=("path", "content"))]
 S, E = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 B, A, Z = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+# A file an agent writes that holds every marker (a chat template, a tokenizer test): it must arrive
+# byte for byte (REPAIR.md 3).
+MARKUP_FILE = ("{% for m in messages %}<|im_user|>user<|im_middle|>{{ m }}<|im_end|>{% endfor %}\n"
+               f"<|im_assistant|>assistant<|im_middle|><think>plan</think>{S}{B}functions.x:0{A}{{}}{Z}{E}\n"
+               "MARKERS = ['<|tool_call_end|>', '</think>', '<|tool_call_section_end|>']\n")
+MARKUP_ARGS = json.dumps({"path": "chat_template.jinja", "content": MARKUP_FILE})
 
-# (name, channel, upstream text, expected calls [(id or prefix*, name, arguments)], expected text)
+# (name, channel, upstream text, expected calls [(id, name, arguments: dict/list, or str for the exact
+# text)], expected channel text)
 FAMILIES = [
     ("truncated_final_markers", "content",
      f'Go.{S}{B}functions.exec:0{A}{{"command": "ls"}}{Z}<|tool_calls_section_e',
@@ -236,7 +253,16 @@ FAMILIES = [
      [("functions.exec:0", "exec", {"command": "ls"})], ""),
     ("max_tokens_cut_inside_arguments", "reasoning",
      f'Think.{S}{B}functions.read_file:0{A}{{"path": "/a/b',
-     [("functions.read_file:0", "read_file", {"path": "/a/b"})], "Think."),
+     [("functions.read_file:0", "read_file", '{"path": "/a/b"}')], "Think."),
+    ("max_tokens_cut_after_backslash", "content",
+     f'{S}{B}functions.write_to_file:0{A}{{"path": "n.txt", "content": "line one\\nline two\\',
+     [("functions.write_to_file:0", "write_to_file", {"path": "n.txt", "content": "line one\nline two"})], ""),
+    ("max_tokens_cut_inside_unicode_escape", "content",
+     f'{S}{B}functions.write_to_file:0{A}{{"path": "n.txt", "content": "caf\\u00',
+     [("functions.write_to_file:0", "write_to_file", {"path": "n.txt", "content": "caf"})], ""),
+    ("max_tokens_cut_inside_a_key", "content",
+     f'{S}{B}functions.read_file_v2:0{A}{{"path": "a", "enc',
+     [("functions.read_file_v2:0", "read_file_v2", '{"path": "a"}')], ""),
     ("section_end_instead_of_call_end", "content",
      f'{S}{B}functions.exec:0{A}{{"command": "pwd"}}{E}After.',
      [("functions.exec:0", "exec", {"command": "pwd"})], "After."),
@@ -246,12 +272,18 @@ FAMILIES = [
     ("header_without_call_begin", "content",
      f'{S}functions.exec:0{A}{{"command": "id"}}{Z}{E}',
      [("functions.exec:0", "exec", {"command": "id"})], ""),
+    ("header_without_call_begin_or_section", "content",
+     f'Reading it.\nfunctions.read_file:0{A}{{"path": "README.md"}}{E}',
+     [("functions.read_file:0", "read_file", {"path": "README.md"})], "Reading it.\n"),
     ("singular_section_spelling", "content",
      f'<|tool_call_section_begin|>{B}functions.exec:0{A}{{"command": "ls"}}{Z}<|tool_call_section_end|>',
      [("functions.exec:0", "exec", {"command": "ls"})], ""),
     ("no_dot_no_colon_id", "content",
      f'{S}{B}functionsexec5{A}{{"command": "ls"}}{Z}{E}',
      [("functions.exec:5", "exec", {"command": "ls"})], ""),
+    ("no_dot_no_colon_name_ends_in_digit", "content",
+     f'{S}{B}functionsread_file_v27{A}{{"path": "a"}}{Z}{E}',
+     [("functions.read_file_v2:7", "read_file_v2", {"path": "a"})], ""),
     ("foreign_id_inferred_from_arguments", "reasoning",
      f'{S}{B}call00003{A}{{"query": "kimi"}}{Z}{E}',
      [("functions.search:3", "search", {"query": "kimi"})], ""),
@@ -269,29 +301,64 @@ FAMILIES = [
      [("functions.mystery:0", "mystery", {"zzz": 1})], ""),
     ("double_encoded_arguments", "content",
      f'{S}{B}functions.exec:0{A}"{{\\"command\\": \\"ls\\"}}"{Z}{E}',
-     [("functions.exec:0", "exec", {"command": "ls"})], ""),
+     [("functions.exec:0", "exec", '{"command": "ls"}')], ""),
+    ("double_encoded_and_cut", "content",
+     f'{S}{B}functions.read_file:0{A}"{{\\"path\\": \\"src/ma',
+     [("functions.read_file:0", "read_file", '{"path": "src/ma"}')], ""),
+    ("array_arguments_pass_as_written", "content",
+     f'{S}{B}functions.read_file:0{A}[{{"path": "a.py"}}, {{"path": "b.py"}}]{Z}{E}',
+     [("functions.read_file:0", "read_file", '[{"path": "a.py"}, {"path": "b.py"}]')], ""),
     ("empty_arguments", "content",
-     f'{S}{B}functions.exec:0{A}{Z}{E}', [("functions.exec:0", "exec", {})], ""),
+     f'{S}{B}functions.exec:0{A}{Z}{E}', [("functions.exec:0", "exec", "{}")], ""),
     ("broken_json_trailing_junk", "content",
      f'{S}{B}functions.exec:0{A}{{"command": "ls"}} junk}}{Z}{E}',
-     [("functions.exec:0", "exec", {"command": "ls"})], ""),
+     [("functions.exec:0", "exec", '{"command": "ls"}')], ""),
     ("broken_json_dangling_comma", "content",
      f'{S}{B}functions.exec:0{A}{{"command": "ls",{Z}{E}',
-     [("functions.exec:0", "exec", {"command": "ls"})], ""),
+     [("functions.exec:0", "exec", '{"command": "ls"}')], ""),
+    ("trailing_comma_before_brace", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "ls", }}{Z}{E}',
+     [("functions.exec:0", "exec", '{"command": "ls"}')], ""),
+    ("raw_newlines_inside_strings_escaped", "content",
+     f'{S}{B}functions.write_to_file:0{A}{{\n  "path": "a",\n  "content": "x\ny\tz"\n}}{Z}{E}',
+     [("functions.write_to_file:0", "write_to_file", '{\n  "path": "a",\n  "content": "x\\ny\\tz"\n}')], ""),
+    ("backslash_meant_literally", "content",
+     f'{S}{B}functions.read_file:0{A}{{"path": "C:\\Users\\me"}}{Z}{E}',
+     [("functions.read_file:0", "read_file", {"path": "C:\\Users\\me"})], ""),
     ("marker_text_inside_arguments", "content",
      f'{S}{B}functions.exec:0{A}{{"command": "echo <|tool or <|im_ {{}}"}}{Z}{E}',
-     [("functions.exec:0", "exec", {"command": "echo <|tool or <|im_ {}"})], ""),
+     [("functions.exec:0", "exec", '{"command": "echo <|tool or <|im_ {}"}')], ""),
+    ("every_marker_inside_a_file_written", "content",
+     f'Writing it.{S}{B}functions.write_to_file:0{A}{MARKUP_ARGS}{Z}{E}',
+     [("functions.write_to_file:0", "write_to_file", MARKUP_ARGS)], "Writing it."),
+    ("every_marker_inside_a_file_written_in_reasoning", "reasoning",
+     f'Plan.{S}{B}functions.write_to_file:0{A}{MARKUP_ARGS}{Z}{E}',
+     [("functions.write_to_file:0", "write_to_file", MARKUP_ARGS)], "Plan."),
+    ("marker_in_a_string_that_never_closes_ends_the_call", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "ls{Z}{E}Done.',
+     [("functions.exec:0", "exec", '{"command": "ls"}')], "Done."),
+    ("marker_in_an_unclosed_string_then_the_next_call", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "a{Z}{B}functions.exec:1{A}{{"command": "b"}}{Z}{E}',
+     [("functions.exec:0", "exec", '{"command": "a"}'), ("functions.exec:1", "exec", '{"command": "b"}')], ""),
     ("polluted_by_next_header", "content",
      f'{S}{B}functions.exec:0{A}{{"command": "a"}}functions.exec:1{A}{{"command": "b"}}{Z}{E}',
      [("functions.exec:0", "exec", {"command": "a"}), ("functions.exec:1", "exec", {"command": "b"})], ""),
     ("missing_call_end_between_calls", "reasoning",
      f'{S}{B}functions.exec:0{A}{{"command": "a"}}{B}functions.exec:1{A}{{"command": "b"}}{Z}{E}',
      [("functions.exec:0", "exec", {"command": "a"}), ("functions.exec:1", "exec", {"command": "b"})], ""),
+    ("identical_calls_in_one_section_all_kept", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "ls"}}{Z}{B}functions.exec:1{A}{{"command": "ls"}}{Z}{E}',
+     [("functions.exec:0", "exec", {"command": "ls"}), ("functions.exec:1", "exec", {"command": "ls"})], ""),
+    ("same_call_in_two_sections_once", "content",
+     f'{S}{B}functions.exec:0{A}{{"command": "ls"}}{Z}{E}Again:{S}{B}functions.exec:0{A}{{"command": "ls"}}{Z}{E}',
+     [("functions.exec:0", "exec", {"command": "ls"})], "Again:"),
     ("two_sections_text_between", "content",
      f'One.{S}{B}functions.exec:0{A}{{"command": "a"}}{Z}{E}Two.{S}{B}functions.exec:1{A}{{"command": "b"}}{Z}{E}Three.',
      [("functions.exec:0", "exec", {"command": "a"}), ("functions.exec:1", "exec", {"command": "b"})],
      "One.Two.Three."),
     ("leaked_control_tokens", "content", "All done.<|im_end|>", [], "All done."),
+    ("leaked_role_header_removed_whole", "content",
+     "All done.<|im_end|><|im_assistant|>assistant<|im_middle|>Anything else?", [], "All done.Anything else?"),
     ("stray_end_markers", "content", f"Text{Z} more{E} end.", [], "Text more end."),
     ("duplicate_ids_made_unique", "content",
      f'{S}{B}functions.exec:0{A}{{"command": "a"}}{Z}{B}functions.exec:0{A}{{"command": "b"}}{Z}{E}',
@@ -305,6 +372,8 @@ FAMILIES = [
     ("unrepairable_arguments_pass_raw", "content",
      f'{S}{B}functions.exec:0{A}not json at all{Z}{E}',
      [("functions.exec:0", "exec", "not json at all")], ""),
+    ("a_number_passes_as_written", "content",
+     f'{S}{B}functions.exec:0{A}42{Z}{E}', [("functions.exec:0", "exec", "42")], ""),
 ]
 
 
@@ -313,40 +382,205 @@ def family_upstream(channel: str, text: str) -> dict:
             "content": text if channel == "content" else None, "tool_calls": None, "finish_reason": "stop"}
 
 
+def assert_calls(got: list[dict], want: list[tuple]) -> None:
+    assert [(c["id"], c["name"]) for c in got] == [(i, n) for i, n, _ in want], got
+    for call, (_, _, arguments) in zip(got, want):
+        if isinstance(arguments, str):
+            assert call["arguments"] == arguments  # byte for byte
+        else:
+            assert json.loads(call["arguments"]) == arguments
+
+
 @pytest.mark.parametrize("name,channel,text,calls,expected_text", FAMILIES, ids=[f[0] for f in FAMILIES])
 def test_failure_family(name: str, channel: str, text: str, calls: list, expected_text: str) -> None:
-    ctx = ctx_for(TOOLS, history=4)
     up = family_upstream(channel, text)
     whole = run_whole(ctx_for(TOOLS, history=4), up)
-    got = [(c["id"], c["name"], json.loads(c["arguments"]) if isinstance(calls and calls[0][2], dict) or
-            c["arguments"].startswith("{") else c["arguments"]) for c in whole["tool_calls"]]
-    assert got == calls
+    assert_calls(whole["tool_calls"], calls)
     channel_text = whole["content"] if channel == "content" else whole["reasoning"]
     assert norm(channel_text) == norm(expected_text)
     assert whole["finish_reason"] == ("tool_calls" if calls else "stop")
-    reference = accumulate(frames_to_events(run_stream(ctx, upstream_chunks(up))[0]))
-    assert reference == whole
-    splits = range(1, len(text))
-    for p in splits:
-        layout = ([p], []) if channel == "reasoning" else ([], [p])
-        frames, relay = run_stream(ctx_for(TOOLS, history=4), upstream_chunks(up, *layout))
-        assert accumulate(frames_to_events(frames)) == whole, p
-        assert relay.max_held < kp.LONGEST_MARKER
-    per_char = (list(range(len(text))), []) if channel == "reasoning" else ([], list(range(len(text))))
-    assert accumulate(frames_to_events(run_stream(ctx_for(TOOLS, history=4), upstream_chunks(up, *per_char))[0])) == whole
+    layouts = [[p] for p in range(1, len(text))] + [list(range(len(text)))]
+    for points in layouts:
+        split = (points, []) if channel == "reasoning" else ([], points)
+        frames = run_stream(ctx_for(TOOLS, history=4), upstream_chunks(up, *split))
+        assert accumulate(frames_to_events(frames)) == whole, points
 
 
-def test_structured_and_recovered_share_no_index_and_duplicates_drop() -> None:
-    ctx = ctx_for(TOOLS)
-    up = {"reasoning_content": None, "finish_reason": "tool_calls",
-          "content": f'{S}{B}functions.exec:0{A}{{"command": "ls"}}{Z}{B}functions.read_file:1{A}{{"path": "p"}}{Z}{E}',
-          "tool_calls": [{"id": "functions.exec:0", "name": "exec", "arguments": '{"command":"ls"}'}]}
-    whole = run_whole(ctx, up)
-    assert [(c["id"], c["name"]) for c in whole["tool_calls"]] == [
-        ("functions.exec:0", "exec"), ("functions.read_file:1", "read_file")]
-    streamed = accumulate(frames_to_events(run_stream(ctx_for(TOOLS), upstream_chunks(up))[0]))
-    assert streamed == whole
+# ---------------------------------------------------------------------------------------------------
+# Structured calls: the same repair as markup (REPAIR.md 4.1, 4.5, 4.6), streamed as SGLang streams
+# them (a first delta with the name, then argument pieces), and whole
+# ---------------------------------------------------------------------------------------------------
 
+# (name, history, upstream {reasoning, content, tool_calls [(id, name, arguments)], finish}, expected
+# calls [(id, name, arguments)], expected content, expected finish)
+STRUCTURED = [
+    ("clean", 0, {"tool_calls": [("functions.exec:0", "exec", '{"command": "ls"}')]},
+     [("functions.exec:0", "exec", '{"command": "ls"}')], "", "tool_calls"),
+    ("arguments_hold_the_next_call", 0, {"tool_calls": [(
+        "functions.read_file:0", "read_file",
+        f'{{"path": "/repo"}}{B}functions.read_file:1{A}{{"path": "/repo/b"}}{Z}')]},
+     [("functions.read_file:0", "read_file", '{"path": "/repo"}'),
+      ("functions.read_file:1", "read_file", '{"path": "/repo/b"}')], "", "tool_calls"),
+    ("arguments_end_in_section_end", 0, {"tool_calls": [("functions.exec:0", "exec", f'{{"command": "ls"}}{E}')]},
+     [("functions.exec:0", "exec", '{"command": "ls"}')], "", "tool_calls"),
+    ("arguments_cut_at_max_tokens", 0,
+     {"tool_calls": [("functions.read_file:0", "read_file", '{"path": "src/ma')], "finish": "length"},
+     [("functions.read_file:0", "read_file", '{"path": "src/ma"}')], "", "length"),
+    ("double_encoded", 0, {"tool_calls": [("functions.exec:0", "exec", '"{\\"command\\": \\"ls\\"}"')]},
+     [("functions.exec:0", "exec", '{"command": "ls"}')], "", "tool_calls"),
+    ("ids_counted_wrongly", 3, {"tool_calls": [("functions.read_file:6", "read_file", '{"path": "a"}'),
+                                               ("functions.read_file:7", "read_file", '{"path": "b"}')]},
+     [("functions.read_file:3", "read_file", '{"path": "a"}'), ("functions.read_file:4", "read_file", '{"path": "b"}')],
+     "", "tool_calls"),
+    ("foreign_ids", 1, {"tool_calls": [("call_8f3a", "exec", '{"command": "ls"}')]},
+     [("functions.exec:1", "exec", '{"command": "ls"}')], "", "tool_calls"),
+    ("dotted_name", 0, {"tool_calls": [("functions.default_api.exec:0", "default_api.exec", '{"command": "ls"}')]},
+     [("functions.exec:0", "exec", '{"command": "ls"}')], "", "tool_calls"),
+    ("same_call_as_markup_in_content_once", 0, {
+        "content": f'{S}{B}functions.exec:0{A}{{"command": "ls"}}{Z}{B}functions.read_file:1{A}{{"path": "p"}}{Z}{E}',
+        "tool_calls": [("functions.exec:0", "exec", '{"command":"ls"}')]},
+     [("functions.exec:0", "exec", '{"command": "ls"}'), ("functions.read_file:1", "read_file", '{"path": "p"}')],
+     "", "tool_calls"),
+    ("marker_inside_a_string_of_structured_arguments", 0, {"tool_calls": [
+        ("functions.write_to_file:0", "write_to_file", MARKUP_ARGS)]},
+     [("functions.write_to_file:0", "write_to_file", MARKUP_ARGS)], "", "tool_calls"),
+    ("finish_stop_with_calls", 0, {"tool_calls": [("functions.exec:0", "exec", "{}")], "finish": "stop"},
+     [("functions.exec:0", "exec", "{}")], "", "tool_calls"),
+]
+
+
+def structured_upstream(spec: dict) -> dict:
+    return {"reasoning_content": spec.get("reasoning"), "content": spec.get("content"),
+            "tool_calls": [{"id": i, "name": n, "arguments": a} for i, n, a in spec["tool_calls"]],
+            "finish_reason": spec.get("finish", "tool_calls"), "calls_first": spec.get("calls_first")}
+
+
+@pytest.mark.parametrize("name,history,spec,calls,content,finish", STRUCTURED, ids=[s[0] for s in STRUCTURED])
+def test_structured_calls_repaired(name: str, history: int, spec: dict, calls: list, content: str,
+                                   finish: str) -> None:
+    up = structured_upstream(spec)
+    whole = run_whole(ctx_for(TOOLS, history), up)
+    assert_calls(whole["tool_calls"], calls)
+    assert (norm(whole["content"]), whole["finish_reason"]) == (content, finish)
+    longest = max(len(a) for _, _, a in spec["tool_calls"])
+    for points in [[p] for p in range(1, longest)] + [list(range(longest))]:
+        frames = run_stream(ctx_for(TOOLS, history), upstream_chunks(up, arg_splits=points))
+        assert accumulate(frames_to_events(frames)) == whole, points
+
+
+# ---------------------------------------------------------------------------------------------------
+# Thinking (REPAIR.md 8): SGLang's reasoning parser ends the reasoning at </think> (removed) or, in
+# 0.5.2x, at a tool section (kept); the model's one text is read across both channels
+# ---------------------------------------------------------------------------------------------------
+
+CALL = f'{B}functions.read_file:0{A}{{"path": "a"}}{Z}'
+# (name, upstream {reasoning, content, tool_calls}, reasoning that must be there, expected content, arguments)
+THINKING = [
+    ("section_in_thinking_more_thinking_then_answer_tool_parser_off",
+     {"reasoning": "Look first. ", "content": f"{S}{CALL}{E} Then decide.</think>Reading it."},
+     ["Look first.", "Then decide."], "Reading it.", {"path": "a"}),
+    ("section_in_thinking_more_thinking_then_answer_structured",
+     {"reasoning": "Look first. ", "tool_calls": [("functions.read_file:0", "read_file", '{"path": "a"}')],
+      "content": " Then decide.</think>Reading it.", "calls_first": True},
+     ["Look first.", "Then decide."], "Reading it.", {"path": "a"}),
+    ("no_reasoning_parser_section_in_thinking",
+     {"content": f" <think> Look first. {S}{CALL}{E} Then decide.</think>Reading it."},
+     ["Look first.", "Then decide."], "Reading it.", {"path": "a"}),
+    ("answer_after_a_section_after_thinking",
+     {"reasoning": "Look first.", "content": f"{S}{CALL}{E}Done."}, ["Look first."], "Done.", {"path": "a"}),
+    ("section_in_reasoning_then_thinking_goes_on",
+     {"reasoning": f"Look first. {S}{CALL}{E} Then decide.", "content": "Reading it."},
+     ["Look first.", "Then decide."], "Reading it.", {"path": "a"}),
+    ("think_close_inside_arguments_cut_between_channels",  # SGLang ended the reasoning at that </think>
+     {"reasoning": f'Plan. {S}{B}functions.write_to_file:0{A}{{"path": "r.md", "content": "ends at ',
+      "content": f' here"}}{Z}{E} More plan.</think>Written.'},
+     ["Plan.", "More plan."], "Written.", {"path": "r.md", "content": "ends at </think> here"}),
+]
+
+
+@pytest.mark.parametrize("name,spec,reasoning,content,arguments", THINKING, ids=[t[0] for t in THINKING])
+def test_thinking_across_channels(name: str, spec: dict, reasoning: list[str], content: str,
+                                  arguments: dict) -> None:
+    up = structured_upstream({"tool_calls": [], **spec})
+    up["finish_reason"] = "stop"
+    whole = run_whole(ctx_for(TOOLS), up)
+    assert [json.loads(c["arguments"]) for c in whole["tool_calls"]] == [arguments]
+    assert norm(whole["content"]) == content and "</think>" not in whole["content"] + whole["reasoning"]
+    for text in reasoning:
+        assert text in whole["reasoning"]
+    r_len, c_len = len(up["reasoning_content"] or ""), len(up["content"] or "")
+    for points in [[p] for p in range(1, max(r_len, c_len))] + [list(range(max(r_len, c_len)))]:
+        frames = run_stream(ctx_for(TOOLS), upstream_chunks(up, points, points))
+        assert accumulate(frames_to_events(frames)) == whole, points
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calls stream live (REPAIR.md 11): the first delta when the header is complete, the arguments as they
+# are generated; only what a repair may still change is held back
+# ---------------------------------------------------------------------------------------------------
+
+def client_timeline(ctx: kp.RepairContext, events: list[bytes]) -> list[dict]:
+    """What the client has after each upstream event: {"names": [...], "arguments": [...]}."""
+    relay, frames, timeline = kp.StreamRepair(ctx), [], []
+    for data in events:
+        frames += relay.feed(data)
+        calls: dict[int, dict] = {}
+        for event in frames_to_events(frames):
+            for choice in event.get("choices") or [] if event != b"[DONE]" else []:
+                for tc in choice["delta"].get("tool_calls") or []:
+                    entry = calls.setdefault(tc["index"], {"name": None, "arguments": "", "deltas": 0})
+                    entry["name"] = entry["name"] or tc.get("function", {}).get("name")
+                    entry["arguments"] += tc["function"].get("arguments") or ""
+                    entry["deltas"] += 1
+        timeline.append(calls)
+    return timeline
+
+
+@pytest.mark.parametrize("route", ["reasoning", "content", "structured"])
+def test_calls_stream_live(route: str) -> None:
+    body = "x" * 300
+    arguments = json.dumps({"path": "big.txt", "content": body})
+    if route == "structured":
+        up = structured_upstream({"tool_calls": [("functions.write_to_file:0", "write_to_file", arguments)]})
+        events = upstream_chunks(up, arg_splits=list(range(len(arguments))))
+    else:
+        text = f"Writing.{S}{B}functions.write_to_file:0{A}{arguments}{Z}{E}"
+        up = family_upstream(route, text)
+        points = list(range(len(text)))
+        events = upstream_chunks(up, *((points, []) if route == "reasoning" else ([], points)))
+    timeline = client_timeline(ctx_for(TOOLS), events)
+    named_at = next(i for i, calls in enumerate(timeline) if calls.get(0, {}).get("name") == "write_to_file")
+    complete_at = next(i for i, calls in enumerate(timeline) if calls.get(0, {}).get("arguments") == arguments)
+    assert named_at < complete_at - len(body)  # the name went out before the content was generated
+    half = next(i for i, calls in enumerate(timeline) if len(calls.get(0, {}).get("arguments", "")) > 150)
+    assert half < complete_at - 100  # arguments flow while the model writes them
+    assert timeline[-1][0]["deltas"] > 200  # in many deltas, not one
+    for before, after in zip(timeline, timeline[1:]):  # what was sent is never taken back
+        for index, call in before.items():
+            assert after[index]["arguments"].startswith(call["arguments"])
+
+
+def test_a_name_that_needs_the_arguments_is_held_until_they_are_complete() -> None:
+    text = f'{S}{B}call00003{A}{{"query": "kimi"}}{Z}{E}'
+    events = upstream_chunks(family_upstream("content", text), [], list(range(len(text))))
+    timeline = client_timeline(ctx_for(TOOLS), events)
+    firsts = [calls[0] for calls in timeline if 0 in calls]
+    assert firsts[0]["name"] == "search" and firsts[0]["arguments"] == '{"query": "kimi"}'
+
+
+def test_text_is_held_back_only_while_it_may_be_markup() -> None:
+    """Plain text goes out with each event; a possible marker prefix waits (at most LONGEST_MARKER - 1
+    characters) and goes out once ruled out."""
+    repair = kp.ChoiceRepair(ctx_for(TOOLS))
+    out = "".join(e.text for e in repair.feed(content="Hello world, "))
+    assert out == "Hello world, "
+    assert [e.text for e in repair.feed(content="a <|tool_calls_sec")] == ["a "]
+    assert [e.text for e in repair.feed(content="ond")] == ["<|tool_calls_second"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Edge rules: finish reasons, a second finish, the switch, history ids, Unicode
+# ---------------------------------------------------------------------------------------------------
 
 def test_second_finish_chunk_sends_no_call_twice() -> None:
     up = {"reasoning_content": None, "content": f'{S}{B}functions.exec:0{A}{{"command": "ls"}}{Z}{E}',
@@ -354,7 +588,7 @@ def test_second_finish_chunk_sends_no_call_twice() -> None:
     events = upstream_chunks(up)
     finish = next(e for e in events if b'"finish_reason":"stop"' in e)
     events.insert(events.index(finish) + 1, finish)
-    sent = [tc["id"] for ev in frames_to_events(run_stream(ctx_for(TOOLS), events)[0]) if ev != b"[DONE]"
+    sent = [tc["id"] for ev in frames_to_events(run_stream(ctx_for(TOOLS), events)) if ev != b"[DONE]"
             for ch in ev["choices"] for tc in (ch["delta"].get("tool_calls") or []) if tc.get("id")]
     assert sent == ["functions.exec:0"]
 
@@ -370,7 +604,7 @@ def test_finish_reason_follows_delivered_calls() -> None:
 def test_repair_off_is_transparent() -> None:
     up = CASES[0]["upstream"]
     events = upstream_chunks(up, [4, 17])
-    frames, _ = run_stream(ctx_for(CASES[0]["request_tools"], enabled=False), events)
+    frames = run_stream(ctx_for(CASES[0]["request_tools"], enabled=False), events)
     assert b"".join(frames) == b"".join(b"data: " + e + b"\n\n" for e in events)
 
 
@@ -383,91 +617,113 @@ def test_history_ids_rewritten_for_upstream() -> None:
         {"role": "tool", "tool_call_id": "call_abc", "content": "ok"},
         {"role": "tool", "tool_call_id": "functions.read_file:1", "content": "ok"},
         {"role": "assistant", "tool_calls": [{"id": "toolu_9", "type": "function",
-                                               "function": {"name": "search", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "toolu_9", "content": "found"}]}
-    assert kp.canonicalize_history(request) == 2
+                                               "function": {"name": "search", "arguments": "{}"}},
+                                              {"id": "functions.exec:0", "type": "function",
+                                               "function": {"name": "exec", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "toolu_9", "content": "found"},
+        {"role": "tool", "tool_call_id": "functions.exec:0", "content": "again"}]}
+    assert kp.canonicalize_history(request) == 3
     msgs = request["messages"]
     assert [c["id"] for c in msgs[1]["tool_calls"]] == ["functions.exec:0", "functions.read_file:1"]
     assert msgs[2]["tool_call_id"] == "functions.exec:0"
     assert msgs[3]["tool_call_id"] == "functions.read_file:1"
-    assert msgs[4]["tool_calls"][0]["id"] == "functions.search:2"
-    assert msgs[5]["tool_call_id"] == "functions.search:2"
+    # a canonical id that an earlier call already holds is rewritten too: two calls never share one
+    assert [c["id"] for c in msgs[4]["tool_calls"]] == ["functions.search:2", "functions.exec:3"]
+    assert (msgs[5]["tool_call_id"], msgs[6]["tool_call_id"]) == ("functions.search:2", "functions.exec:3")
     assert kp.canonicalize_history(request) == 0  # idempotent
 
 
-def test_think_block_in_content_is_moved_live() -> None:
-    parser = kp.MarkupParser("content", strip_think=True)
-    assert parser.feed(" <thi") == ("", "", [])
-    assert parser.feed("nk> Plan it.") == ("", " Plan it.", [])
-    text, think, _ = parser.feed(" Done </think> Answer")
-    assert think == " Done " and text == " Answer"
+def test_surrogate_pair_split_across_events_and_lone_surrogates() -> None:
+    """A JavaScript client cuts strings between UTF-16 halves; an upstream may too. Nothing raises, the
+    pair arrives joined, and a lone half survives as an escape."""
+    halves = ["smile \ud83d", "\ude00!"]
+    events = [json.dumps(chunk({"content": h})).encode() for h in halves]  # ASCII JSON: \ud83d escapes
+    events += [json.dumps(chunk({}, finish="stop")).encode(), b"[DONE]"]
+    got = accumulate(frames_to_events(run_stream(ctx_for(TOOLS), events)))
+    assert got["content"] == "smile \U0001f600!"
+    assert kp.json_dumps_compact({"a": "\ud83d"}) == b'{"a":"\\ud83d"}'
 
 
-def test_hold_back_never_exceeds_longest_marker() -> None:
-    parser = kp.MarkupParser("content")
-    for piece in ["a <|tool_calls_section_beg", "in", "|>"]:
-        parser.feed(piece)
-        assert parser.held < kp.LONGEST_MARKER
-    assert parser.state is kp.State.SECTION
+def test_content_as_a_list_of_parts_is_left_as_it_is() -> None:
+    parts = [{"type": "text", "text": "Hello"}]
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": parts}, "finish_reason": "stop"}]}
+    _, changed = kp.repair_completion(body, ctx_for(TOOLS))
+    assert body["choices"][0]["message"]["content"] == parts and not changed
 
 
 # -- properties ----------------------------------------------------------------------------------------
 
 PIECES = st.sampled_from([
     S, E, B, A, Z, "<|tool_call_section_begin|>", "<|im_end|>", "<|", "<|tool", "<|tool_call_", "|>", "<", ">",
-    "functions.exec:0", "call_7", "exec", '{"command": "ls"}', '{"a": [1, {"b": "<|x"}]}', "{", "}", '"',
-    " ", "\n", "Hello", "wörld ✓", "</think>", "<think>",
+    "functions.exec:0", "call_7", "exec", '{"command": "ls"}', '{"a": [1, {"b": "<|x"}]}', "{", "}", '"', "\\",
+    '{"command": "a<|tool_call_end|>b"}', '"x</think>"', " ", "\n", "Hello", "wörld ✓", "</think>", "<think>",
 ])
 TEXTS = st.lists(PIECES, max_size=24).map("".join)
 CUTS = st.lists(st.integers(min_value=1, max_value=400), max_size=8)
 
 
-@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(text=TEXTS, cuts=CUTS)
-def test_property_chunked_equals_whole_and_prefix(text: str, cuts: list[int]) -> None:
+def feed_in_pieces(text: str, cuts: list[int], channel: str = "content", tools: list = TOOLS) -> tuple[list, list]:
+    """(events after each piece, events at the end) of a ChoiceRepair fed text cut at ``cuts``."""
+    repair = kp.ChoiceRepair(ctx_for(tools))
+    bounds = [0, *sorted(set(c for c in cuts if c < len(text))), len(text)]
+    steps = [repair.feed(**{channel: text[a:b]}) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return steps, repair.finish()
+
+
+def merged(events: list) -> tuple:
+    text = {"reasoning": "", "content": ""}
+    calls: dict[int, list] = {}
+    for e in events:
+        if isinstance(e, kp.Text):
+            text[e.channel] += e.text
+        else:
+            calls.setdefault(e.index, [None, ""])
+            calls[e.index][0] = calls[e.index][0] or (e.id, e.name)
+            calls[e.index][1] += e.arguments
+    return text["reasoning"], text["content"], calls
+
+
+@hsettings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(text=TEXTS, cuts=CUTS, channel=st.sampled_from(["content", "reasoning"]))
+def test_property_chunked_equals_whole_and_nothing_is_taken_back(text: str, cuts: list[int], channel: str) -> None:
     """Any interleaving of markers, fragments, JSON and text: never raises, chunked output equals the
-    whole, what was emitted is always a prefix of the final text, and the hold-back stays bounded."""
-    whole = kp.MarkupParser("content", strip_think=True)
-    w_text, w_think, w_calls = whole.feed(text)
-    t2, th2, c2 = whole.close()
-    final_text, final_think, final_calls = w_text + t2, w_think + th2, w_calls + c2
-    parser = kp.MarkupParser("content", strip_think=True)
-    emitted, think, calls = "", "", []
-    bounds = [0, *sorted(set(c for c in cuts if c < len(text))), len(text)]
-    for a, b in zip(bounds, bounds[1:]):
-        out, th, cs = parser.feed(text[a:b])
-        emitted += out
-        think += th
-        calls += cs
-        assert final_text.startswith(emitted)
-        assert parser.held < kp.LONGEST_MARKER
-    out, th, cs = parser.close()
-    assert (emitted + out, think + th, calls + cs) == (final_text, final_think, final_calls)
+    whole, and every event only adds to what was sent."""
+    steps, end = feed_in_pieces(text, [], channel)
+    whole = merged([e for s in steps for e in s] + end)
+    steps, end = feed_in_pieces(text, cuts, channel)
+    assert merged([e for s in steps for e in s] + end) == whole
 
 
-@hsettings(max_examples=300, deadline=None)
-@given(text=st.text(alphabet=st.characters(blacklist_characters="<"), max_size=200),
-       cuts=CUTS)
-def test_property_text_without_markup_is_untouched(text: str, cuts: list[int]) -> None:
-    parser = kp.MarkupParser("reasoning_content")
-    out = ""
-    bounds = [0, *sorted(set(c for c in cuts if c < len(text))), len(text)]
-    for a, b in zip(bounds, bounds[1:]):
-        out += parser.feed(text[a:b])[0]
-    assert out + parser.close()[0] == text
+@hsettings(max_examples=300)
+@given(text=st.text(alphabet=st.characters(blacklist_characters="<"), max_size=200), cuts=CUTS)
+def test_property_text_without_markup_is_untouched_and_held_briefly(text: str, cuts: list[int]) -> None:
+    """Text with no "<" goes out as it comes. Held back, briefly, is only a word at the start of a line
+    that may become a call's id ("functions..." when no tools are declared)."""
+    steps, end = feed_in_pieces(text, cuts, "reasoning", tools=[])
+    sent = ""
+    bounds = [b for b in sorted(set(c for c in cuts if c < len(text))) + [len(text)] if b > 0]
+    for step, fed in zip(steps, bounds):
+        sent += "".join(e.text for e in step)
+        held = text[len(sent):fed]
+        assert text[:fed].startswith(sent)
+        assert not held or "\n" not in held and len(held) <= kp.MAX_LINE_HEADER and (
+            held.strip() == "" or "functions".startswith(held.strip()) or held.strip().startswith("functions"))
+    assert sent + "".join(e.text for e in end) == text
 
 
-@hsettings(max_examples=200, deadline=None)
+@hsettings(max_examples=300)
 @given(prose=st.lists(st.sampled_from(["Hello ", "a <| b ", "x < y ", "wörld ", "\n", "functions.exec:0 "]),
                       max_size=10).map("".join),
        command=st.text(max_size=20))
+@example(prose="", command="<|im_end|>")  # found by Hypothesis: a marker inside a string cut the call
+@example(prose="", command='"</think>')
 def test_property_text_outside_markup_is_never_lost(prose: str, command: str) -> None:
     args = json.dumps({"command": command})
     text = f"{prose}{S}{B}functions.exec:0{A}{args}{Z}{E}{prose}"
     message = run_whole(ctx_for(TOOLS), {"content": text, "reasoning_content": None, "tool_calls": None,
                                          "finish_reason": "stop"})
     assert message["content"] == prose + prose
-    assert [json.loads(c["arguments"]) for c in message["tool_calls"]] == [{"command": command}]
+    assert [c["arguments"] for c in message["tool_calls"]] == [args]
 
 
 def test_sse_decoder_split_everywhere_and_oversized_lines() -> None:
