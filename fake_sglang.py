@@ -78,9 +78,10 @@ def completion(content: str | None = "Hello!", reasoning: str | None = None, fin
 class Script:
     """What the fake answers to one request.
 
-    steps: for a stream, bytes to write (each its own write) and floats (seconds to sleep); the
-    status line and headers go out with the first bytes, as SGLang's do. ``"close"`` drops the
-    connection there. For a whole response, ``body`` after ``delay`` seconds.
+    steps: for a stream, bytes to write (each its own write), floats (seconds to sleep) and
+    ``trio.Event``s (wait until the test sets it: order instead of time); the status line and headers
+    go out with the first bytes, as SGLang's do. ``"close"`` drops the connection there. For a whole
+    response, ``body`` after ``delay`` seconds.
     """
     steps: list[Any] = dataclasses.field(default_factory=list)
     status: int = 200
@@ -104,11 +105,19 @@ class Seen:
         return json.loads(self.body)
 
 
+# What GET /server_info answers (0.5.2x; /get_server_info before): SGLang's launch flags at the top level.
+# The default is the deployment kimiproxy recommends: reasoning parser on, no tool-call parser.
+SERVER_INFO = {"version": "0.5.23", "model_path": "moonshotai/Kimi-K2-Thinking", "reasoning_parser": "kimi_k2",
+               "tool_call_parser": None}
+
+
 class FakeSGLang:
-    def __init__(self) -> None:
+    def __init__(self, server_info: dict | None = SERVER_INFO) -> None:
         self.port = 0
         self.scripts: list[Script] = []
-        self.seen: list[Seen] = []
+        self.seen: list[Seen] = []  # the requests, except /server_info (kimiproxy asks it on its own)
+        self.server_info = server_info  # None: answer 404, as an upstream that is not SGLang
+        self.info_requests = 0
         self.aborted = trio.Event()  # set at each abort (replaced after)
 
     def script(self, *scripts: Script) -> None:
@@ -135,8 +144,14 @@ class FakeSGLang:
                 seen = Seen(request.method.decode(), request.target.decode(),
                             {k.decode().lower(): v.decode("latin-1") for k, v in request.headers},
                             body, time.monotonic())
-                self.seen.append(seen)
-                await self._respond(stream, conn, seen)
+                if seen.path in ("/server_info", "/get_server_info"):
+                    self.info_requests += 1
+                    info = self.server_info
+                    await self._play(stream, conn, Script(status=200 if info else 404, body=info or {
+                        "detail": "Not Found"}, content_type="application/json"))
+                else:
+                    self.seen.append(seen)
+                    await self._respond(stream, conn, seen)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
@@ -216,6 +231,9 @@ class FakeSGLang:
         for step in script.steps:
             if isinstance(step, (int, float)):
                 await trio.sleep(step)
+                continue
+            if isinstance(step, trio.Event):
+                await step.wait()
                 continue
             if step == "close":
                 await stream.aclose()

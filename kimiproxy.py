@@ -32,6 +32,7 @@ configuration and logging, metrics, the upstream edge (httpx + trio), the app an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
 import dataclasses
 import enum
@@ -43,6 +44,7 @@ import json
 import logging
 import logging.handlers
 import math
+import multiprocessing
 import os
 import re
 import resource
@@ -99,11 +101,10 @@ BODY_READ_TIMEOUT = 60.0  # seconds a client may take to send its request body
 MAX_DRAIN_BYTES = 64 * 1024 * 1024  # of an oversized body, read and dropped so the 413 arrives
 MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024  # one SSE line from upstream; longer ones are dropped
 MAX_UPSTREAM_BODY_BYTES = 256 * 1024 * 1024  # a non-streamed upstream response
-# Stream bytes waiting for a slow client before the relay stops reading the upstream (backpressure).
-MAX_PENDING_BYTES = 1024 * 1024
-# Upstream reads closer together than this are a burst, batched into one downstream write; a read
-# after a longer pause (a model emitting tokens) is written at once.
-BURST_GAP = 0.002  # seconds
+# Upstream reads (each at most one read's worth of frames) waiting for a slow client before the relay
+# stops reading the upstream: backpressure.
+STREAM_QUEUE = 16  # reads
+PARSER_CHECK_INTERVAL = 60.0  # seconds between asking SGLang for its parsers, until it answers
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (CPython: 700)
 IDLE_COLLECT_AFTER = 1.0  # seconds with no request in flight before a full garbage collection
 COLLECT_EVERY = 1000  # finished requests between full collections when the proxy is never idle
@@ -678,7 +679,7 @@ class MarkupParser:
         self._maybe: list[str] = []  # MAYBE: thinking if a </think> follows, else the answer
         self._lead = ""  # an id at the start of a line: a call's header if an argument marker follows
         self._line_start = True
-        self._recent = ""  # the end of the text released
+        self._recent: list[str] = []  # the last pieces of text released
         self._top = False  # the generator waits at the top level
         self._plain = False  # ... with nothing held: text without "<" or a newline passes at once
         self.in_section = self.in_call = False  # for the choice: which end markers a structured call needs
@@ -688,15 +689,15 @@ class MarkupParser:
 
     def feed(self, text: str, reasoning: bool = False) -> list:
         events = []
-        if reasoning != self._reasoning:
+        if reasoning is not self._reasoning:
             self._reasoning = reasoning
             if reasoning:  # (back) in SGLang's reasoning channel: thinking, whatever came before
                 if self._maybe:
                     events.append(Text("reasoning", "".join(self._maybe)))
                     self._maybe.clear()
                 self._think = OPEN
-        if self._plain and "<" not in text and "\n" not in text:
-            return events + self._release(text)  # the fast path: nothing in this text can be markup
+        if self._plain and "<" not in text and "\n" not in text:  # nothing in it can be markup
+            return self._release(text) if not events else events + self._release(text)
         if self._queue:
             self._queue.append(text)
         else:
@@ -854,7 +855,7 @@ class MarkupParser:
             self._lead = ""
         else:
             yield from self._flush_lead()
-            m = _TRAILING_ID_RE.search(self._recent)
+            m = _TRAILING_ID_RE.search("".join(self._recent)[-MAX_LINE_HEADER:])
             if m is None:
                 self.rules["stray-marker-removed"] += 1
                 return
@@ -897,11 +898,15 @@ class MarkupParser:
             yield event
 
     def _release(self, text: str) -> list:
-        if self._think == MAYBE:
+        think = self._think
+        if think is MAYBE:
             self._maybe.append(text)
             return []
-        self._recent = (self._recent + text)[-MAX_LINE_HEADER:]
-        if self._think == OPEN:
+        recent = self._recent
+        recent.append(text)
+        if len(recent) > 2 * MAX_LINE_HEADER:
+            del recent[:MAX_LINE_HEADER]
+        if think is OPEN:
             return [Text("reasoning", text)]
         if not self.answered and not text.isspace():
             self.answered = True
@@ -1148,6 +1153,7 @@ class RepairContext:
     tools: dict[str, dict]  # declared tool name -> its parameters schema
     history_calls: int = 0  # tool calls already in the dialog: the next dialog-wide counter
     enabled: bool = True
+    forced: bool = False  # tool_choice "required" or a named tool: SGLang constrains the output to JSON
 
     @classmethod
     def from_request(cls, request: dict, enabled: bool = True) -> "RepairContext":
@@ -1157,7 +1163,9 @@ class RepairContext:
             if isinstance(function, dict) and isinstance(function.get("name"), str):
                 params = function.get("parameters")
                 tools[function["name"]] = params if isinstance(params, dict) else {}
-        return cls(tools, count_history_calls(request.get("messages")), enabled)
+        choice = request.get("tool_choice")
+        forced = bool(tools) and (choice == "required" or isinstance(choice, dict))
+        return cls(tools, count_history_calls(request.get("messages")), enabled, forced)
 
     def resolve_name(self, name: str) -> str | None:
         """A declared tool's name for ``name``: as written, a dotted namespace's last parts, or the
@@ -1295,6 +1303,8 @@ class ChoiceRepair:
         self._keys = keys
         self._ids: set[str] = set()
         self._thinking = False  # reasoning came, and no content yet: SGLang's channel switch is ahead
+        self._content_seen = False
+        self._forced: list[str] = []  # content held while it may be a JSON array of calls
         self._head = ""  # the first content, until it shows how SGLang ended the reasoning
         self._open: Any = None  # the upstream index of the structured call being read
         self._closed: set = set()
@@ -1304,13 +1314,25 @@ class ChoiceRepair:
     def feed(self, reasoning: str | None = None, content: str | None = None,
              tool_calls: list | None = None, whole: bool = False) -> list:
         out: list = []
-        if reasoning and (reasoning := self._pair("reasoning", reasoning)):
-            self._thinking = self._thinking or not self.texts["content"] and not self._head
+        if reasoning:
+            if self._surrogate or "\ud800" <= reasoning[-1] <= "\udbff":
+                reasoning = self._pair("reasoning", reasoning)
+            if not self._thinking and not self._content_seen:
+                self._thinking = True
             self._group = -1
             self._take(self.text.feed(reasoning, reasoning=True), out)
-        if content and (content := self._pair("content", content)):
+        if content:
+            if self._surrogate or "\ud800" <= content[-1] <= "\udbff":
+                content = self._pair("content", content)
+            self._content_seen = True
             self._group = -1
-            self._content(content, out)
+            if self.ctx.forced:
+                self._forced.append(content)  # the calls as a JSON array, decided at the end
+            elif self._thinking:
+                self._head += content
+                self._switch(out)
+            else:
+                self._take(self.text.feed(content), out)
         for position, delta in enumerate(tool_calls or ()):
             if isinstance(delta, dict):
                 self._structured(delta, ("whole", position) if whole else None, out)
@@ -1320,7 +1342,9 @@ class ChoiceRepair:
         out: list = []
         for stream in ("reasoning", "content"):
             if self._surrogate.get(stream):
-                self.feed(**{stream: self._surrogate.pop(stream)})
+                out += self.feed(**{stream: self._surrogate.pop(stream)})
+        if self._forced:
+            self._forced_calls(out)
         if self._head:
             self._switch(out, force=True)
         self._end_structured(out)
@@ -1350,13 +1374,6 @@ class ChoiceRepair:
 
     # -- SGLang's channels back into one text --------------------------------------------------------
 
-    def _content(self, content: str, out: list) -> None:
-        if self._thinking:
-            self._head += content
-            self._switch(out)
-            return
-        self._take(self.text.feed(content), out)
-
     def _switch(self, out: list, force: bool = False, lost_think: bool | None = None) -> None:
         """The first content after reasoning: did SGLang end the reasoning at a </think> (removed) or at
         a tool section (kept)? Decided once the content shows whether it starts with a section."""
@@ -1371,6 +1388,26 @@ class ChoiceRepair:
         head, self._head = self._head, ""
         if head:
             self._take(self.text.feed(head), out)
+
+    def _forced_calls(self, out: list) -> None:
+        """tool_choice "required" or a named tool: SGLang's grammar makes the model write its calls as a
+        JSON array, ``[{"name": ..., "parameters": {...}}]``, which only SGLang's tool parser turns into
+        tool calls. Without it the array arrives as content: it becomes the calls (REPAIR.md 4.1)."""
+        text = "".join(self._forced)
+        self._forced.clear()
+        calls = _load_lenient(text.strip())
+        if isinstance(calls, list) and calls and all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                                     for c in calls):
+            self.structured.rules["calls-from-json-array"] += 1
+            for position, call in enumerate(calls):
+                arguments = call.get("parameters", call.get("arguments", {}))
+                arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+                self._structured({"function": {"name": call["name"], "arguments": arguments}},
+                                 ("json", position), out)
+        elif self._thinking:
+            self._head += text
+        else:
+            self._take(self.text.feed(text), out)
 
     # -- structured calls: given to a parser as markup -----------------------------------------------
 
@@ -1413,7 +1450,7 @@ class ChoiceRepair:
         held = self._surrogate.pop(stream, "")
         if held:
             text = (held + text).encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
-        if "\ud800" <= text[-1] <= "\udbff":
+        if text and "\ud800" <= text[-1] <= "\udbff":
             self._surrogate[stream] = text[-1]
             text = text[:-1]
         return text
@@ -1650,16 +1687,26 @@ class StreamRepair:
 
     def _choice(self, choice: dict) -> list[dict] | None:
         """The choice dicts this event becomes, or None when it passes unchanged."""
-        index = _choice_index(choice)
-        if index in self.finish:
-            return None  # past its finish: nothing left to repair
+        index = choice.get("index", 0)
+        if type(index) is not int:
+            index = 0
         repair = self.choices.get(index)
         if repair is None:
             repair = self.choices[index] = ChoiceRepair(self.ctx)
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-        key = self.keys.setdefault(index, reasoning_field(delta))
-        content, reasoning = _str(delta.get("content")), _str(delta.get(key))
-        calls = delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else None
+        elif index in self.finish:
+            return None  # past its finish: nothing left to repair
+        delta = choice.get("delta")
+        if type(delta) is not dict:
+            delta = {}
+        content, reasoning, key = delta.get("content"), delta.get("reasoning_content"), "reasoning_content"
+        if reasoning is None and "reasoning" in delta:
+            reasoning, key = delta["reasoning"], "reasoning"
+        if key != self.keys.setdefault(index, key) and reasoning is None:
+            key = self.keys[index]
+        content = content if type(content) is str else None
+        reasoning = reasoning if type(reasoning) is str else None
+        calls = delta.get("tool_calls")
+        calls = calls if type(calls) is list else None
         finish = choice.get("finish_reason")
         if not self.ctx.enabled:
             repair.texts["content"].append(content or "")
@@ -1965,9 +2012,14 @@ def load_settings() -> Settings:
 # ---------------------------------------------------------------------------------------------------
 
 class RequestIdFilter(logging.Filter):
+    """Puts the request id on every record of the kimiproxy logger, whichever handler writes it."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
         return True
+
+
+log.addFilter(RequestIdFilter())
 
 
 class ColorFormatter(logging.Formatter):
@@ -1993,7 +2045,7 @@ def setup_logging(settings: Settings) -> None:
     console = logging.StreamHandler(sys.stderr)
     formatter = ColorFormatter if sys.stderr.isatty() else logging.Formatter
     console.setFormatter(formatter(LOG_FORMAT))
-    console.addFilter(RequestIdFilter())
+    console.addFilter(RequestIdFilter())  # also for records of child loggers
     log.addHandler(console)
     if settings.file_logging:
         log.addHandler(file_handler(settings))
@@ -2113,12 +2165,10 @@ def route_label(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The upstream edge: one request, from the client's bytes to the upstream and back
+# The upstream edge: SGLang over httpx
 # ---------------------------------------------------------------------------------------------------
 
 CHAT_PATHS = ("/v1/chat/completions", "/api/chat/completions")
-# A whole response without any of these cannot need a repair: it passes without being parsed.
-MAY_NEED_REPAIR_RE = re.compile(rb'<|"tool_calls":\s*\[|"finish_reason":\s*"tool_calls"')
 
 
 def upstream_failure(exc: httpx.HTTPError, url: str) -> UpstreamError:
@@ -2135,8 +2185,8 @@ def upstream_failure(exc: httpx.HTTPError, url: str) -> UpstreamError:
 
 
 def upstream_http_error(status: int, body: bytes) -> UpstreamError:
-    """An upstream 4xx/5xx, in OpenAI's error shape, keeping the upstream's status and message.
-    SGLang sends {"object": "error", "message": ..., "code": N}."""
+    """An upstream 4xx/5xx on a chat request, in OpenAI's error shape, keeping the upstream's status
+    and message. SGLang sends {"object": "error", "message": ..., "code": N}."""
     message, error_type = body.decode("utf-8", "replace")[:2000].strip(), None
     try:
         parsed = json.loads(body)
@@ -2155,8 +2205,8 @@ def upstream_http_error(status: int, body: bytes) -> UpstreamError:
 
 def end_to_end_headers(headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[bytes],
                        keep_content_encoding: bool) -> list[tuple[bytes, bytes]]:
-    """Headers less the dropped names (lower-cased), and Content-Encoding where the body is
-    decoded on the way."""
+    """Headers less the dropped names (lower-cased), and Content-Encoding where the body is decoded
+    on the way."""
     out = []
     for name, value in headers:
         key = name.lower()
@@ -2166,575 +2216,101 @@ def end_to_end_headers(headers: Iterable[tuple[bytes, bytes]], dropped: frozense
     return out
 
 
-def forward_request_headers(headers: list[tuple[bytes, bytes]], accept_encoding: bool,
-                            keep_content_encoding: bool) -> list[tuple[bytes, bytes]]:
-    """End-to-end headers, Authorization included. Not hop-by-hop ones, Host, or a Content-Length
-    (httpx sets it for the body it sends). Accept-Encoding passes only where the response is relayed
-    untouched; where kimiproxy reads the body it asks for identity."""
-    out = end_to_end_headers(headers, REQUEST_HEADERS_DROPPED, keep_content_encoding)
-    asked = [(k.lower(), v) for k, v in headers if k.lower() == b"accept-encoding"]
-    out.extend(asked if accept_encoding and asked else [(b"accept-encoding", b"identity")])
-    return out
-
-
-def response_headers(upstream: httpx.Response, keep_content_encoding: bool) -> list[tuple[bytes, bytes]]:
-    """The upstream's response headers worth relaying (Downstream.start adds X-Request-ID)."""
-    return end_to_end_headers(upstream.headers.raw, RESPONSE_HEADERS_DROPPED, keep_content_encoding)
-
-
-class Downstream:
-    """The response to our client, over raw ASGI: a status once, then the body. In a stream only
-    the ``SSEWriter`` task writes the body; ``start`` is guarded by a flag set before it awaits, so
-    the relay and the writer never both start the response."""
-
-    def __init__(self, send: Any, request_id: str) -> None:
-        self._send = send
-        self.request_id = request_id
-        self.started = False
-        self.ended = False
-        self.status = 0
-        self.bytes = 0
-        self.finished = trio.Event()  # the whole response is out
-        self.writer: SSEWriter | None = None  # set while a stream's writer owns the body
-
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.started = True
-        self.status = status
-        await self._message({"type": "http.response.start", "status": status,
-                             "headers": headers + [(b"x-request-id", self.request_id.encode())]})
-
-    async def write(self, data: bytes) -> None:
-        self.bytes += len(data)
-        await self._message({"type": "http.response.body", "body": data, "more_body": True})
-
-    async def end(self, data: bytes = b"") -> None:
-        self.ended = True
-        self.bytes += len(data)
-        await self._message({"type": "http.response.body", "body": data, "more_body": False})
-        self.finished.set()
-
-    async def _message(self, message: dict) -> None:
-        try:
-            await self._send(message)
-        except Exception as exc:  # Hypercorn can refuse a write once the connection is gone
-            raise _ClientGone() from exc
-
-    async def send_json(self, status: int, payload: Any) -> None:
-        body = json.dumps(payload, ensure_ascii=False).encode()
-        await self.start(status, [(b"content-type", b"application/json"),
-                                  (b"content-length", str(len(body)).encode())])
-        await self.end(body)
-
-    async def fail(self, err: ProxyError) -> None:
-        """An error: its status and JSON body if nothing was sent yet; in a stream that has begun,
-        an error event from its writer; otherwise the response just ends."""
-        if self.writer is not None and self.started:
-            self.writer.fail(err)
-        elif not self.started:
-            await self.send_json(err.status, err.body())
-        elif not self.ended:
-            await self.end()
-
-
-class SSEWriter:
-    """Writes a stream's body. Two ways in, chosen by how the upstream is sending:
-
-    - a chunk that arrives after a pause (a model emitting tokens) is written at once by the relay
-      itself when nothing else is being written: no task switch, the lowest latency;
-    - chunks of a burst (one upstream read holding many SSE events) are ``put`` and the writer task
-      sends everything that piled up in one write: one downstream write per upstream read, not one
-      per event.
-
-    The writer task also starts the response if the upstream stays silent past HEADER_GRACE, and
-    writes an SSE comment whenever ``interval`` seconds pass with nothing written: they keep Node
-    clients (300 s body timeout) and proxies from giving up during a long prefill or a long tool
-    call, and make a vanished client visible."""
-
-    def __init__(self, down: Downstream, interval: float, on_client_gone: Any) -> None:
-        self.down = down
-        down.writer = self
-        self._on_client_gone = on_client_gone
-        self.interval = interval if interval > 0 else math.inf
-        self._frames: list[bytes] = []
-        self._pending = 0  # bytes in _frames
-        self._writing = False  # a write is in progress, by either way in
-        self._closing = False
-        self._last_write = trio.current_time()
-        self._wake = trio.Event()  # frames were put, or the stream is closing
-        self._room = trio.Event()  # the writer took the frames: a blocked relay may go on
-
-    async def send(self, data: bytes, paced: bool) -> None:
-        """The relay's way in (see the class docstring)."""
-        if paced and not self._writing and not self._frames and self.down.started:
-            await self._write(data)
-            return
-        self.put(data)
-        while self._pending > MAX_PENDING_BYTES:  # a slow client: stop reading the upstream
-            await self._room.wait()
-
-    def put(self, data: bytes) -> None:
-        self._frames.append(data)
-        self._pending += len(data)
-        self._wake.set()
-
-    def close(self, data: bytes = b"") -> None:
-        if data:
-            self.put(data)
-        self._closing = True
-        self._wake.set()
-
-    def fail(self, err: ProxyError) -> None:
-        """One OpenAI-style error event and the end: clients raise it as a stream error."""
-        self.close(b"data: " + json.dumps(err.body(), ensure_ascii=False).encode() + b"\n\n")
-
-    async def _write(self, data: bytes) -> None:
-        self._writing = True
-        try:
-            await self.down.write(data)
-        finally:
-            self._writing = False
-            self._last_write = trio.current_time()
-
-    async def run(self) -> None:
-        try:
-            await self._run()
-        except _ClientGone:
-            if not self._closing:  # a client that hangs up on [DONE] got its whole stream
-                self._on_client_gone()
-            self.down.finished.set()
-
-    async def _run(self) -> None:
-        down = self.down
-        if not down.started and self.interval < math.inf:
-            with trio.move_on_after(min(HEADER_GRACE, self.interval)):
-                await self._wake.wait()
-            if not down.started:  # the upstream is still silent: commit to the stream now
-                await down.start(200, list(SSE_HEADERS))
-                await self._write(HEARTBEAT_FRAME)
-        while True:
-            with trio.move_on_at(self._last_write + self.interval):
-                await self._wake.wait()
-            if not self._wake.is_set():  # nothing was put for a while
-                if not self._writing and trio.current_time() >= self._last_write + self.interval:
-                    await self._write(HEARTBEAT_FRAME)
-                continue
-            self._wake = trio.Event()
-            data = b"".join(self._frames) if len(self._frames) != 1 else self._frames[0]
-            self._frames.clear()
-            self._pending = 0
-            self._room.set()
-            self._room = trio.Event()
-            if not down.started:  # the relay queued frames for a response it had no time to start
-                await down.start(200, list(SSE_HEADERS))
-            if self._closing:
-                await down.end(data)
-                return
-            if data:
-                await self._write(data)
-
-
-@dataclasses.dataclass
-class Exchange:
-    """One proxied request, as the log tells it."""
-    request_id: str
-    method: str
-    path: str
-    started: float = dataclasses.field(default_factory=time.monotonic)
-    first_byte: float | None = None  # the upstream's response headers (its first bytes), seconds after start
-    client_gone: bool = False
-    upstream_closed: bool = False
-
-    def client_left(self, scope: trio.CancelScope) -> None:
-        """The client left before its response was complete: cancel what serves it (the upstream
-        request is closed on the way out)."""
-        self.client_gone = True
-        scope.cancel()
-
-
-async def read_body(receive: Any, limit: int, timeout: float) -> bytes:
-    """The whole request body, or ClientError 413 past ``limit`` / 408 if the client stalls.
-
-    Past the limit the rest is read and dropped (up to MAX_DRAIN_BYTES) before answering: a client
-    still sending when the server answers and closes gets a connection reset instead of the 413."""
-    parts: list[bytes] = []
-    size = 0
-    with trio.move_on_after(timeout) as scope:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            more = message.get("more_body", False)
-            if size > limit:
-                parts = []  # from here on the body is only drained
-                if not more or size > limit + MAX_DRAIN_BYTES:
-                    raise ClientError(f"request body exceeds the {limit / 1048576:g} MiB limit "
-                                      "(MAX_BODY_MB)", 413)
-                continue
-            parts.append(chunk)
-            if not more:
-                break
-    if scope.cancelled_caught:
-        raise ClientError(f"request body not received within {timeout:g} s (BODY_TIMEOUT)", 408)
-    return b"".join(parts)
-
-
-async def watch_disconnect(receive: Any, exchange: Exchange, down: Downstream,
-                           scope: trio.CancelScope) -> None:
-    """After the body is read, the only message left is http.disconnect. Before the response is
-    complete it means the client left: the exchange is cancelled, the upstream closed with it.
-    (Hypercorn also sends it after a complete response: that one changes nothing.)"""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if not down.ended:
-                exchange.client_left(scope)
-            return
-
-
-async def close_upstream(response: httpx.Response | None, exchange: Exchange) -> None:
-    """Close the upstream response even inside a cancelled scope: SGLang aborts the generation when
-    its connection closes, which is what frees the GPU."""
-    if response is None:
-        return
-    with trio.CancelScope(shield=True), trio.move_on_after(UPSTREAM_CLOSE_TIMEOUT):
-        await response.aclose()
-        exchange.upstream_closed = True
-
-
-class Proxy:
-    """The proxied routes. Holds the shared httpx client (opened at start-up, closed at shutdown)."""
+class Upstream:
+    """SGLang as this process sees it: the shared httpx client (opened at start-up, closed at
+    shutdown), the key policy, and what SGLang reports of its parsers."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
-        self.client: httpx.AsyncClient | None = None
-        self._exposure_checked = False
-        self.transport: httpx.AsyncHTTPTransport | None = None
-        self.in_flight = 0  # proxied requests being served
-        self.finished_since_collect = 0
-        self._collect_due = trio.Event()  # the proxy went idle, or COLLECT_EVERY requests finished
-        self._collector: trio.CancelScope | None = None
+        self.parsers: dict[str, Any] | None = None  # {"tool_call_parser", "reasoning_parser"}, once known
+        self._client: httpx.AsyncClient | None = None
+        self._transport: httpx.AsyncHTTPTransport | None = None
 
     async def open(self) -> None:
         s = self.settings
-        # No cap on connections: 500 concurrent streams each hold one for their whole life.
-        self.transport = httpx.AsyncHTTPTransport(
+        # No cap on connections: each stream holds one for its whole life.
+        self._transport = httpx.AsyncHTTPTransport(
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=IDLE_UPSTREAM_CONNECTIONS))
-        self.client = httpx.AsyncClient(
-            transport=self.transport,
-            timeout=httpx.Timeout(s.forward_timeout, connect=UPSTREAM_CONNECT_TIMEOUT,
-                                  pool=UPSTREAM_CONNECT_TIMEOUT),
-            follow_redirects=False,
-        )
+        self._client = httpx.AsyncClient(
+            transport=self._transport, follow_redirects=False,
+            timeout=httpx.Timeout(s.forward_timeout, connect=UPSTREAM_CONNECT_TIMEOUT, pool=UPSTREAM_CONNECT_TIMEOUT))
 
-    async def collect_garbage(self) -> None:
-        """Full garbage collections: once the proxy has been idle for IDLE_COLLECT_AFTER, or after
-        COLLECT_EVERY finished requests when it never is.
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
 
-        Each connection leaves about 80 objects in reference cycles (Hypercorn's protocol objects,
-        h11's connection, trio's tasks and cancel scopes). A stream lives long enough for them to
-        reach the oldest generation, which CPython collects only after millions of allocations
-        (and GC_THRESHOLD makes that rarer still): left to it, the worker's memory grows with every
-        burst. Collecting when nothing is in flight pauses no request; under constant load one pause
-        per COLLECT_EVERY requests bounds the garbage (measured: about 1 ms after small
-        requests, 50-75 ms with 500 streams open)."""
-        with trio.CancelScope() as self._collector:
-            while True:
-                await self._collect_due.wait()
-                self._collect_due = trio.Event()
-                if self.finished_since_collect < COLLECT_EVERY:  # the proxy went idle: is it staying so?
-                    await trio.sleep(IDLE_COLLECT_AFTER)
-                    if self.in_flight or self._collect_due.is_set():
-                        continue
-                self.finished_since_collect = 0
-                gc.collect()
-
-    async def close(self) -> None:
-        if self._collector is not None:
-            self._collector.cancel()
-        if self.client is not None:
-            await self.client.aclose()
-            self.client = None
-
-    def upstream_url(self, path: str, query: bytes) -> str:
+    def url(self, path: str, query: bytes = b"") -> str:
         """/v1/models -> {SGLANG_API_BASE}/models; /api/chat/completions -> .../chat/completions."""
         tail = path.split("/", 2)[2] if path.count("/") >= 2 else ""
         url = f"{self.settings.upstream}/{tail}"
         return f"{url}?{query.decode('latin-1')}" if query else url
 
-    def upstream_headers(self, headers: list[tuple[bytes, bytes]], accept_encoding: bool,
-                         keep_content_encoding: bool) -> list[tuple[bytes, bytes]]:
-        """The client's headers for the upstream, with the key policy applied: with PROXY_API_KEY
-        the client's key is ours and stays here; UPSTREAM_API_KEY, when set, is sent instead."""
-        out = forward_request_headers(headers, accept_encoding, keep_content_encoding)
-        settings = self.settings
-        if settings.api_keys or settings.upstream_api_key:
+    def headers(self, client: Iterable[tuple[bytes, bytes]], relay_untouched: bool) -> list[tuple[bytes, bytes]]:
+        """The client's end-to-end headers for the upstream: not hop-by-hop ones, Host or Content-Length
+        (httpx sets them). Accept-Encoding passes only where the response is relayed untouched; where
+        kimiproxy reads the body it asks for identity. With PROXY_API_KEY the client's key stays here;
+        UPSTREAM_API_KEY, when set, is sent instead."""
+        client = list(client)
+        out = end_to_end_headers(client, REQUEST_HEADERS_DROPPED, relay_untouched)
+        asked = [(k.lower(), v) for k, v in client if k.lower() == b"accept-encoding"]
+        out += asked if relay_untouched and asked else [(b"accept-encoding", b"identity")]
+        if self.settings.api_keys or self.settings.upstream_api_key:
             out = [(k, v) for k, v in out if k not in (b"authorization", b"api-key", b"x-api-key")]
-            if settings.upstream_api_key:
-                out.append((b"authorization", b"Bearer " + settings.upstream_api_key.encode()))
+            if self.settings.upstream_api_key:
+                out.append((b"authorization", b"Bearer " + self.settings.upstream_api_key.encode()))
         return out
 
-    def authorized(self, scope: dict) -> bool:
-        """Authorization: Bearer <one of PROXY_API_KEY>, compared in constant time with every key."""
-        presented = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                presented = value
-        token = presented[7:].strip() if presented[:7].lower() == b"bearer " else b""
-        matched = False
-        for key in self.settings.api_keys:
-            matched |= hmac.compare_digest(token, key.encode())
-        return matched
+    def request(self, method: str, url: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> httpx.Request:
+        assert self._client is not None
+        return self._client.build_request(method, url, content=body, headers=headers)
 
-    def check_exposure(self, scope: dict) -> None:
-        """Once: warn when the proxy answers on a non-loopback address with no PROXY_API_KEY."""
-        self._exposure_checked = True
-        server = scope.get("server") or ("", 0)
-        if not self.settings.api_keys and not _is_loopback(server[0]):
-            log.warning("kimiproxy is reachable on %s without PROXY_API_KEY: anyone on the network can "
-                        "use the GPU. Set PROXY_API_KEY, or bind to 127.0.0.1.", server[0])
-
-    def report_repairs(self, repairs: list[ChoiceRepair]) -> None:
-        """One log line per call that needed a repair (what, from where, by which rules), one for the
-        text-level repairs, and the metrics."""
-        metrics = self.metrics
-        for repair in repairs:
-            for call in repair.sent:
-                if call.channel == "tool_calls" and not call.rules:
-                    continue  # a structured call that needed nothing
-                channel = CHANNEL_FIELDS[call.channel]
-                log.info("repair: %s tool call %s (%s) from %s by rules [%s]",
-                         "repaired" if call.channel == "tool_calls" else "recovered", call.id, call.name, channel,
-                         ", ".join(call.rules) or "markup")
-                if "arguments-not-json" in call.rules:
-                    log.warning("repair: arguments of %s are not JSON and could not be repaired; passed on "
-                                "as written", call.id)
-                if call.channel != "tool_calls":
-                    metrics.inc("kimiproxy_tool_calls_recovered_total", channel=channel)
-                for rule in call.rules:
-                    metrics.inc("kimiproxy_repairs_total", rule=rule)
-            text_repairs = repair.repairs()
-            if text_repairs:
-                log.info("repair: text %s", ", ".join(f"{k}={v}" for k, v in sorted(text_repairs.items())))
-            for rule, count in text_repairs.items():
-                metrics.inc("kimiproxy_repairs_total", count, rule=rule)
-
-    # -- routes --------------------------------------------------------------------------------------
-
-    async def handle(self, scope: dict, receive: Any, send: Any, chat: bool) -> None:
-        request_id = _request_id(scope)
-        token = REQUEST_ID.set(request_id)
-        exchange = Exchange(request_id, scope["method"], scope["path"])
-        down = Downstream(send, request_id)
-        self.in_flight += 1
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """The response's headers (its body is read by the caller). Through the client's transport, not
+        client.send(): a proxy needs none of the auth, redirect, cookie and event-hook layers."""
+        assert self._transport is not None
         try:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("headers %s", redact_headers(scope["headers"]))
-            try:
-                body = await read_body(receive, self.settings.max_body_bytes, self.settings.body_timeout)
-            except _ClientGone:
-                exchange.client_gone = True
-                return
-            except ProxyError as err:
-                await self._fail(exchange, down, err)
-                return
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_disconnect, receive, exchange, down, nursery.cancel_scope)
-                try:
-                    if chat:
-                        await self.chat(scope, body, exchange, down, nursery)
-                    else:
-                        await self.passthrough(scope, body, exchange, down)
-                except _ClientGone:  # a write to the client failed: it left
-                    exchange.client_left(nursery.cancel_scope)
-                except ProxyError as err:
-                    await self._fail(exchange, down, err)
-                except Exception as exc:  # the request boundary: the proxy keeps serving
-                    log.exception("%s %s: internal error", exchange.method, exchange.path)
-                    await self._fail(exchange, down,
-                                     ProxyError(f"internal proxy error: {type(exc).__name__}: {exc}"))
-                await down.finished.wait()  # a stream's writer may still be flushing
-                nursery.cancel_scope.cancel()  # the watcher
-        finally:
-            self.in_flight -= 1
-            self.finished_since_collect += 1
-            if not self.in_flight or self.finished_since_collect >= COLLECT_EVERY:
-                self._collect_due.set()
-            self._log_end(exchange, down)
-            REQUEST_ID.reset(token)
-
-    async def _fail(self, exchange: Exchange, down: Downstream, err: ProxyError) -> None:
-        if isinstance(err, UpstreamError):
-            self.metrics.inc("kimiproxy_upstream_errors_total", kind=err.kind, status=str(err.status))
-        level = logging.WARNING if err.status < 500 else logging.ERROR
-        log.log(level, "%s %s failed after %.3fs: %d %s", exchange.method, exchange.path,
-                time.monotonic() - exchange.started, err.status, err.message)
-        try:
-            await down.fail(err)
-        except _ClientGone:
-            exchange.client_gone = True
-
-    def _log_end(self, exchange: Exchange, down: Downstream) -> None:
-        elapsed = time.monotonic() - exchange.started
-        ttfb = f"{exchange.first_byte:.3f}s" if exchange.first_byte is not None else "-"
-        metrics, route = self.metrics, route_label(exchange.path)
-        metrics.inc("kimiproxy_requests_total", route=route,
-                    status="499" if exchange.client_gone else str(down.status))
-        metrics.observe("kimiproxy_request_duration_seconds", elapsed, route=route)
-        if exchange.first_byte is not None:
-            metrics.observe("kimiproxy_upstream_first_byte_seconds", exchange.first_byte)
-        if exchange.client_gone:
-            metrics.inc("kimiproxy_client_disconnects_total",
-                        upstream_closed="true" if exchange.upstream_closed else "no_upstream")
-            log.warning("%s %s: client disconnected after %.3fs (upstream %s)", exchange.method,
-                        exchange.path, elapsed, "closed" if exchange.upstream_closed else "not open")
-        else:
-            log.info("%s %s -> %s in %.3fs (upstream first byte %s, %d bytes out)", exchange.method,
-                     exchange.path, down.status or "-", elapsed, ttfb, down.bytes)
-
-    async def chat(self, scope: dict, body: bytes, exchange: Exchange, down: Downstream,
-                   nursery: trio.Nursery) -> None:
-        request = parse_chat_request(scope, body)
-        if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s", exchange.method, exchange.path, summarize_request(request, len(body)))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("request body %s", body.decode("utf-8", "replace"))
-        settings = self.settings
-        ctx = RepairContext.from_request(request, enabled=settings.repair)
-        if settings.repair and canonicalize_history(request):
-            log.info("repair: rewrote non-canonical tool-call ids in the history for the upstream")
-            body = json_dumps_compact(request)
-        url = self.upstream_url(scope["path"], scope["query_string"])
-        headers = self.upstream_headers(scope["headers"], accept_encoding=False, keep_content_encoding=False)
-        assert self.client is not None
-        upstream_request = self.client.build_request("POST", url, content=body, headers=headers)
-        if request.get("stream") is True:
-            await self.stream_chat(upstream_request, ctx, exchange, down, nursery)
-        else:
-            await self.whole_chat(upstream_request, ctx, exchange, down)
-
-    async def whole_chat(self, upstream_request: httpx.Request, ctx: RepairContext,
-                         exchange: Exchange, down: Downstream) -> None:
-        response = await self._send_upstream(upstream_request, exchange)
-        try:
-            data = await _read_upstream_body(response)
-        finally:
-            await close_upstream(response, exchange)
-        if response.status_code >= 400:
-            raise upstream_http_error(response.status_code, data)
-        headers = response_headers(response, keep_content_encoding=False)
-        completion = None
-        if ctx.enabled and "json" in response.headers.get("content-type", "") and (
-                MAY_NEED_REPAIR_RE.search(data) or log.isEnabledFor(logging.INFO)):
-            try:
-                completion = json_loads(data)
-            except ValueError:
-                log.warning("upstream sent invalid JSON; relayed as it came")
-        if isinstance(completion, dict):
-            repairs, changed = repair_completion(completion, ctx)
-            if changed:
-                self.report_repairs(repairs)
-                data = json_dumps_compact(completion)
-            if log.isEnabledFor(logging.INFO):
-                log.info("response %s", _describe_completion(completion))
-        headers = [(k, v) for k, v in headers if k != b"content-length"]
-        headers.append((b"content-length", str(len(data)).encode()))
-        await down.start(response.status_code, headers)
-        await down.end(data)
-
-    async def stream_chat(self, upstream_request: httpx.Request, ctx: RepairContext,
-                          exchange: Exchange, down: Downstream, nursery: trio.Nursery) -> None:
-        writer = SSEWriter(down, self.settings.heartbeat_interval,
-                           functools.partial(exchange.client_left, nursery.cancel_scope))
-        nursery.start_soon(writer.run)
-        response = None
-        self.metrics.streams_in_flight += 1
-        try:
-            response = await self._send_upstream(upstream_request, exchange)
-            if response.status_code >= 400:
-                raise upstream_http_error(response.status_code, await _read_upstream_body(response))
-            if "text/event-stream" not in response.headers.get("content-type", ""):
-                data = await _read_upstream_body(response)
-                raise UpstreamError("upstream answered a streaming request without an event stream: "
-                                    f"{data[:200]!r}")
-            if not down.started:
-                await down.start(200, list(SSE_HEADERS))
-            await self._relay_events(response, ctx, exchange, writer)
-        finally:
-            self.metrics.streams_in_flight -= 1
-            await close_upstream(response, exchange)
-
-    async def _relay_events(self, response: httpx.Response, ctx: RepairContext,
-                            exchange: Exchange, writer: SSEWriter) -> None:
-        decoder = SSEDecoder()
-        relay = StreamRepair(ctx)
-        debug = log.isEnabledFor(logging.DEBUG)
-        last_read = trio.current_time()
-        try:
-            async for chunk in body_chunks(response):
-                now = trio.current_time()
-                paced, last_read = now - last_read > BURST_GAP, now
-                frames = []
-                for data in decoder.decode(chunk):
-                    if debug:
-                        log.debug("upstream event %s", data.decode("utf-8", "replace"))
-                    frames += relay.feed(data)
-                if frames:
-                    await writer.send(b"".join(frames) if len(frames) > 1 else frames[0], paced)
+            response = await self._transport.handle_async_request(request)
         except httpx.HTTPError as exc:
-            err = upstream_failure(exc, str(response.url))
-            err.message = f"upstream stream broke off: {err.message}"
-            frames = [f for data in decoder.flush() for f in relay.feed(data)] + relay.close()[:-1]  # no [DONE]
-            if frames:
-                writer.put(b"".join(frames))
-            raise err from None
-        frames = [f for data in decoder.flush() for f in relay.feed(data)] + relay.close()
-        writer.close(b"".join(frames))
-        if relay.skipped or decoder.oversized:
-            log.warning("upstream stream: %d events not JSON, %d oversized lines dropped",
-                        relay.skipped, decoder.oversized)
-        if ctx.enabled:
-            self.report_repairs(list(relay.choices.values()))
-        if log.isEnabledFor(logging.INFO):
-            for message in relay.final_messages():
-                log.info("stream final message %s usage=%s", _describe_message(message),
-                         json.dumps(relay.usage))
-
-    async def passthrough(self, scope: dict, body: bytes, exchange: Exchange, down: Downstream) -> None:
-        """Any other /v1 route (models, completions, embeddings...), relayed untouched, streaming or not."""
-        log.info("%s %s (pass-through, %d bytes)", exchange.method, exchange.path, len(body))
-        url = self.upstream_url(scope["path"], scope["query_string"])
-        headers = self.upstream_headers(scope["headers"], accept_encoding=True, keep_content_encoding=True)
-        assert self.client is not None
-        upstream_request = self.client.build_request(scope["method"], url, content=body, headers=headers)
-        response = await self._send_upstream(upstream_request, exchange)
-        try:
-            if response.status_code >= 400:
-                raise upstream_http_error(response.status_code, await _read_upstream_body(response))
-            await down.start(response.status_code,
-                             response_headers(response, keep_content_encoding=True))
-            try:
-                async for chunk in response.aiter_raw():
-                    await down.write(chunk)
-            except httpx.HTTPError as exc:  # the response has begun: it can only be cut short
-                raise upstream_failure(exc, str(response.url)) from None
-            await down.end()
-        finally:
-            await close_upstream(response, exchange)
-
-    async def _send_upstream(self, upstream_request: httpx.Request, exchange: Exchange) -> httpx.Response:
-        assert self.transport is not None
-        try:
-            # The client's transport, not client.send(): a proxy needs none of the auth, redirect,
-            # cookie and event-hook layers, and skipping them saves ~7 % of a small request's CPU.
-            response = await self.transport.handle_async_request(upstream_request)
-            response.request = upstream_request
-        except httpx.HTTPError as exc:
-            raise upstream_failure(exc, str(upstream_request.url)) from None
-        exchange.first_byte = time.monotonic() - exchange.started
+            raise upstream_failure(exc, str(request.url)) from None
+        response.request = request
         return response
+
+    async def get(self, url: str) -> httpx.Response:
+        assert self._client is not None
+        return await self._client.get(url, headers=self.headers((), relay_untouched=False))
+
+    async def check_parsers(self) -> dict[str, Any] | None:
+        """Which parsers SGLang runs (GET /server_info; /get_server_info before 0.5.2x), or None when the
+        upstream is not SGLang or does not answer. With --tool-call-parser, SGLang drops the calls it
+        cannot parse before kimiproxy sees them (REPAIR.md 2): warned once, with the fix."""
+        root = self.settings.upstream.removesuffix("/v1")
+        for path in ("/server_info", "/get_server_info"):
+            try:
+                with trio.fail_after(HEALTH_UPSTREAM_TIMEOUT):
+                    response = await self.get(root + path)
+                info = response.json() if response.status_code == 200 else None
+            except (httpx.HTTPError, trio.TooSlowError, ValueError):
+                return None
+            if isinstance(info, dict) and ("tool_call_parser" in info or "reasoning_parser" in info):
+                parsers = {k: info.get(k) for k in ("tool_call_parser", "reasoning_parser")}
+                if self.parsers is None and parsers["tool_call_parser"]:
+                    log.warning("%s", parser_warning(parsers))
+                self.parsers = parsers
+                return parsers
+        return None
+
+    async def watch_parsers(self) -> None:
+        """Ask until SGLang answers (it may start after kimiproxy)."""
+        while await self.check_parsers() is None:
+            await trio.sleep(PARSER_CHECK_INTERVAL)
+
+
+def parser_warning(parsers: dict[str, Any]) -> str | None:
+    if not parsers.get("tool_call_parser"):
+        return None
+    return (f"SGLang runs with --tool-call-parser {parsers['tool_call_parser']}: its parser drops the tool calls "
+            "it cannot parse before kimiproxy sees them. Restart SGLang without --tool-call-parser (keep "
+            "--reasoning-parser kimi_k2): kimiproxy then recovers every call from the model's own markup.")
 
 
 def body_chunks(response: httpx.Response) -> Any:
@@ -2746,7 +2322,7 @@ def body_chunks(response: httpx.Response) -> Any:
     return response.aiter_bytes()
 
 
-async def _read_upstream_body(response: httpx.Response) -> bytes:
+async def read_upstream_body(response: httpx.Response) -> bytes:
     parts, size = [], 0
     try:
         async for chunk in body_chunks(response):
@@ -2782,8 +2358,366 @@ def parse_chat_request(scope: dict, body: bytes) -> dict:
     return request
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.") or host.startswith("::ffff:127.")
+# ---------------------------------------------------------------------------------------------------
+# One exchange: a request from its first byte in to its last byte out
+# ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(slots=True)
+class _Last:
+    """The last frames of a stream: the response ends with them."""
+    data: bytes
+
+
+class Exchange:
+    """One proxied request, and the one owner of everything it uses: its nursery (a watcher for the
+    client leaving, a stream's writer), the upstream response, the response to the client, its metrics
+    and its one log line. ``run()`` is its whole life: authorise, read and parse, open the upstream,
+    relay (stream, whole, or pass-through), finish. Every response starts in ``_start``; "the client is
+    gone" is decided in ``client_left``, which cancels the nursery; the upstream is closed in ``run``'s
+    clean-up, shielded, whatever happened."""
+
+    def __init__(self, proxy: "Proxy", scope: dict, receive: Any, send: Any) -> None:
+        self.proxy = proxy
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.id = _request_id(scope)
+        self.method, self.path = scope["method"], scope["path"]
+        self.started_at = time.monotonic()
+        self.status = 0
+        self.bytes = 0
+        self.started = self.ended = False  # the response to the client
+        self.first_byte: float | None = None  # the upstream's headers, seconds after the start
+        self.client_gone = False
+        self.upstream: httpx.Response | None = None
+        self.upstream_closed = False
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, chat: bool) -> None:
+        token = REQUEST_ID.set(self.id)
+        self.proxy.begin()
+        try:
+            async with trio.open_nursery() as self._nursery:
+                try:
+                    await self._serve(chat)
+                except _ClientGone:
+                    self.client_left()
+                except ProxyError as err:
+                    await self._fail(err)
+                except Exception as exc:  # the request boundary: the proxy keeps serving
+                    log.exception("%s %s: internal error", self.method, self.path)
+                    await self._fail(ProxyError(f"internal proxy error: {type(exc).__name__}: {exc}"))
+                self._nursery.cancel_scope.cancel()  # the watcher
+        finally:
+            await self._close_upstream()
+            self._log_end()
+            self.proxy.end()
+            REQUEST_ID.reset(token)
+
+    async def _serve(self, chat: bool) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("headers %s", redact_headers(self.scope["headers"]))
+        self.proxy.authorise(self.scope)
+        body = await self._read_body()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch_client)
+        if not chat:
+            await self._passthrough(body)
+            return
+        request = parse_chat_request(self.scope, body)
+        log.info("%s %s %s", self.method, self.path, summarize_request(request, len(body)))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request body %s", body.decode("utf-8", "replace"))
+        settings = self.proxy.settings
+        ctx = RepairContext.from_request(request, enabled=settings.repair)
+        if settings.repair and canonicalize_history(request):
+            log.info("repair: rewrote non-canonical tool-call ids in the history for the upstream")
+            body = json_dumps_compact(request)
+        upstream = self.proxy.upstream
+        outgoing = upstream.request("POST", upstream.url(self.path, self.scope["query_string"]), body,
+                                    upstream.headers(self.scope["headers"], relay_untouched=False))
+        if request.get("stream") is True:
+            await self._stream(outgoing, ctx)
+        else:
+            await self._whole(outgoing, ctx)
+
+    # -- the client --------------------------------------------------------------------------------
+
+    async def _read_body(self) -> bytes:
+        """The whole request body (kimiproxy parses it), or 413 past MAX_BODY_MB, 408 past BODY_TIMEOUT.
+        Past the limit the rest is read and dropped (up to MAX_DRAIN_BYTES) before answering: a client
+        still sending when the server answers and closes gets a connection reset instead of the 413."""
+        settings = self.proxy.settings
+        limit = settings.max_body_bytes
+        parts: list[bytes] = []
+        size = 0
+        with trio.move_on_after(settings.body_timeout) as timer:
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                more = message.get("more_body", False)
+                if size > limit:
+                    parts = []  # from here on the body is only drained
+                    if not more or size > limit + MAX_DRAIN_BYTES:
+                        raise ClientError(f"request body exceeds the {limit / 1048576:g} MiB limit (MAX_BODY_MB)", 413)
+                    continue
+                parts.append(chunk)
+                if not more:
+                    break
+        if timer.cancelled_caught:
+            raise ClientError(f"request body not received within {settings.body_timeout:g} s (BODY_TIMEOUT)", 408)
+        return b"".join(parts)
+
+    async def _watch_client(self) -> None:
+        """After the body, the only message left is http.disconnect: before the response is complete it
+        means the client left. (Hypercorn also sends it after a complete response.)"""
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if not self.ended:
+            self.client_left()
+
+    def client_left(self) -> None:
+        """The one place that marks the client gone: everything serving it is cancelled, and the
+        upstream request is closed on the way out, so SGLang stops generating."""
+        self.client_gone = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The one place a response starts."""
+        self.started, self.status = True, status
+        await self._asgi({"type": "http.response.start", "status": status,
+                          "headers": headers + [(b"x-request-id", self.id.encode())]})
+
+    async def _body(self, data: bytes, more: bool = True) -> None:
+        self.ended = not more
+        self.bytes += len(data)
+        await self._asgi({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def _asgi(self, message: dict) -> None:
+        try:
+            await self._send(message)
+        except Exception as exc:  # Hypercorn refuses writes once the connection is gone
+            raise _ClientGone() from exc
+
+    async def _send_json(self, status: int, payload: Any) -> None:
+        body = json_dumps_compact(payload)
+        await self._start(status, [(b"content-type", b"application/json"),
+                                   (b"content-length", str(len(body)).encode())])
+        await self._body(body, more=False)
+
+    async def _fail(self, err: ProxyError) -> None:
+        """An error before a stream began: its status and JSON body, if nothing was sent yet; a body
+        already under way (a pass-through) can only be cut short."""
+        self._count_failure(err)
+        try:
+            if not self.started:
+                await self._send_json(err.status, err.body())
+            elif not self.ended:
+                await self._body(b"", more=False)
+        except _ClientGone:
+            self.client_gone = True
+
+    def _count_failure(self, err: ProxyError) -> None:
+        if isinstance(err, UpstreamError):
+            self.proxy.metrics.inc("kimiproxy_upstream_errors_total", kind=err.kind, status=str(err.status))
+        log.log(logging.WARNING if err.status < 500 else logging.ERROR, "%s %s failed after %.3fs: %d %s",
+                self.method, self.path, time.monotonic() - self.started_at, err.status, err.message)
+
+    # -- the upstream ------------------------------------------------------------------------------
+
+    async def _open(self, request: httpx.Request) -> httpx.Response:
+        self.upstream = await self.proxy.upstream.send(request)
+        self.first_byte = time.monotonic() - self.started_at
+        return self.upstream
+
+    async def _close_upstream(self) -> None:
+        """Close the upstream response even inside a cancelled scope: SGLang aborts the generation when
+        its connection closes, which is what frees the GPU."""
+        if self.upstream is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(UPSTREAM_CLOSE_TIMEOUT):
+            await self.upstream.aclose()
+            self.upstream_closed = True
+
+    # -- the three relays --------------------------------------------------------------------------
+
+    async def _stream(self, request: httpx.Request, ctx: RepairContext) -> None:
+        """A streamed chat completion: this task reads and repairs, a writer task writes."""
+        send, receive = trio.open_memory_channel(STREAM_QUEUE)
+        self.proxy.metrics.streams_in_flight += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_stream, receive)
+                async with send:
+                    try:
+                        await self._relay(await self._open(request), ctx, send)
+                    except ProxyError as err:
+                        await send.send(err)
+                    except Exception as exc:
+                        log.exception("%s %s: internal error", self.method, self.path)
+                        await send.send(ProxyError(f"internal proxy error: {type(exc).__name__}: {exc}"))
+        finally:
+            self.proxy.metrics.streams_in_flight -= 1
+
+    async def _relay(self, response: httpx.Response, ctx: RepairContext, frames: Any) -> None:
+        if response.status_code >= 400:
+            raise upstream_http_error(response.status_code, await read_upstream_body(response))
+        if "text/event-stream" not in response.headers.get("content-type", ""):
+            data = await read_upstream_body(response)
+            raise UpstreamError(f"upstream answered a streaming request without an event stream: {data[:200]!r}")
+        decoder, repair = SSEDecoder(), StreamRepair(ctx)
+        debug = log.isEnabledFor(logging.DEBUG)
+        chunks = body_chunks(response)
+        try:
+            async for chunk in chunks:
+                out = []
+                for data in decoder.decode(chunk):
+                    if debug:
+                        log.debug("upstream event %s", data.decode("utf-8", "replace"))
+                    out += repair.feed(data)
+                if repair.done:  # [DONE]: the client gets it all now
+                    last = out
+                    break
+                if out:
+                    await frames.send(b"".join(out))
+            else:
+                last = [f for data in decoder.flush() for f in repair.feed(data)] + repair.close()
+        except httpx.HTTPError as exc:
+            err = upstream_failure(exc, str(response.url))
+            err.message = f"upstream stream broke off: {err.message}"
+            out = [f for data in decoder.flush() for f in repair.feed(data)] + repair.close()[:-1]  # no [DONE]
+            if out:
+                await frames.send(b"".join(out))
+            raise err from None
+        finally:
+            self._report(repair, decoder)
+        await frames.send(_Last(b"".join(last)))
+        with contextlib.suppress(httpx.HTTPError):  # what follows [DONE] is drained: the connection is reused
+            async for _ in chunks:
+                pass
+
+    async def _write_stream(self, frames: Any) -> None:
+        """The one writer of a stream's body. Frames go out as they come; what piled up while a write
+        was under way goes out in one write. The response starts with the first frame, or after
+        HEADER_GRACE of upstream silence (an upstream error that comes sooner keeps its status), and an
+        SSE comment goes out whenever HEARTBEAT_INTERVAL passes with nothing written: Node clients give
+        up after 300 s without a byte, and a write is what shows that a client has gone."""
+        interval = self.proxy.settings.heartbeat_interval or math.inf
+        wait = min(HEADER_GRACE, interval)
+        async with frames:
+            while True:
+                with trio.move_on_after(wait) as silence:
+                    try:
+                        items = [await frames.receive()]
+                    except trio.EndOfChannel:
+                        items = [None]
+                if silence.cancelled_caught:
+                    if not self.started:
+                        await self._start(200, list(SSE_HEADERS))
+                    await self._body(HEARTBEAT_FRAME)
+                    wait = interval
+                    continue
+                while items[-1] is not None and not isinstance(items[-1], (_Last, ProxyError)):
+                    try:
+                        items.append(frames.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                    except trio.EndOfChannel:
+                        items.append(None)
+                end = items[-1]
+                data = b"".join(i.data if isinstance(i, _Last) else i for i in items if isinstance(i, (bytes, _Last)))
+                if isinstance(end, ProxyError) and not self.started:
+                    self._count_failure(end)
+                    await self._send_json(end.status, end.body())
+                    return
+                if not self.started:
+                    await self._start(200, list(SSE_HEADERS))
+                if isinstance(end, ProxyError):  # after the headers: an error event clients raise
+                    self._count_failure(end)
+                    data += b"data: " + json_dumps_compact(end.body()) + b"\n\n"
+                done = end is None or isinstance(end, (_Last, ProxyError))
+                if data or done:
+                    await self._body(data, more=not done)
+                if done:
+                    return
+                wait = interval
+
+    async def _whole(self, request: httpx.Request, ctx: RepairContext) -> None:
+        """A whole chat completion. It is parsed (the repair needs it, and the log line and usage count
+        read it), and written anew only when the repair changed it."""
+        response = await self._open(request)
+        data = await read_upstream_body(response)
+        await self._close_upstream()
+        if response.status_code >= 400:
+            raise upstream_http_error(response.status_code, data)
+        completion = None
+        if "json" in response.headers.get("content-type", ""):
+            try:
+                completion = json_loads(data)
+            except ValueError:
+                log.warning("upstream sent invalid JSON; relayed as it came")
+        if isinstance(completion, dict):
+            if ctx.enabled:
+                repairs, changed = repair_completion(completion, ctx)
+                self.proxy.report_repairs(repairs)
+                if changed:
+                    data = json_dumps_compact(completion)
+            log.info("response %s", _describe_completion(completion))
+        headers = [(k, v) for k, v in end_to_end_headers(response.headers.raw, RESPONSE_HEADERS_DROPPED, False)
+                   if k != b"content-length"]
+        await self._start(response.status_code, headers + [(b"content-length", str(len(data)).encode())])
+        await self._body(data, more=False)
+
+    async def _passthrough(self, body: bytes) -> None:
+        """Any other /v1 route (models, completions, embeddings...), relayed untouched both ways,
+        streaming or not, errors included."""
+        log.info("%s %s (pass-through, %d bytes)", self.method, self.path, len(body))
+        upstream = self.proxy.upstream
+        response = await self._open(upstream.request(
+            self.method, upstream.url(self.path, self.scope["query_string"]), body,
+            upstream.headers(self.scope["headers"], relay_untouched=True)))
+        await self._start(response.status_code,
+                          end_to_end_headers(response.headers.raw, RESPONSE_HEADERS_DROPPED, True))
+        try:
+            async for chunk in response.aiter_raw():
+                await self._body(chunk)
+        except httpx.HTTPError as exc:  # the response has begun: it can only be cut short
+            raise upstream_failure(exc, str(response.url)) from None
+        await self._body(b"", more=False)
+
+    # -- the end -----------------------------------------------------------------------------------
+
+    def _report(self, repair: StreamRepair, decoder: SSEDecoder) -> None:
+        if repair.skipped or decoder.oversized:
+            log.warning("upstream stream: %d events not JSON, %d oversized lines dropped",
+                        repair.skipped, decoder.oversized)
+        if self.proxy.settings.repair:
+            self.proxy.report_repairs(list(repair.choices.values()))
+        if log.isEnabledFor(logging.INFO):
+            for message in repair.final_messages():
+                log.info("stream final message %s usage=%s", _describe_message(message), json.dumps(repair.usage))
+
+    def _log_end(self) -> None:
+        """The exchange's one final log line, and its metrics."""
+        elapsed = time.monotonic() - self.started_at
+        metrics, route = self.proxy.metrics, route_label(self.path)
+        metrics.inc("kimiproxy_requests_total", route=route, status="499" if self.client_gone else str(self.status))
+        metrics.observe("kimiproxy_request_duration_seconds", elapsed, route=route)
+        if self.first_byte is not None:
+            metrics.observe("kimiproxy_upstream_first_byte_seconds", self.first_byte)
+        if self.client_gone:
+            metrics.inc("kimiproxy_client_disconnects_total",
+                        upstream_closed="true" if self.upstream_closed else "no_upstream")
+            log.warning("%s %s: client disconnected after %.3fs (upstream %s)", self.method, self.path, elapsed,
+                        "closed" if self.upstream_closed else "not open")
+        else:
+            first = f"{self.first_byte:.3f}s" if self.first_byte is not None else "-"
+            log.info("%s %s -> %s in %.3fs (upstream first byte %s, %d bytes out)", self.method, self.path,
+                     self.status or "-", elapsed, first, self.bytes)
 
 
 def _request_id(scope: dict) -> str:
@@ -2821,6 +2755,154 @@ def _describe_completion(completion: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# What the exchanges share, and the server process
+# ---------------------------------------------------------------------------------------------------
+
+class Proxy:
+    """What every exchange shares: the settings, the upstream, the metrics, the access keys, and the
+    count of requests in flight (the garbage collector's clock, in a serving process)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.upstream = Upstream(settings)
+        self.metrics = Metrics()
+        self.collector: Collector | None = None
+        self._exposure_checked = False
+
+    def begin(self) -> None:
+        if self.collector is not None:
+            self.collector.begin()
+
+    def end(self) -> None:
+        if self.collector is not None:
+            self.collector.end()
+
+    def authorise(self, scope: dict) -> None:
+        """With PROXY_API_KEY: ``Authorization: Bearer <one of the keys>``, compared in constant time
+        with every key, or a 401. Without it, a warning once if the proxy answers on a non-loopback
+        address: anyone there can use the GPU."""
+        keys = self.settings.api_keys
+        if not keys:
+            if not self._exposure_checked:
+                self._exposure_checked = True
+                host = (scope.get("server") or ("", 0))[0]
+                if not _is_loopback(host):
+                    log.warning("kimiproxy is reachable on %s without PROXY_API_KEY: anyone on the network can "
+                                "use the GPU. Set PROXY_API_KEY, or bind to 127.0.0.1.", host)
+            return
+        presented = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        token = presented[7:].strip() if presented[:7].lower() == b"bearer " else b""
+        matched = False
+        for key in keys:
+            matched |= hmac.compare_digest(token, key.encode())
+        if not matched:
+            err = ClientError("invalid or missing API key: send Authorization: Bearer <PROXY_API_KEY>", 401)
+            err.error_type = "authentication_error"
+            raise err
+
+    def report_repairs(self, repairs: list[ChoiceRepair]) -> None:
+        """One log line per call that needed a repair (what, from where, by which rules), one for the
+        text-level repairs, and the metrics."""
+        metrics = self.metrics
+        for repair in repairs:
+            for call in repair.sent:
+                if call.channel == "tool_calls" and not call.rules:
+                    continue  # a structured call that needed nothing
+                channel = CHANNEL_FIELDS[call.channel]
+                log.info("repair: %s tool call %s (%s) from %s by rules [%s]",
+                         "repaired" if call.channel == "tool_calls" else "recovered", call.id, call.name, channel,
+                         ", ".join(call.rules) or "markup")
+                if "arguments-not-json" in call.rules:
+                    log.warning("repair: arguments of %s are not JSON and could not be repaired; passed on "
+                                "as written", call.id)
+                if call.channel != "tool_calls":
+                    metrics.inc("kimiproxy_tool_calls_recovered_total", channel=channel)
+                for rule in call.rules:
+                    metrics.inc("kimiproxy_repairs_total", rule=rule)
+            text_repairs = repair.repairs()
+            if text_repairs:
+                log.info("repair: text %s", ", ".join(f"{k}={v}" for k, v in sorted(text_repairs.items())))
+            for rule, count in text_repairs.items():
+                metrics.inc("kimiproxy_repairs_total", count, rule=rule)
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.") or host.startswith("::ffff:127.")
+
+
+class Collector:
+    """Full garbage collections: once the proxy has been idle for ``idle_after`` seconds, or after
+    ``every`` finished requests when it never is.
+
+    Each connection leaves about 80 objects in reference cycles (Hypercorn's protocol objects, h11's
+    connection, trio's tasks and cancel scopes). A stream lives long enough for them to reach the
+    oldest generation, which CPython collects only after millions of allocations (GC_THRESHOLD makes
+    that rarer still): left to it, the worker's memory grows with every burst. Collecting when
+    nothing is in flight pauses no request; under constant load one pause per ``every`` requests
+    bounds the garbage (measured: about 1 ms after small requests, 50-75 ms with 500 streams open)."""
+
+    def __init__(self, idle_after: float = IDLE_COLLECT_AFTER, every: int = COLLECT_EVERY,
+                 collect: Any = gc.collect) -> None:
+        self.idle_after, self.every, self.collect = idle_after, every, collect
+        self.in_flight = 0
+        self.finished = 0  # since the last collection
+        self._due = trio.Event()
+
+    def begin(self) -> None:
+        self.in_flight += 1
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        self.finished += 1
+        if not self.in_flight or self.finished >= self.every:
+            self._due.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._due.wait()
+            self._due = trio.Event()
+            if self.finished < self.every:  # the proxy went idle: is it staying so?
+                await trio.sleep(self.idle_after)
+                if self.in_flight or self._due.is_set():
+                    continue
+            self.finished = 0
+            self.collect()
+
+
+def tune_process() -> None:
+    """Process-wide settings for a serving process (called where the server starts, never on import).
+
+    A proxy allocates many short-lived objects per chunk and keeps few cycles: collecting the youngest
+    generation every GC_THRESHOLD allocations instead of CPython's 700, with the start-up objects
+    frozen out of the scans, saves measurable CPU per chunk (benchmark). Each stream holds two
+    sockets, so 500 streams pass the usual soft limit of 1024 open files: the hard limit is what the
+    administrator allows; take all of it."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 100)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def forward_sigterm_to_supervisor() -> None:
+    """Under Hypercorn's supervisor (``hypercorn kimiproxy:app -k trio``), a SIGTERM sent to the whole
+    process group (systemd's default KillMode, ``kill -TERM -- -PGID``, ``timeout``) also reaches this
+    worker, whose default is to die at once, cutting every stream. The supervisor turns SIGTERM into a
+    graceful shutdown of all its workers (and SIGINT already reaches workers ignored): so here SIGTERM
+    is handed to it. A SIGTERM for this worker alone stops the whole server gracefully, too."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None:
+        return  # not a Hypercorn worker: python kimiproxy.py handles its signals itself
+    supervisor = parent.pid
+
+    def forward(signum: int, frame: Any) -> None:
+        if os.getppid() == supervisor:  # never signal whoever adopted us after the supervisor died
+            os.kill(supervisor, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The app
 # ---------------------------------------------------------------------------------------------------
 
@@ -2830,9 +2912,9 @@ TRIO_REQUIRED = ("kimiproxy needs Hypercorn's trio worker: run `hypercorn kimipr
 
 
 class KimiProxyApp(QuartTrio):
-    """A Quart-Trio app. The proxied routes (/v1/*, /api/chat/completions) are served as raw ASGI by
-    ``Proxy``: their bodies stream both ways with no framework buffering, timeout or size limit in
-    between, and a client disconnect cancels them directly. /, /health and the error pages are
+    """A Quart-Trio app. The proxied routes (/v1/*, /api/chat/completions) are served as raw ASGI by an
+    ``Exchange`` each: no framework buffering, time limit or size limit between client and upstream,
+    and a client disconnect cancels them directly. /, /health, /metrics and the error pages are
     ordinary Quart routes."""
 
     def __init__(self, settings: Settings) -> None:
@@ -2842,25 +2924,17 @@ class KimiProxyApp(QuartTrio):
         # Quart's defaults would cut every response after 60 s and every body over 16 MiB: the proxied
         # routes bypass them, and these keep the Quart routes from doing it either.
         self.config["RESPONSE_TIMEOUT"] = None
-        self.config["BODY_TIMEOUT"] = BODY_READ_TIMEOUT
+        self.config["BODY_TIMEOUT"] = settings.body_timeout
         self.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
     async def asgi_app(self, scope: Any, receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http":
             path = scope["path"]
-            proxy = self.proxy
-            if not proxy._exposure_checked:
-                proxy.check_exposure(scope)
-            if self.settings.api_keys and path.startswith(("/v1/", "/api/")) and not proxy.authorized(scope):
-                proxy.metrics.inc("kimiproxy_requests_total", route=route_label(path), status="401")
-                err = ClientError("invalid or missing API key: send Authorization: Bearer <PROXY_API_KEY>", 401)
-                err.error_type = "authentication_error"
-                return await Downstream(send, _request_id(scope)).send_json(401, err.body())
             if path in CHAT_PATHS and scope["method"] == "POST":
-                return await self.proxy.handle(scope, receive, send, chat=True)
+                return await Exchange(self.proxy, scope, receive, send).run(chat=True)
             if path.startswith("/v1/"):
-                return await self.proxy.handle(scope, receive, send, chat=False)
+                return await Exchange(self.proxy, scope, receive, send).run(chat=False)
         elif kind == "lifespan" and sniffio.current_async_library() != "trio":
             # Under asyncio nothing here would work. Hypercorn would log a lifespan failure with a
             # traceback and still exit 0 from its supervisor, so the worker exits at once, non-zero.
@@ -2869,60 +2943,60 @@ class KimiProxyApp(QuartTrio):
         await super().asgi_app(scope, receive, send)
 
 
-def create_app(settings: Settings) -> KimiProxyApp:
+def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyApp:
+    """The app. ``serving_process``: this process exists to serve it (Hypercorn's worker, or
+    ``python kimiproxy.py``), so its start-up also tunes the process, collects garbage when idle and
+    makes every stop signal graceful; the tests create apps in their own process without that."""
     app = KimiProxyApp(settings)
+    proxy = app.proxy
 
     @app.before_serving
     async def startup() -> None:
-        setup_logging(settings)
-        # A proxy allocates many short-lived objects per chunk and keeps few cycles: collecting the
-        # youngest generation every GC_THRESHOLD allocations instead of CPython's 700, with the
-        # start-up objects frozen out of the scans, saves measurable CPU per chunk (benchmark).
-        gc.freeze()
-        gc.set_threshold(GC_THRESHOLD, 20, 100)
-        # Each stream holds two sockets (client, upstream): 500 streams pass the usual soft limit of
-        # 1024 open files. The hard limit is what the administrator allows; take all of it.
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        await app.proxy.open()
-        app.nursery.start_soon(app.proxy.collect_garbage)
-        log.info("kimiproxy %s serving, upstream %s, repair %s, heartbeat %gs", __version__,
-                 settings.upstream, "on" if settings.repair else "off", settings.heartbeat_interval)
+        log.setLevel(settings.log_level)
+        if serving_process:
+            setup_logging(settings)
+            tune_process()
+            forward_sigterm_to_supervisor()
+            proxy.collector = Collector()
+            app.nursery.start_soon(proxy.collector.run)
+        await proxy.upstream.open()
+        app.nursery.start_soon(proxy.upstream.watch_parsers)
+        log.info("kimiproxy %s serving, upstream %s, repair %s, heartbeat %gs", __version__, settings.upstream,
+                 "on" if settings.repair else "off", settings.heartbeat_interval)
 
     @app.after_serving
     async def shutdown() -> None:
-        await app.proxy.close()
+        await proxy.upstream.aclose()
 
     @app.get("/health")
     async def health() -> Any:
-        """Liveness; with ?upstream=1 also whether the upstream answers (for load balancers)."""
+        """Liveness; with ?upstream=1 also whether the upstream answers, and its parsers."""
         if request.args.get("upstream") not in ("1", "true", "yes"):
             return jsonify({"status": "ok"})
-        proxy = app.proxy
-        assert proxy.client is not None
-        url = f"{settings.upstream}/models"
         try:
             with trio.fail_after(HEALTH_UPSTREAM_TIMEOUT):
-                response = await proxy.client.get(url, headers=proxy.upstream_headers([], False, False))
+                response = await proxy.upstream.get(f"{settings.upstream}/models")
         except (httpx.HTTPError, trio.TooSlowError) as exc:
             return jsonify({"status": "degraded", "upstream": f"unreachable: {type(exc).__name__}"}), 503
         if response.status_code >= 400:
             return jsonify({"status": "degraded", "upstream": f"HTTP {response.status_code}"}), 503
-        return jsonify({"status": "ok", "upstream": "ok"})
+        parsers = await proxy.upstream.check_parsers()
+        return jsonify({"status": "ok", "upstream": "ok", "parsers": parsers,
+                        "warning": parser_warning(parsers or {})})
 
     @app.get("/metrics")
     async def metrics() -> Any:
-        return app.proxy.metrics.render(), 200, {"content-type": "text/plain; version=0.0.4; charset=utf-8"}
+        return proxy.metrics.render(), 200, {"content-type": "text/plain; version=0.0.4; charset=utf-8"}
 
     @app.get("/")
     async def index() -> Any:
+        parsers = proxy.upstream.parsers
         return jsonify({
             "name": "kimiproxy", "version": __version__, "upstream": settings.upstream,
+            "upstream_parsers": parsers, "warning": parser_warning(parsers or {}),
             "repairs": {"tool_calls": settings.repair, "think_in_content": settings.repair,
                         "history_ids": settings.repair},
-            "heartbeat_interval": settings.heartbeat_interval,
-            "auth": bool(settings.api_keys),
+            "heartbeat_interval": settings.heartbeat_interval, "auth": bool(settings.api_keys),
         })
 
     @app.errorhandler(404)
@@ -2938,12 +3012,12 @@ def create_app(settings: Settings) -> KimiProxyApp:
 
 def _module_app() -> KimiProxyApp:
     try:
-        return create_app(load_settings())
+        return create_app(load_settings(), serving_process=True)
     except ConfigError as exc:
         raise SystemExit(f"kimiproxy: bad configuration: {exc}") from None
 
 
-app = _module_app()
+app = _module_app()  # what `hypercorn kimiproxy:app` serves; importing it starts nothing
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2974,22 +3048,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     setup_logging(settings)
     config = hypercorn.config.Config()
-    config.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host
-                   else f"{settings.host}:{settings.port}"]
+    config.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
     config.accesslog = None
     config.graceful_timeout = settings.shutdown_grace
     if not settings.api_keys and not _is_loopback(settings.host):
-        log.warning("binding %s without PROXY_API_KEY: anyone on the network can use the GPU",
-                    settings.host)
-    trio.run(_serve, create_app(settings), config)
+        log.warning("binding %s without PROXY_API_KEY: anyone on the network can use the GPU", settings.host)
+    trio.run(_serve, create_app(settings, serving_process=True), config)
     logging.shutdown()  # flush the log files
     return 0
 
 
 async def _serve(app: KimiProxyApp, config: Any) -> None:
-    """Hypercorn's trio server until SIGTERM or SIGINT; then it stops accepting, lets in-flight
-    requests finish for config.graceful_timeout (SHUTDOWN_GRACE) seconds and cancels the rest,
-    which closes their upstream requests."""
+    """Hypercorn's trio server until SIGTERM or SIGINT; then it stops accepting, lets in-flight requests
+    finish for config.graceful_timeout (SHUTDOWN_GRACE) seconds and cancels the rest, which closes
+    their upstream requests. One process: a signal to it or to its process group is the same."""
     import hypercorn.trio
 
     async def shutdown_trigger() -> None:

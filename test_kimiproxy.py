@@ -853,23 +853,25 @@ async def test_passthrough_streams_other_routes(proxy: Running) -> None:
 
 
 async def test_stream_is_relayed_live(proxy: Running) -> None:
+    """The fake holds its second token until the client has the first: a proxy that buffered would
+    never let this test finish."""
     steps = stream_of(content=["one", "two"])
-    steps.insert(2, 0.5)  # the upstream pauses after the first token
+    client_has_one = trio.Event()
+    steps.insert(2, client_has_one)
     proxy.upstream.script(Script(steps=steps))
     async with httpx.AsyncClient(base_url=proxy.base) as client:
         async with client.stream("POST", "/v1/chat/completions",
                                  json={"model": "m", "messages": [], "stream": True}) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
             assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
-            t0 = time.monotonic()
-            arrivals = []
+            texts = []
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
-                    arrivals.append((time.monotonic() - t0, json.loads(line[6:])))
-    texts = [(t, e["choices"][0]["delta"].get("content")) for t, e in arrivals if e["choices"]]
-    first = next(t for t, c in texts if c == "one")
-    second = next(t for t, c in texts if c == "two")
-    assert first < 0.3 and second - first > 0.4
+                    for choice in json.loads(line[6:])["choices"]:
+                        texts.append(choice["delta"].get("content"))
+                        if choice["delta"].get("content") == "one":
+                            client_has_one.set()
+    assert [t for t in texts if t] == ["one", "two"]
 
 
 async def test_stream_longer_than_quart_response_timeout(proxy: Running) -> None:
@@ -885,17 +887,21 @@ async def test_stream_longer_than_quart_response_timeout(proxy: Running) -> None
 
 
 async def test_heartbeats_during_silent_prefill(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
-    running = await start_proxy(nursery, upstream.url, HEARTBEAT_INTERVAL="0.3")
-    upstream.script(Script(steps=[1.5, *stream_of(content=["late"])]))
+    """SGLang sends nothing until its first token: the client gets the headers and keep-alive comments
+    meanwhile (the fake stays silent until the client has seen two)."""
+    running = await start_proxy(nursery, upstream.url, HEARTBEAT_INTERVAL="0.2")
+    two_heartbeats = trio.Event()
+    upstream.script(Script(steps=[two_heartbeats, *stream_of(content=["late"])]))
     async with httpx.AsyncClient(base_url=running.base) as client:
-        t0 = time.monotonic()
         async with client.stream("POST", "/v1/chat/completions",
                                  json={"model": "m", "messages": [], "stream": True}) as r:
-            headers_at = time.monotonic() - t0
-            lines = [line async for line in r.aiter_lines() if line]
-    assert headers_at < 1.0  # headers went out long before the first token
-    assert lines.count(": keep-alive") >= 3
-    assert any('"late"' in line for line in lines) and lines[-1] == "data: [DONE]"
+            lines = []
+            async for line in r.aiter_lines():
+                lines.append(line)
+                if lines.count(": keep-alive") == 2:
+                    two_heartbeats.set()
+    assert r.status_code == 200 and lines.index(": keep-alive") < lines.index(next(l for l in lines if "late" in l))
+    assert lines[-2] == "data: [DONE]"
 
 
 async def test_upstream_error_after_headers_becomes_error_event(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
@@ -916,21 +922,22 @@ async def test_upstream_error_after_headers_becomes_error_event(nursery: trio.Nu
 
 @pytest.mark.parametrize("stream", [True, False])
 async def test_disconnect_mid_stream_or_during_prefill_closes_upstream(proxy: Running, stream: bool) -> None:
+    """The client leaves; the upstream request is closed while SGLang still had 20 s to go (the fake
+    records an abort only when its client closes before the response is complete)."""
     if stream:  # tokens flowing, the client leaves after the first one
         proxy.upstream.script(Script(steps=[*stream_of(content=["a"])[:2], *([2.0] * 10)]))
     else:  # silent prefill: nothing written to the client at all
         proxy.upstream.script(Script(body=completion(), delay=20.0, content_type="application/json"))
     async with httpx.AsyncClient(base_url=proxy.base) as client:
-        with trio.move_on_after(0.7):
+        with trio.move_on_after(0.5):
             async with client.stream("POST", "/v1/chat/completions",
                                      json={"model": "m", "messages": [], "stream": stream}) as r:
                 async for _ in r.aiter_bytes():
                     pass
-        left_at = time.monotonic()
-    with trio.fail_after(3):
+    with trio.fail_after(10):
         while proxy.upstream.seen[-1].aborted_at is None:
             await trio.sleep(0.02)
-    assert proxy.upstream.seen[-1].aborted_at - left_at < 2.0
+    assert not proxy.upstream.seen[-1].completed
 
 
 @contextlib.contextmanager
@@ -949,50 +956,60 @@ def full_collections() -> Any:
         gc.callbacks.remove(callback)
 
 
-async def test_garbage_collected_when_idle_and_every_n_requests(proxy: Running,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each connection leaves reference cycles that would otherwise wait for a rare full collection:
-    one runs once the proxy has been idle a while, never while a request is in flight, and after
-    COLLECT_EVERY finished requests when the proxy is never idle."""
-    monkeypatch.setattr(kp, "IDLE_COLLECT_AFTER", 0.3)
-    monkeypatch.setattr(kp, "COLLECT_EVERY", 3)
-    async with httpx.AsyncClient(base_url=proxy.base) as client:
-        with full_collections() as idle_runs:
-            proxy.upstream.script(Script(steps=[*stream_of(content=["a"])[:2], 0.8, *stream_of(content=["b"])[2:]]))
-            r = await client.post("/v1/chat/completions", json={"model": "m", "messages": [], "stream": True})
-            ended = time.monotonic()
-            assert r.status_code == 200 and idle_runs == []  # 0.8 s in flight: none meanwhile
-            await trio.sleep(0.6)
-            assert len(idle_runs) == 1 and idle_runs[0] - ended >= 0.25
-            await trio.sleep(0.5)
-            assert len(idle_runs) == 1  # nothing happened since: no more
+async def test_collector_runs_when_idle_and_every_n_requests(autojump_clock: trio.testing.MockClock) -> None:
+    """Full collections happen once the proxy has been idle a while, never while a request is in
+    flight, and after ``every`` requests when it never goes idle (a mock clock: no real waiting)."""
+    runs: list[float] = []
+    collector = kp.Collector(idle_after=1.0, every=3, collect=lambda: runs.append(trio.current_time()))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collector.run)
+        collector.begin()
+        await trio.sleep(5)
+        assert runs == []  # in flight: nothing
+        collector.end()
+        ended = trio.current_time()
+        await trio.sleep(0.5)
+        collector.begin()  # busy again before the idle time passed
+        await trio.sleep(2)
+        assert runs == []
+        collector.end()
+        await trio.sleep(3)
+        assert len(runs) == 1 and runs[0] - ended >= 2.5  # once, a second after the last request ended
+        await trio.sleep(10)
+        assert len(runs) == 1  # nothing new happened: no more
+        collector.begin()  # one long request keeps the proxy busy; three short ones finish meanwhile
+        for _ in range(3):
+            collector.begin()
+            collector.end()
+            await trio.sleep(0)
+        await trio.sleep(0.1)
+        assert len(runs) == 2 and collector.in_flight == 1
+        nursery.cancel_scope.cancel()
 
-        monkeypatch.setattr(kp, "IDLE_COLLECT_AFTER", 30.0)
-        with full_collections() as busy_runs:
-            async with trio.open_nursery() as nursery:  # one slow stream keeps the proxy busy
-                proxy.upstream.script(Script(steps=[*stream_of(content=["a"])[:2], 2.0, *stream_of(content=["b"])[2:]]))
-                nursery.start_soon(functools.partial(client.post, "/v1/chat/completions",
-                                                     json={"model": "m", "messages": [], "stream": True}))
-                await trio.sleep(0.2)
-                for _ in range(3):
-                    assert (await client.get("/v1/models")).status_code == 200
-                await trio.sleep(0.1)
-                assert len(busy_runs) == 1 and proxy.app.proxy.in_flight == 1
+
+async def test_an_app_in_a_test_process_leaves_the_process_alone(nursery: trio.Nursery,
+                                                                 upstream: FakeSGLang) -> None:
+    """Process-wide tuning happens only where a server process starts, not when an app is created."""
+    before = gc.get_threshold(), gc.get_freeze_count()
+    running = await start_proxy(nursery, upstream.url)
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        assert (await client.get("/health")).status_code == 200
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before and running.app.proxy.collector is None
 
 
 async def test_silent_stream_disconnect_without_heartbeats(proxy: Running) -> None:
     """Hypercorn's trio worker can miss a disconnect while nothing is written (hypercorn #210): with
-    heartbeats off and a silent upstream, the upstream is still closed promptly."""
+    heartbeats off and a silent upstream, the upstream is still closed."""
     proxy.upstream.script(Script(steps=[20.0, *stream_of(content=["never"])]))
     async with httpx.AsyncClient(base_url=proxy.base) as client:
         with trio.move_on_after(0.5):
             async with client.stream("POST", "/v1/chat/completions",
                                      json={"model": "m", "messages": [], "stream": True}) as r:
                 await r.aread()
-        left_at = time.monotonic()
-    with trio.fail_after(3):
-        await proxy.upstream.aborted.wait() if proxy.upstream.seen[-1].aborted_at is None else None
-    assert proxy.upstream.seen[-1].aborted_at - left_at < 2.0
+    with trio.fail_after(10):
+        while proxy.upstream.seen[-1].aborted_at is None:
+            await trio.sleep(0.02)
+    assert not proxy.upstream.seen[-1].completed
 
 
 async def test_large_body_forwarded_byte_for_byte(proxy: Running) -> None:
@@ -1076,11 +1093,13 @@ async def test_headers_forwarded_and_secrets_never_logged(nursery: trio.Nursery,
         r = await client.post("/v1/chat/completions", json={"model": "m", "messages": []},
                               headers={"Authorization": "Bearer sk-very-secret", "api-key": "k-secret-2",
                                        "Cookie": "session=s3cr3t", "X-Request-ID": "req-42",
-                                       "Connection": "keep-alive", "X-Custom": "kept"})
+                                       "Keep-Alive": "timeout=99", "Proxy-Connection": "keep-alive",
+                                       "TE": "trailers", "Trailer": "X-Sum", "X-Custom": "kept"})
     assert r.headers["x-request-id"] == "req-42"
     seen = upstream.seen[-1].headers
     assert seen["authorization"] == "Bearer sk-very-secret" and seen["x-custom"] == "kept"
-    assert "connection" not in seen or seen["connection"] != "keep-alive, close"
+    for hop in ("keep-alive", "proxy-connection", "te", "trailer"):  # hop-by-hop: the client's stay with us
+        assert hop not in seen, hop
     text = caplog.text
     for secret in ("sk-very-secret", "k-secret-2", "s3cr3t"):
         assert secret not in text
@@ -1306,12 +1325,14 @@ async def test_api_keys_required_and_never_leaked(nursery: trio.Nursery, upstrea
 
 def test_exposure_warning_without_key(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="kimiproxy")
-    open_proxy = kp.Proxy(kp.Settings())
-    open_proxy.check_exposure({"server": ("192.0.2.10", 8000)})
+    kp.Proxy(kp.Settings()).authorise({"server": ("192.0.2.10", 8000), "headers": []})
     assert "without PROXY_API_KEY" in caplog.text
     caplog.clear()
-    kp.Proxy(kp.Settings()).check_exposure({"server": ("127.0.0.1", 8000)})
-    kp.Proxy(kp.Settings(api_keys=("k",))).check_exposure({"server": ("192.0.2.10", 8000)})
+    kp.Proxy(kp.Settings()).authorise({"server": ("127.0.0.1", 8000), "headers": []})
+    keyed = kp.Proxy(kp.Settings(api_keys=("k",)))
+    keyed.authorise({"server": ("192.0.2.10", 8000), "headers": [(b"authorization", b"Bearer k")]})
+    with pytest.raises(kp.ClientError):
+        keyed.authorise({"server": ("192.0.2.10", 8000), "headers": []})
     assert "without PROXY_API_KEY" not in caplog.text
 
 
@@ -1486,10 +1507,8 @@ async def test_thousands_of_idle_connections(proxy: Running) -> None:
         idle.append(await trio.open_tcp_stream(host, int(port)))
     try:
         async with httpx.AsyncClient(base_url=proxy.base) as client:
-            t0 = time.monotonic()
             r = await client.post("/v1/chat/completions", json={"messages": [], "stream": True})
             assert r.status_code == 200 and b"[DONE]" in r.content
-            assert time.monotonic() - t0 < 2.0
     finally:
         for s in idle:
             await s.aclose()
@@ -1573,3 +1592,10 @@ def test_property_hostile_upstream_chunks_never_raise(chunks: list) -> None:
             json.loads(frame[6:])
     body = {"choices": [{"index": 0, "message": c, "finish_reason": "stop"} for c in chunks if isinstance(c, dict)]}
     kp.repair_completion(body, ctx_for(TOOLS))
+    kp.json_dumps_compact(body)  # still JSON
+    for choice in body["choices"]:  # every call it carries now is whole: an id, a name, arguments
+        calls = choice["message"].get("tool_calls") if isinstance(choice["message"], dict) else None
+        for call in calls if isinstance(calls, list) else ():
+            if isinstance(call, dict) and "type" in call and call.get("type") == "function" and "index" in call:
+                assert isinstance(call["id"], str) and isinstance(call["function"]["name"], str)
+                assert isinstance(call["function"]["arguments"], str)
