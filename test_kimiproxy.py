@@ -13,10 +13,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,13 @@ from hypercorn.trio import serve
 from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
 
 import kimiproxy as kp
-from fake_sglang import FakeSGLang, Script, USAGE, chunk, completion, sse, stream_of
+from fake_sglang import SERVER_INFO, FakeSGLang, Script, USAGE, chunk, completion, sse, stream_of
+
+# Hypothesis runs the same examples every time (a red run anyone can reproduce); every failure it
+# ever found is pinned with @example. HYPOTHESIS_PROFILE=explore searches afresh.
+hsettings.register_profile("ci", derandomize=True, database=None, deadline=None)
+hsettings.register_profile("explore", max_examples=2000, deadline=None)
+hsettings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HERE = Path(__file__).resolve().parent
 CASES = json.loads((HERE / "kimi_cases.json").read_text(encoding="utf-8"))
@@ -195,18 +203,34 @@ def test_case_stream_equals_whole(case: dict) -> None:
     assert streamed == run_whole(case_ctx(case), case["upstream"])
 
 
+def case_layouts(case: dict, pairs: bool) -> list[tuple[list[int], list[int]]]:
+    """Where to cut a case's reasoning and content: one character at a time and at every single point,
+    or (``pairs``) at every pair of points, for the short fixtures."""
+    up = case["upstream"]
+    r_len, c_len = len(up.get("reasoning_content") or ""), len(up.get("content") or "")
+    if not pairs:
+        return [(list(range(r_len)), list(range(c_len)))] + [([p], []) for p in range(1, r_len)] + \
+            [([], [p]) for p in range(1, c_len)]
+    if r_len + c_len > 200:
+        return []
+    text_len = max(r_len, c_len)
+    return [([a, b], [a, b]) for a in range(1, text_len) for b in range(a + 1, text_len, 3)]
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_case_split_at_every_point_and_per_character(case: dict) -> None:
-    up = case["upstream"]
-    reference = accumulate(frames_to_events(run_stream(case_ctx(case), upstream_chunks(up))))
-    r_len, c_len = len(up.get("reasoning_content") or ""), len(up.get("content") or "")
-    layouts = [(list(range(r_len)), list(range(c_len)))]  # one character at a time
-    layouts += [([p], []) for p in range(1, r_len)] + [([], [p]) for p in range(1, c_len)]
-    if r_len + c_len <= 200:  # every pair of points for the short fixtures
-        text_len = max(r_len, c_len)
-        layouts += [([a, b], [a, b]) for a in range(1, text_len) for b in range(a + 1, text_len, 3)]
-    for splits_r, splits_c in layouts:
-        frames = run_stream(case_ctx(case), upstream_chunks(up, splits_r, splits_c))
+    reference = accumulate(frames_to_events(run_stream(case_ctx(case), upstream_chunks(case["upstream"]))))
+    for splits_r, splits_c in case_layouts(case, pairs=False):
+        frames = run_stream(case_ctx(case), upstream_chunks(case["upstream"], splits_r, splits_c))
+        assert accumulate(frames_to_events(frames)) == reference, (splits_r, splits_c)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_split_at_every_pair_of_points(case: dict) -> None:
+    reference = accumulate(frames_to_events(run_stream(case_ctx(case), upstream_chunks(case["upstream"]))))
+    for splits_r, splits_c in case_layouts(case, pairs=True):
+        frames = run_stream(case_ctx(case), upstream_chunks(case["upstream"], splits_r, splits_c))
         assert accumulate(frames_to_events(frames)) == reference, (splits_r, splits_c)
 
 
@@ -520,19 +544,18 @@ def test_thinking_across_channels(name: str, spec: dict, reasoning: list[str], c
 # ---------------------------------------------------------------------------------------------------
 
 def client_timeline(ctx: kp.RepairContext, events: list[bytes]) -> list[dict]:
-    """What the client has after each upstream event: {"names": [...], "arguments": [...]}."""
-    relay, frames, timeline = kp.StreamRepair(ctx), [], []
+    """What the client has after each upstream event: {index: {"name", "arguments", "deltas"}}."""
+    relay, timeline = kp.StreamRepair(ctx), []
+    calls: dict[int, dict] = {}
     for data in events:
-        frames += relay.feed(data)
-        calls: dict[int, dict] = {}
-        for event in frames_to_events(frames):
+        for event in frames_to_events(relay.feed(data)):
             for choice in event.get("choices") or [] if event != b"[DONE]" else []:
                 for tc in choice["delta"].get("tool_calls") or []:
                     entry = calls.setdefault(tc["index"], {"name": None, "arguments": "", "deltas": 0})
                     entry["name"] = entry["name"] or tc.get("function", {}).get("name")
                     entry["arguments"] += tc["function"].get("arguments") or ""
                     entry["deltas"] += 1
-        timeline.append(calls)
+        timeline.append({index: dict(call) for index, call in calls.items()})
     return timeline
 
 
@@ -696,9 +719,11 @@ def test_property_chunked_equals_whole_and_nothing_is_taken_back(text: str, cuts
 
 @hsettings(max_examples=300)
 @given(text=st.text(alphabet=st.characters(blacklist_characters="<"), max_size=200), cuts=CUTS)
+@example(text="\n", cuts=[])  # found by Hypothesis: leading whitespace waits for a possible <think>
 def test_property_text_without_markup_is_untouched_and_held_briefly(text: str, cuts: list[int]) -> None:
-    """Text with no "<" goes out as it comes. Held back, briefly, is only a word at the start of a line
-    that may become a call's id ("functions..." when no tools are declared)."""
+    """Text with no "<" goes out as it comes. Held back, briefly, is only what may still be markup: a
+    word at the start of a line that may become a call's id ("functions..." when no tools are
+    declared), or leading whitespace that a <think> may follow."""
     steps, end = feed_in_pieces(text, cuts, "reasoning", tools=[])
     sent = ""
     bounds = [b for b in sorted(set(c for c in cuts if c < len(text))) + [len(text)] if b > 0]
@@ -706,7 +731,8 @@ def test_property_text_without_markup_is_untouched_and_held_briefly(text: str, c
         sent += "".join(e.text for e in step)
         held = text[len(sent):fed]
         assert text[:fed].startswith(sent)
-        assert not held or "\n" not in held and len(held) <= kp.MAX_LINE_HEADER and (
+        opening = not text[:fed].strip() and len(held) < kp.LONGEST_MARKER
+        assert not held or opening or "\n" not in held and len(held) <= kp.MAX_LINE_HEADER and (
             held.strip() == "" or "functions".startswith(held.strip()) or held.strip().startswith("functions"))
     assert sent + "".join(e.text for e in end) == text
 
@@ -793,6 +819,7 @@ def sdk_call(fn: Any) -> Any:
     return trio.to_thread.run_sync(fn)
 
 
+@pytest.mark.edge
 async def test_openai_sdk_stream_and_whole(proxy: Running) -> None:
     proxy.upstream.script(Script(steps=stream_of(reasoning=["Thinking", " hard"], content=["Hel", "lo", "!"])))
 
@@ -820,6 +847,7 @@ async def test_openai_sdk_stream_and_whole(proxy: Running) -> None:
     assert seen.headers["authorization"] == "Bearer sk-test-secret-123"
 
 
+@pytest.mark.edge
 async def test_alias_route_models_and_info(proxy: Running) -> None:
     async with httpx.AsyncClient(base_url=proxy.base) as client:
         r = await client.post("/api/chat/completions", json={"model": "m", "messages": []})
@@ -836,6 +864,7 @@ async def test_alias_route_models_and_info(proxy: Running) -> None:
     assert [m.id for m in models.data] == ["kimi-k2-thinking"]
 
 
+@pytest.mark.edge
 async def test_passthrough_streams_other_routes(proxy: Running) -> None:
     body = [b'data: {"choices":[{"text":"a"}]}\n\n', 0.3, b'data: {"choices":[{"text":"b"}]}\n\n', b"data: [DONE]\n\n"]
     proxy.upstream.script(Script(steps=body))
@@ -852,6 +881,7 @@ async def test_passthrough_streams_other_routes(proxy: Running) -> None:
     assert proxy.upstream.seen[-1].path == "/v1/completions?x=1"
 
 
+@pytest.mark.edge
 async def test_stream_is_relayed_live(proxy: Running) -> None:
     """The fake holds its second token until the client has the first: a proxy that buffered would
     never let this test finish."""
@@ -874,18 +904,20 @@ async def test_stream_is_relayed_live(proxy: Running) -> None:
     assert [t for t in texts if t] == ["one", "two"]
 
 
+@pytest.mark.edge
 async def test_stream_longer_than_quart_response_timeout(proxy: Running) -> None:
     """Quart cuts a response after RESPONSE_TIMEOUT (60 s by default) silently. Made cheap: the
-    framework's timeout is lowered to 0.5 s, and a 2 s stream still arrives whole."""
-    proxy.app.config["RESPONSE_TIMEOUT"] = 0.5
+    framework's timeout is lowered to 0.3 s, and a 1.2 s stream still arrives whole."""
+    proxy.app.config["RESPONSE_TIMEOUT"] = 0.3
     steps = stream_of(content=[f"t{i} " for i in range(8)])
-    proxy.upstream.script(Script(steps=[x for s in steps for x in (s, 0.25)]))
+    proxy.upstream.script(Script(steps=[x for s in steps for x in (s, 0.1)]))
     content = await sdk_call(lambda: "".join(
         ch.delta.content or "" for ev in proxy.sdk().chat.completions.create(
             model="m", messages=[{"role": "user", "content": "x"}], stream=True) for ch in ev.choices))
     assert content == "".join(f"t{i} " for i in range(8))
 
 
+@pytest.mark.edge
 async def test_heartbeats_during_silent_prefill(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
     """SGLang sends nothing until its first token: the client gets the headers and keep-alive comments
     meanwhile (the fake stays silent until the client has seen two)."""
@@ -904,6 +936,7 @@ async def test_heartbeats_during_silent_prefill(nursery: trio.Nursery, upstream:
     assert lines[-2] == "data: [DONE]"
 
 
+@pytest.mark.edge
 async def test_upstream_error_after_headers_becomes_error_event(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
     running = await start_proxy(nursery, upstream.url, HEARTBEAT_INTERVAL="0.2")
     upstream.script(Script(status=503, delay=1.0, body={"object": "error", "message": "overloaded", "code": 503}))
@@ -920,6 +953,7 @@ async def test_upstream_error_after_headers_becomes_error_event(nursery: trio.Nu
     assert "overloaded" in str(exc)
 
 
+@pytest.mark.edge
 @pytest.mark.parametrize("stream", [True, False])
 async def test_disconnect_mid_stream_or_during_prefill_closes_upstream(proxy: Running, stream: bool) -> None:
     """The client leaves; the upstream request is closed while SGLang still had 20 s to go (the fake
@@ -987,6 +1021,7 @@ async def test_collector_runs_when_idle_and_every_n_requests(autojump_clock: tri
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.edge
 async def test_an_app_in_a_test_process_leaves_the_process_alone(nursery: trio.Nursery,
                                                                  upstream: FakeSGLang) -> None:
     """Process-wide tuning happens only where a server process starts, not when an app is created."""
@@ -997,6 +1032,7 @@ async def test_an_app_in_a_test_process_leaves_the_process_alone(nursery: trio.N
     assert (gc.get_threshold(), gc.get_freeze_count()) == before and running.app.proxy.collector is None
 
 
+@pytest.mark.edge
 async def test_silent_stream_disconnect_without_heartbeats(proxy: Running) -> None:
     """Hypercorn's trio worker can miss a disconnect while nothing is written (hypercorn #210): with
     heartbeats off and a silent upstream, the upstream is still closed."""
@@ -1012,6 +1048,7 @@ async def test_silent_stream_disconnect_without_heartbeats(proxy: Running) -> No
     assert not proxy.upstream.seen[-1].completed
 
 
+@pytest.mark.edge
 async def test_large_body_forwarded_byte_for_byte(proxy: Running) -> None:
     big = "x" * (20 * 1024 * 1024)
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": big}]}).encode()
@@ -1021,6 +1058,7 @@ async def test_large_body_forwarded_byte_for_byte(proxy: Running) -> None:
     assert hashlib.sha256(proxy.upstream.seen[-1].body).digest() == hashlib.sha256(body).digest()
 
 
+@pytest.mark.edge
 async def test_body_over_limit_is_413(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
     running = await start_proxy(nursery, upstream.url, MAX_BODY_MB="1")
     async with httpx.AsyncClient(base_url=running.base) as client:
@@ -1031,6 +1069,7 @@ async def test_body_over_limit_is_413(nursery: trio.Nursery, upstream: FakeSGLan
     assert upstream.seen == []
 
 
+@pytest.mark.edge
 async def test_bad_requests_get_clear_errors(proxy: Running) -> None:
     async with httpx.AsyncClient(base_url=proxy.base) as client:
         for body, status, words in [
@@ -1048,6 +1087,7 @@ async def test_bad_requests_get_clear_errors(proxy: Running) -> None:
     assert proxy.upstream.seen == []  # none of them reached the GPU
 
 
+@pytest.mark.edge
 async def test_upstream_down_is_502_and_timeout_504(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
@@ -1065,6 +1105,7 @@ async def test_upstream_down_is_502_and_timeout_504(nursery: trio.Nursery, upstr
         assert r.status_code == 200
 
 
+@pytest.mark.edge
 async def test_upstream_4xx_relayed(proxy: Running) -> None:
     proxy.upstream.script(Script(status=400, body={"object": "error", "message": "context too long", "code": 400}),
                           Script(status=400, body={"object": "error", "message": "bad tools", "code": 400}))
@@ -1074,6 +1115,7 @@ async def test_upstream_4xx_relayed(proxy: Running) -> None:
         await sdk_call(lambda: list(proxy.sdk().chat.completions.create(model="m", messages=[], stream=True)))
 
 
+@pytest.mark.edge
 async def test_garbage_sse_skipped_and_stream_without_done(proxy: Running) -> None:
     steps = [sse(chunk({"role": "assistant", "content": ""})), b"data: not json at all\n\n",
              b"data: \xff\xfe{bad utf8\n\n", sse(chunk({"content": "ok"})), sse(chunk({}, finish="stop"))]
@@ -1085,6 +1127,7 @@ async def test_garbage_sse_skipped_and_stream_without_done(proxy: Running) -> No
     assert b"not json" not in r.content and b"\xff" not in r.content
 
 
+@pytest.mark.edge
 async def test_headers_forwarded_and_secrets_never_logged(nursery: trio.Nursery, upstream: FakeSGLang,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="kimiproxy")
@@ -1108,6 +1151,7 @@ async def test_headers_forwarded_and_secrets_never_logged(nursery: trio.Nursery,
     assert ours and all(getattr(rec, "request_id", None) == "req-42" for rec in ours)
 
 
+@pytest.mark.edge
 async def test_stream_final_message_logged(proxy: Running, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="kimiproxy")
     proxy.upstream.script(Script(steps=stream_of(reasoning=["why"], content=["Hi"])))
@@ -1120,12 +1164,12 @@ async def test_stream_final_message_logged(proxy: Running, caplog: pytest.LogCap
 
 # -- the repair through the running proxy, with the OpenAI SDK -------------------------------------------
 
-def _sdk_message(sdk: openai.OpenAI, case: dict, stream: bool) -> dict:
+def _sdk_message(sdk: openai.OpenAI, case: dict, stream: bool, **extra: Any) -> dict:
     history = [{"role": "assistant", "content": "", "tool_calls": [
         {"id": f"functions.x:{i}", "type": "function", "function": {"name": "x", "arguments": "{}"}}]}
         for i in range(case["history_tool_calls"])]
     kwargs = dict(model="kimi", messages=[{"role": "user", "content": "go"}, *history],
-                  tools=case["request_tools"] or openai.NOT_GIVEN)
+                  tools=case["request_tools"] or openai.NOT_GIVEN, **extra)
     if not stream:
         r = sdk.chat.completions.create(**kwargs)
         m = r.choices[0].message
@@ -1145,6 +1189,7 @@ def _sdk_message(sdk: openai.OpenAI, case: dict, stream: bool) -> dict:
             "finish_reason": finish}
 
 
+@pytest.mark.edge
 async def test_corpus_end_to_end_with_openai_sdk(proxy: Running) -> None:
     """Every case through the running proxy with the OpenAI SDK: streamed (reasoning in 7-character
     deltas, content in 5) and whole; both must give the expected, and the same, calls."""
@@ -1170,6 +1215,7 @@ async def test_corpus_end_to_end_with_openai_sdk(proxy: Running) -> None:
         assert norm(streamed["content"]) == norm(whole["content"])
 
 
+@pytest.mark.edge
 async def test_history_rewrite_reaches_upstream_only(proxy: Running) -> None:
     proxy.upstream.script(Script(body=completion(), content_type="application/json"))
     messages = [{"role": "user", "content": "x"},
@@ -1181,6 +1227,7 @@ async def test_history_rewrite_reaches_upstream_only(proxy: Running) -> None:
     assert sent[1]["tool_calls"][0]["id"] == "functions.exec:0" and sent[2]["tool_call_id"] == "functions.exec:0"
 
 
+@pytest.mark.edge
 async def test_repair_switch_off_end_to_end(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
     running = await start_proxy(nursery, upstream.url, ENABLE_STREAMING_TOOL_PARSER="false")
     raw = CASES[0]["upstream"]["reasoning_content"]
@@ -1193,6 +1240,7 @@ async def test_repair_switch_off_end_to_end(nursery: trio.Nursery, upstream: Fak
     assert info["repairs"]["tool_calls"] is False
 
 
+@pytest.mark.edge
 async def test_each_repair_logged_with_request_id(proxy: Running, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="kimiproxy")
     case = next(c for c in CASES if c["name"] == "content_no_prefix_id")
@@ -1203,6 +1251,87 @@ async def test_each_repair_logged_with_request_id(proxy: Running, caplog: pytest
     lines = await logged(caplog, "repair: recovered")
     assert len(lines) == 1 and lines[0].request_id == "rid-7"
     assert "from content" in lines[0].getMessage() and "id-rewritten" in lines[0].getMessage()
+
+
+@pytest.mark.edge
+async def test_sglang_with_a_tool_parser_is_warned_about(nursery: trio.Nursery,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """SGLang reports its flags: with --tool-call-parser kimiproxy warns once (log, /), with the fix,
+    and /health?upstream=1 shows the parsers. An upstream that is not SGLang is fine."""
+    caplog.set_level(logging.WARNING, logger="kimiproxy")
+    with_parser = await nursery.start(FakeSGLang(server_info={**SERVER_INFO, "tool_call_parser": "kimi_k2"}).serve)
+    not_sglang = await nursery.start(FakeSGLang(server_info=None).serve)
+    warned = await start_proxy(nursery, with_parser.url)
+    plain = await start_proxy(nursery, not_sglang.url)
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(5):
+            while (info := (await client.get(warned.base + "/")).json())["upstream_parsers"] is None:
+                await trio.sleep(0.02)
+        assert info["upstream_parsers"] == {"tool_call_parser": "kimi_k2", "reasoning_parser": "kimi_k2"}
+        assert "without --tool-call-parser" in info["warning"]
+        health = (await client.get(warned.base + "/health?upstream=1")).json()
+        assert health["parsers"]["tool_call_parser"] == "kimi_k2" and "without --tool-call-parser" in health["warning"]
+        plain_info = (await client.get(plain.base + "/")).json()
+        plain_health = await client.get(plain.base + "/health?upstream=1")
+    assert plain_info["upstream_parsers"] is None and plain_info["warning"] is None
+    assert plain_health.status_code == 200 and plain_health.json()["parsers"] is None
+    assert [r.getMessage() for r in caplog.records].count(kp.parser_warning({"tool_call_parser": "kimi_k2"})) == 1
+
+
+@pytest.mark.edge
+async def test_passthrough_relays_upstream_errors_untouched(proxy: Running) -> None:
+    body = b'{"detail":"embeddings are not enabled"}'
+    proxy.upstream.script(Script(status=404, body=body, content_type="application/json"))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        r = await client.post("/v1/embeddings", json={"input": "x"})
+    assert (r.status_code, r.content) == (404, body)
+
+
+@pytest.mark.edge
+async def test_done_ends_the_response_without_waiting_for_the_upstream(proxy: Running) -> None:
+    """The client has its whole stream at [DONE] even while the upstream connection is still open, and
+    leaving then is not a disconnect."""
+    upstream_may_end = trio.Event()
+    proxy.upstream.script(Script(steps=[*stream_of(content=["a"]), upstream_may_end]))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        r = await client.post("/v1/chat/completions", json={"messages": [], "stream": True})
+        assert r.content.endswith(b"data: [DONE]\n\n") and not proxy.upstream.seen[-1].completed
+        upstream_may_end.set()
+        with trio.fail_after(5):
+            while not proxy.upstream.seen[-1].completed:
+                await trio.sleep(0.02)
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert metrics['kimiproxy_requests_total{route="/v1/chat/completions",status="200"}'] == 1
+    assert not any(k.startswith("kimiproxy_client_disconnects_total") for k in metrics)
+
+
+@pytest.mark.edge
+async def test_tool_choice_required_without_sglangs_tool_parser(proxy: Running) -> None:
+    """SGLang's grammar for tool_choice "required" makes the model write a JSON array of calls; without
+    --tool-call-parser it arrives as content, and the client gets tool calls."""
+    array = '[{"name": "read_file", "parameters": {"path": "a.py"}}, {"name": "exec", "parameters": {"command": "ls"}}]'
+    pieces = [array[i:i + 7] for i in range(0, len(array), 7)]
+    proxy.upstream.script(Script(steps=stream_of(reasoning=["Must call."], content=pieces)),
+                          Script(body=completion(array, "Must call."), content_type="application/json"))
+    for stream in (True, False):
+        message = await sdk_call(lambda: _sdk_message(proxy.sdk(), {"history_tool_calls": 1, "request_tools": TOOLS},
+                                                      stream, tool_choice="required"))
+        assert [(c["id"], c["name"], json.loads(c["arguments"])) for c in message["tool_calls"]] == [
+            ("functions.read_file:1", "read_file", {"path": "a.py"}), ("functions.exec:2", "exec", {"command": "ls"})]
+        assert (message["content"], message["finish_reason"]) == ("", "tool_calls")
+
+
+@pytest.mark.edge
+async def test_lone_surrogate_in_the_history_is_forwarded(proxy: Running) -> None:
+    """A JavaScript client cut a tool result mid-emoji: the history rewrite must not turn that into a 500."""
+    body = ('{"messages": [{"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", '
+            '"function": {"name": "exec", "arguments": "{}"}}]}, '
+            '{"role": "tool", "tool_call_id": "call_1", "content": "half \\ud83d"}]}').encode()
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        r = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200
+    sent = proxy.upstream.seen[-1].json()["messages"]
+    assert sent[1]["tool_call_id"] == "functions.exec:0" and sent[1]["content"] == "half \ud83d"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1218,6 +1347,20 @@ def test_settings_from_env_and_bad_values() -> None:
                        ({"ENABLE_FILE_LOGGING": "maybe"}, "boolean"), ({"PROXY_PORT": "99999"}, "port")]:
         with pytest.raises(kp.ConfigError, match=words):
             kp.Settings.from_env(env)
+
+
+def test_every_setting_is_in_env_example_and_readme() -> None:
+    """The variables Settings reads, .env.example sets and the README's table lists are the same, and
+    .env.example, read as it is, gives the defaults."""
+    read = set(re.findall(r'\b(?:text|number|flag)\("([A-Z_]+)"', Path(kp.__file__).read_text()))
+    read |= set(re.findall(r'env\.get\("([A-Z_]+)"', Path(kp.__file__).read_text()))
+    example = kp.read_dotenv([HERE / ".env.example"])
+    readme = Path(HERE / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("##", readme.index("## Configuration") + 3)]
+    listed = {name for row in table.splitlines() if row.startswith("| `")
+              for name in re.findall(r"`([A-Z][A-Z_]+)`", row.split("|")[1])}
+    assert read == set(example) == listed, (read ^ set(example), read ^ listed)
+    assert kp.Settings.from_env(example) == kp.Settings()
 
 
 def test_dotenv_file(tmp_path: Path) -> None:
@@ -1257,6 +1400,8 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float = 15) -> subprocess
                           timeout=timeout)
 
 
+@pytest.mark.slow
+@pytest.mark.edge
 def test_bad_configuration_stops_with_one_line() -> None:
     r = _run([sys.executable, "kimiproxy.py"], {"FORWARD_TIMEOUT": "soon"})
     assert r.returncode == 1
@@ -1270,6 +1415,8 @@ def test_bad_configuration_stops_with_one_line() -> None:
                                      "http:// or https:// URL, like http://127.0.0.1:30000/v1")
 
 
+@pytest.mark.slow
+@pytest.mark.edge
 def test_asyncio_worker_refused_with_hint() -> None:
     """Without -k trio the worker stops at start-up (the run would time out if it kept serving)."""
     r = _run([sys.executable, "-m", "hypercorn", "kimiproxy:app", "-b", f"127.0.0.1:{_free_port()}"], {})
@@ -1277,6 +1424,8 @@ def test_asyncio_worker_refused_with_hint() -> None:
     assert "kimiproxy needs Hypercorn's trio worker: run `hypercorn kimiproxy:app -k trio`" in r.stderr
 
 
+@pytest.mark.edge
+@pytest.mark.slow
 async def test_readme_commands_serve_a_real_stream(upstream: FakeSGLang) -> None:
     """`hypercorn kimiproxy:app -k trio` and `python kimiproxy.py`, as the README runs them."""
     case = CASES[0]
@@ -1293,6 +1442,7 @@ async def test_readme_commands_serve_a_real_stream(upstream: FakeSGLang) -> None
 # Running in the open: access control, metrics, health, restarts, several workers
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.edge
 async def test_api_keys_required_and_never_leaked(nursery: trio.Nursery, upstream: FakeSGLang,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="kimiproxy")
@@ -1345,6 +1495,7 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+@pytest.mark.edge
 async def test_metrics_count_what_happened(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
     running = await start_proxy(nursery, upstream.url)
     case = CASES[0]
@@ -1374,6 +1525,7 @@ async def test_metrics_count_what_happened(nursery: trio.Nursery, upstream: Fake
     assert "# TYPE kimiproxy_request_duration_seconds histogram" in text
 
 
+@pytest.mark.edge
 async def test_metrics_upstream_errors_and_health(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1395,16 +1547,19 @@ async def test_metrics_upstream_errors_and_health(nursery: trio.Nursery, upstrea
 
 @contextlib.asynccontextmanager
 async def proxy_process(args: list[str], env: dict[str, str]) -> Any:
-    """kimiproxy as its own process (args: after the interpreter, "{port}" filled in), healthy, on a
-    free port; yields (base URL, process) and kills it if a test left it running."""
+    """kimiproxy as its own process, in its own process group (args: after the interpreter, "{port}"
+    filled in), healthy, on a free port; yields (base URL, process) and kills the group if a test left
+    it running. Its stderr goes to ``proc.log``."""
     port = _free_port()
+    log_file = tempfile.TemporaryFile()
     proc = await trio.lowlevel.open_process(
         [sys.executable, *[a.format(port=port) for a in args]], cwd=HERE, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, env={**os.environ, **env})
+        stderr=log_file, env={**os.environ, **env}, start_new_session=True)
+    proc.log = log_file  # type: ignore[attr-defined]
     base = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=base) as client:
-            with trio.fail_after(10):
+            with trio.fail_after(20):
                 while True:
                     assert proc.returncode is None, "proxy exited at start-up"
                     try:
@@ -1415,52 +1570,110 @@ async def proxy_process(args: list[str], env: dict[str, str]) -> Any:
         yield base, proc
     finally:
         if proc.returncode is None:
-            proc.terminate()
-            with trio.move_on_after(5):
-                await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        log_file.close()
 
 
 HYPERCORN_ARGS = ["-m", "hypercorn", "kimiproxy:app", "-k", "trio", "-b", "127.0.0.1:{port}"]
 PYTHON_ARGS = ["kimiproxy.py", "--host", "127.0.0.1", "--port", "{port}"]
 
 
-@pytest.mark.parametrize("args", [PYTHON_ARGS, HYPERCORN_ARGS + ["--graceful-timeout", "5"]], ids=["python", "hypercorn"])
-async def test_sigterm_lets_streams_finish_then_exits(upstream: FakeSGLang, args: list[str]) -> None:
-    async with proxy_process(args, {"SGLANG_API_BASE": upstream.url, "SHUTDOWN_GRACE": "5"}) as (base, proc):
+def hypercorn_worker(supervisor: int) -> int:
+    """The worker process Hypercorn's supervisor spawned (not multiprocessing's resource tracker)."""
+    children = [int(pid) for task in Path(f"/proc/{supervisor}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    return next(pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes())
+
+
+# Every way a user stops kimiproxy: (runner, who gets the signal, the signal). "group" is the whole
+# process group: systemd's default KillMode=control-group, `kill -TERM -- -PGID`, `timeout`, Ctrl-C.
+STOPS = [
+    ("hypercorn", "supervisor", signal.SIGTERM),  # docker stop
+    ("hypercorn", "group", signal.SIGTERM),
+    ("hypercorn", "group", signal.SIGINT),
+    ("hypercorn", "worker", signal.SIGTERM),
+    ("python", "process", signal.SIGTERM),
+    ("python", "group", signal.SIGINT),
+]
+
+
+async def stop_during_a_stream(runner: str, whom: str, signum: int, grace: float) -> str:
+    """Start kimiproxy, stream through it, stop it while the stream runs, and let the upstream go on
+    (after a pause: the signal must have arrived) for 1 s of tokens when ``grace`` allows it, else
+    for 20 s. Returns what went wrong ("" if nothing)."""
+    problems = []
+    args = (HYPERCORN_ARGS + ["--graceful-timeout", f"{grace:g}"]) if runner == "hypercorn" else PYTHON_ARGS
+    async with trio.open_nursery() as nursery:
+        fake = await nursery.start(FakeSGLang().serve)
+        signalled = trio.Event()
         steps = stream_of(content=[f"w{i} " for i in range(6)])
-        upstream.script(Script(steps=[x for s in steps for x in (s, 0.2)]))
-        async with httpx.AsyncClient(base_url=base) as client:
-            async with client.stream("POST", "/v1/chat/completions", json={"messages": [], "stream": True}) as r:
-                got = []
-                async for line in r.aiter_lines():
-                    got.append(line)
-                    if len(got) == 3:
-                        proc.send_signal(signal.SIGTERM)  # while the stream is running
-        assert "data: [DONE]" in got and "w5" in "".join(got)  # the stream finished whole
-        with trio.fail_after(8):
-            await proc.wait()
-        assert proc.returncode == 0
-        assert upstream.seen[-1].completed
+        rest = [x for s in steps[2:] for x in (s, 0.15)] if grace > 2 else [20.0, *steps[2:]]
+        fake.script(Script(steps=[*steps[:2], signalled, *rest]))
+        async with proxy_process(args, {"SGLANG_API_BASE": fake.url, "SHUTDOWN_GRACE": str(grace)}) as (base, proc):
+            target = {"worker": hypercorn_worker(proc.pid) if whom == "worker" else None}.get(whom, proc.pid)
+            got = []
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                with contextlib.suppress(httpx.HTTPError):  # a stream cut short breaks the body
+                    async with client.stream("POST", "/v1/chat/completions",
+                                             json={"messages": [], "stream": True}) as r:
+                        async for line in r.aiter_lines():
+                            got.append(line)
+                            if "w0" in line:
+                                (os.killpg if whom == "group" else os.kill)(target, signum)
+                                await trio.sleep(0.5)  # the signal is handled before the stream goes on
+                                signalled.set()
+            with trio.fail_after(15):
+                await proc.wait()
+            proc.log.seek(0)
+            stderr = proc.log.read().decode(errors="replace")[-800:]
+        complete = "data: [DONE]" in got and "w5" in "".join(got)
+        if proc.returncode != 0:
+            problems.append(f"exit status {proc.returncode}")
+        if grace > 2 and not (complete and fake.seen[-1].completed):
+            problems.append(f"stream cut short: {got[-3:]}")
+        if grace <= 2 and not (fake.seen[-1].aborted_at and not fake.seen[-1].completed):
+            problems.append("upstream not closed after the grace")
+        nursery.cancel_scope.cancel()
+    return "; ".join(problems) + (f" | stderr: {stderr}" if problems else "")
 
 
-async def test_sigterm_cancels_streams_past_the_grace(upstream: FakeSGLang) -> None:
-    async with proxy_process(PYTHON_ARGS, {"SGLANG_API_BASE": upstream.url, "SHUTDOWN_GRACE": "0.5"}) as (base, proc):
-        upstream.script(Script(steps=[*stream_of(content=["a"])[:2], *([1.0] * 20)]))
-        async with httpx.AsyncClient(base_url=base) as client:
-            async with client.stream("POST", "/v1/chat/completions", json={"messages": [], "stream": True}) as r:
-                async for _ in r.aiter_bytes():
-                    proc.send_signal(signal.SIGTERM)
-                    break
-            signalled = time.monotonic()
-        with trio.fail_after(5):
-            await proc.wait()
-        assert proc.returncode == 0
-        assert upstream.seen[-1].aborted_at is not None  # the GPU was told to stop
-        assert upstream.seen[-1].aborted_at - signalled < 2.0
+@pytest.mark.slow
+@pytest.mark.edge
+async def test_every_way_of_stopping_lets_streams_finish() -> None:
+    """SIGTERM or SIGINT, to the supervisor, the worker or the whole process group, under Hypercorn or
+    python kimiproxy.py: in-flight streams finish within the grace, then the process exits 0. (The
+    scenarios run side by side, each with its own fake SGLang and process group.)"""
+    outcomes: dict[tuple, str] = {}
+
+    async def one(stop: tuple) -> None:
+        outcomes[stop] = await stop_during_a_stream(*stop, grace=10)
+
+    async with trio.open_nursery() as nursery:
+        for stop in STOPS:
+            nursery.start_soon(one, stop)
+    assert {stop: problem for stop, problem in outcomes.items() if problem} == {}
 
 
+@pytest.mark.slow
+@pytest.mark.edge
+async def test_past_the_grace_streams_are_cut_and_upstreams_closed() -> None:
+    """A stream longer than the grace is cancelled, its upstream request closed (SGLang stops
+    generating), and the process still exits 0."""
+    outcomes: dict[tuple, str] = {}
+
+    async def one(stop: tuple) -> None:
+        outcomes[stop] = await stop_during_a_stream(*stop, grace=1)
+
+    async with trio.open_nursery() as nursery:
+        for stop in [("hypercorn", "group", signal.SIGTERM), ("python", "process", signal.SIGTERM)]:
+            nursery.start_soon(one, stop)
+    assert {stop: problem for stop, problem in outcomes.items() if problem} == {}
+
+
+@pytest.mark.edge
+@pytest.mark.slow
 async def test_several_hypercorn_workers(upstream: FakeSGLang) -> None:
     async with proxy_process(HYPERCORN_ARGS + ["-w", "2"], {"SGLANG_API_BASE": upstream.url}) as (base, _):
         results = []
@@ -1480,6 +1693,7 @@ async def test_several_hypercorn_workers(upstream: FakeSGLang) -> None:
 # Hostile and broken input: a clear error or a clean pass-through, and the proxy keeps serving
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.edge
 async def test_half_body_then_stall_is_408(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
     running = await start_proxy(nursery, upstream.url, BODY_TIMEOUT="0.5")
     host, port = running.base.removeprefix("http://").split(":")
@@ -1500,6 +1714,8 @@ async def test_half_body_then_stall_is_408(nursery: trio.Nursery, upstream: Fake
         assert (await client.post("/v1/chat/completions", json={"messages": []})).status_code == 200
 
 
+@pytest.mark.edge
+@pytest.mark.slow
 async def test_thousands_of_idle_connections(proxy: Running) -> None:
     host, port = proxy.base.removeprefix("http://").split(":")
     idle = []
@@ -1514,6 +1730,7 @@ async def test_thousands_of_idle_connections(proxy: Running) -> None:
             await s.aclose()
 
 
+@pytest.mark.edge
 async def test_upstream_huge_line_is_dropped_memory_bounded(proxy: Running) -> None:
     huge = b"data: {\"x\": \"" + b"y" * (20 * 1024 * 1024) + b"\"}\n\n"
     steps = stream_of(content=["before", "after"])
@@ -1524,6 +1741,7 @@ async def test_upstream_huge_line_is_dropped_memory_bounded(proxy: Running) -> N
     assert accumulate(frames_to_events([r.content]))["content"] == "beforeafter"
 
 
+@pytest.mark.edge
 async def test_upstream_events_split_at_every_byte(proxy: Running) -> None:
     case = next(c for c in CASES if c["name"] == "reasoning_three_concatenated")
     body = b"".join(stream_of(reasoning=[case["upstream"]["reasoning_content"]]))
@@ -1534,6 +1752,7 @@ async def test_upstream_events_split_at_every_byte(proxy: Running) -> None:
     check_expected(case, accumulate(frames_to_events([r.content])))
 
 
+@pytest.mark.edge
 async def test_upstream_without_finish_chunk_or_done(proxy: Running) -> None:
     case = CASES[0]
     steps = [sse(chunk({"role": "assistant", "content": ""})),
@@ -1545,6 +1764,7 @@ async def test_upstream_without_finish_chunk_or_done(proxy: Running) -> None:
     check_expected(case, accumulate(frames_to_events([r.content])))
 
 
+@pytest.mark.edge
 async def test_upstream_not_sse_and_connection_dropped(proxy: Running) -> None:
     proxy.upstream.script(Script(body=completion(), content_type="application/json"))
     async with httpx.AsyncClient(base_url=proxy.base) as client:
