@@ -1,8 +1,9 @@
 """bench_kimiproxy.py: what kimiproxy costs, measured against no proxy at all, side by side in one run.
 
-    python bench_kimiproxy.py            # 3 rounds, about two minutes
-    python bench_kimiproxy.py --quick    # 1 round of smaller workloads, about 30 s
+    python bench_kimiproxy.py            # 3 rounds, about four minutes
+    python bench_kimiproxy.py --quick    # 1 round of smaller workloads, about a minute
     python bench_kimiproxy.py --json     # machine-readable
+    python bench_kimiproxy.py --baseline DIR   # also another checkout of kimiproxy, side by side
 
 It starts a fast fake SGLang (a subprocess: stdlib asyncio, pre-serialized Kimi-like chunks) and
 kimiproxy exactly as the README does (``hypercorn kimiproxy:app -k trio``, repair on), then runs each
@@ -17,6 +18,10 @@ workload against the upstream directly and through the proxy, interleaved, round
   small     small non-streaming requests at concurrency 1 and 32: proxy CPU per request, requests/s
   body      a 5 MB request body: time added
   leave     the client leaves mid-stream: time until the upstream sees its connection closed
+  core      the repair core alone, in a process of its own (so a baseline checkout runs its own
+            code): Kimi-like events per second, and 1 MB of tool-call arguments one character per
+            event, as markup and as structured deltas, at 100 KB and at 1 MB: the CPU per character
+            stays the same when the work is linear
 
 The proxy's CPU time and memory are read from /proc for its whole process tree. Each figure is the
 median over the rounds. Only 127.0.0.1 is contacted. Targets (issue #5) are printed beside each figure.
@@ -341,10 +346,10 @@ def wait_port(port: int, timeout: float = 15) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def start(argv: list[str], env: dict[str, str], port: int) -> subprocess.Popen:
+def start(argv: list[str], env: dict[str, str], port: int, cwd: Path = HERE) -> subprocess.Popen:
     """A server process, its output to a file: a pipe nobody reads would fill and block its logging."""
     log_file = tempfile.NamedTemporaryFile(prefix="bench-", suffix=".log", delete=False)
-    proc = subprocess.Popen(argv, cwd=HERE, env={**os.environ, **env}, stdout=log_file, stderr=log_file)
+    proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **env}, stdout=log_file, stderr=log_file)
     try:
         wait_port(port)
     except RuntimeError:
@@ -372,23 +377,28 @@ RUNNERS = {  # the README's two commands
 
 
 class Bench:
-    def __init__(self, quick: bool, runner: str = "hypercorn") -> None:
+    def __init__(self, quick: bool, runner: str = "hypercorn", baseline: Path | None = None) -> None:
         self.runner = runner
         self.quick = quick
         self.fast_chunks = 20_000
         self.paced = (100, 40) if quick else (500, 100)  # streams, chunks each
         self.small_seconds = 2.0 if quick else 4.0
-        self.up_port, self.proxy_port = free_port(), free_port()
+        self.argument_chars = 200_000 if quick else 1_000_000
+        self.up_port = free_port()
         self.upstream = start([sys.executable, __file__, "--upstream", str(self.up_port)], {}, self.up_port)
-        self.proxy = start([sys.executable, *[a.format(port=self.proxy_port) for a in RUNNERS[runner]],
-                            *(EXTRA_HYPERCORN_ARGS if runner == "hypercorn" else [])],
-                           {"SGLANG_API_BASE": f"http://127.0.0.1:{self.up_port}/v1",
-                            "ENABLE_STREAMING_TOOL_PARSER": "true", "ENABLE_FILE_LOGGING": "false",
-                            "LOG_LEVEL": "WARNING"}, self.proxy_port)
-        self.results: dict[str, dict[str, list]] = {"direct": {}, "proxy": {}}
+        self.checkouts = {"proxy": HERE, **({"baseline": baseline} if baseline else {})}
+        self.ports, self.procs = {"direct": self.up_port}, {}
+        for target, checkout in self.checkouts.items():
+            port = self.ports[target] = free_port()
+            self.procs[target] = start(
+                [sys.executable, *[a.format(port=port) for a in RUNNERS[runner]],
+                 *(EXTRA_HYPERCORN_ARGS if runner == "hypercorn" else [])],
+                {"SGLANG_API_BASE": f"http://127.0.0.1:{self.up_port}/v1", "ENABLE_STREAMING_TOOL_PARSER": "true",
+                 "ENABLE_FILE_LOGGING": "false", "LOG_LEVEL": "WARNING"}, port, cwd=checkout)
+        self.results: dict[str, dict[str, list]] = {target: {} for target in ("direct", *self.checkouts)}
 
     def close(self) -> None:
-        for proc in (self.proxy, self.upstream):
+        for proc in (*self.procs.values(), self.upstream):
             proc.terminate()
             proc.wait(5)
 
@@ -396,15 +406,16 @@ class Bench:
         self.results[target].setdefault(name, []).append(value)
 
     def measure(self, target: str, port: int, fn, *args):  # noqa: ANN001, ANN201
-        """Run one workload; returns (its result, proxy CPU seconds spent meanwhile)."""
-        pids = tree(self.proxy.pid)
+        """Run one workload; returns (its result, the proxy's CPU seconds spent meanwhile)."""
+        pids = tree(self.procs[target].pid) if target in self.procs else []
         before = cpu_seconds(pids)
         result = asyncio.run(fn(port, *args))
         return result, cpu_seconds(pids) - before
 
     def round(self) -> None:
-        self.transformer()
-        for target, port in (("direct", self.up_port), ("proxy", self.proxy_port)):
+        for target in self.checkouts:
+            self.core(target)
+        for target, port in self.ports.items():
             self.fast(target, port)
             self.paced_streams(target, port)
             self.burst(target, port)
@@ -413,29 +424,18 @@ class Bench:
             self.body(target, port)
             self.leave(target, port)
 
-    def transformer(self) -> None:
-        """The repair core alone (StreamRepair.feed on one core, in this process): Kimi-like events,
-        a tool call leaked into reasoning included, as the fast stream sends them."""
-        sys.path.insert(0, str(HERE))
-        import kimiproxy
-        chunks, tail = kimi_stream(self.fast_chunks, False)
-        events = [c[6:-2] for c in chunks] + [e[6:] for e in tail.split(b"\n\n") if e]
-        ctx = kimiproxy.RepairContext.from_request({"tools": [{"type": "function", "function": {
-            "name": "read_file", "parameters": {"type": "object", "properties": {"path": {}}}}}]})
-        started = time.process_time()
-        relay = kimiproxy.StreamRepair(ctx)
-        for data in events:
-            relay.feed(data)
-        relay.close()
-        elapsed = time.process_time() - started
-        assert relay.choices[0].calls and relay.choices[0].calls[0].name == "read_file"
-        self.record("proxy", "transformer_chunks_per_s", len(events) / elapsed)
+    def core(self, target: str) -> None:
+        """The repair core of a checkout, in a process of its own (python bench_kimiproxy.py --core)."""
+        out = subprocess.run([sys.executable, __file__, "--core", str(self.checkouts[target]),
+                              "--chars", str(self.argument_chars)], capture_output=True, text=True, check=True)
+        for name, value in json.loads(out.stdout).items():
+            self.record(target, name, value)
 
     def fast(self, target: str, port: int) -> None:
         (r, cpu) = self.measure(target, port, lambda p: one_stream(p, f"n={self.fast_chunks},batch=32"))
         assert r["completed"], r
         self.record(target, "fast_chunks_per_s", self.fast_chunks / r["elapsed"])
-        self.record(target, "fast_cpu_us_per_chunk", cpu / self.fast_chunks * 1e6 if target == "proxy" else None)
+        self.record(target, "fast_cpu_us_per_chunk", cpu / self.fast_chunks * 1e6 if target != "direct" else None)
 
     def paced_streams(self, target: str, port: int) -> None:
         streams, chunks = self.paced
@@ -443,7 +443,7 @@ class Bench:
         async def run(p: int) -> list[dict]:
             return await asyncio.gather(*(one_stream(p, f"n={chunks},delay=0.05") for _ in range(streams)))
 
-        pids = tree(self.proxy.pid)
+        pids = tree(self.procs[target].pid) if target in self.procs else []
         for pid in pids:  # reset the peak-RSS mark
             try:
                 Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -452,8 +452,8 @@ class Bench:
         results, cpu = self.measure(target, port, run)
         self.record(target, "paced_completed", sum(r["completed"] for r in results))
         self.record(target, "paced_ttfc_p99_ms", percentile([r["ttfc"] for r in results if r["ttfc"]], 99) * 1e3)
-        if target == "proxy":
-            pids = tree(self.proxy.pid)
+        if target != "direct":
+            pids = tree(self.procs[target].pid)
             self.record(target, "paced_cpu_us_per_chunk", cpu / (streams * chunks) * 1e6)
             self.record(target, "paced_peak_rss_mb", rss_mb(pids, "VmHWM"))
             # Under hypercorn the tree is three processes; the worker (the largest) is the only one
@@ -481,7 +481,7 @@ class Bench:
         for concurrency in (1, 32):
             count, cpu = self.measure(target, port, small_requests, concurrency, self.small_seconds)
             self.record(target, f"small_c{concurrency}_rps", count / self.small_seconds)
-            if target == "proxy":
+            if target != "direct":
                 self.record(target, f"small_c{concurrency}_cpu_us_per_req", cpu / count * 1e6)
 
     def body(self, target: str, port: int) -> None:
@@ -502,6 +502,56 @@ class Bench:
         self.record(target, "leave_upstream_closed_ms", (aborted - r["left_at"]) * 1e3 if aborted else None)
 
 
+def core_figures(checkout: Path, chars: int) -> dict[str, float]:
+    """The repair core of ``checkout`` alone, on one core, in this process (CPU time)."""
+    sys.path.insert(0, str(checkout))
+    import kimiproxy
+    tools = [{"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {
+        "path": {}, "content": {}}}}} for name in ("read_file", "write_to_file")]
+    ctx = kimiproxy.RepairContext.from_request({"tools": tools, "messages": []})
+    chunks, tail = kimi_stream(20_000, False)
+    events = [c[6:-2] for c in chunks] + [e[6:] for e in tail.split(b"\n\n") if e]
+    out = {}
+    started = time.process_time()
+    relay = kimiproxy.StreamRepair(ctx)
+    for data in events:
+        relay.feed(data)
+    relay.close()
+    out["transformer_chunks_per_s"] = len(events) / (time.process_time() - started)
+    for kind in ("markup", "structured"):
+        for size, n in (("small", chars // 10), ("big", chars)):
+            out[f"args_{kind}_{size}_us_per_char"] = _arguments_cost(kimiproxy, ctx, kind, n) / n * 1e6
+    return out
+
+
+def _arguments_cost(kimiproxy, ctx, kind: str, n: int) -> float:  # noqa: ANN001
+    """CPU seconds the core spends on one write_to_file call whose content is n characters, the
+    arguments arriving one character per event, as markup in content or as structured deltas."""
+    arguments = '{"path": "big.txt", "content": "' + "x" * n + '"}'
+    if kind == "markup":
+        head = [{"content": "<|tool_calls_section_begin|><|tool_call_begin|>functions.write_to_file:0"
+                            "<|tool_call_argument_begin|>"}]
+        before, after = b'{"choices":[{"index":0,"delta":{"content":"', b'"}}]}'
+        end = [{"content": "<|tool_call_end|><|tool_calls_section_end|>"}]
+    else:
+        head = [{"tool_calls": [{"index": 0, "id": "functions.write_to_file:0", "type": "function",
+                                 "function": {"name": "write_to_file", "arguments": ""}}]}]
+        before, after = b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"', \
+            b'"}}]}}]}'
+        end = []
+    relay = kimiproxy.StreamRepair(ctx)
+    started = time.process_time()
+    for delta in head:
+        relay.feed(json.dumps({"choices": [{"index": 0, "delta": delta}]}).encode())
+    for ch in arguments:
+        relay.feed(before + json.dumps(ch)[1:-1].encode() + after)
+    for delta in end:
+        relay.feed(json.dumps({"choices": [{"index": 0, "delta": delta}]}).encode())
+    relay.feed(b'{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}')
+    relay.close()
+    return time.process_time() - started
+
+
 def _get(port: int, path: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nx-bench: n=1\r\n\r\n".encode())
@@ -517,7 +567,11 @@ def _get(port: int, path: str) -> bytes:
 
 # (figure, label, target, "hi"/"lo" = which way is better, compare: "ratio" | "added" | None)
 FIGURES = [
-    ("transformer_chunks_per_s", "repair transformer alone, one core: chunks/s", None, "hi", None),
+    ("transformer_chunks_per_s", "repair core alone, one core: chunks/s", None, "hi", None),
+    ("args_markup_small_us_per_char", "arguments 1 char/event, markup, 1/10 size: us/char", None, "lo", None),
+    ("args_markup_big_us_per_char", "arguments 1 char/event, markup, full size: us/char", None, "lo", None),
+    ("args_structured_small_us_per_char", "arguments 1 char/event, structured, 1/10: us/char", None, "lo", None),
+    ("args_structured_big_us_per_char", "arguments 1 char/event, structured, full: us/char", None, "lo", None),
     ("fast_chunks_per_s", "fast stream: chunks/s", 60_000, "hi", "ratio"),
     ("fast_cpu_us_per_chunk", "fast stream: proxy CPU per chunk (us)", None, "lo", None),
     ("paced_completed", "paced streams completed", "all", "hi", None),
@@ -538,10 +592,12 @@ FIGURES = [
 
 
 def report(bench: Bench, as_json: bool) -> int:
-    rows, failures = [], 0
+    rows = []
+    baseline = "baseline" in bench.results
     for key, label, target, better, compare in FIGURES:
         direct = median(bench.results["direct"].get(key, []))
         proxy = median(bench.results["proxy"].get(key, []))
+        base = median(bench.results["baseline"].get(key, [])) if baseline else None
         versus = None
         if compare == "ratio" and direct and proxy is not None:
             versus = proxy / direct
@@ -553,15 +609,20 @@ def report(bench: Bench, as_json: bool) -> int:
         ok = None
         if target is not None and checked is not None:
             ok = checked >= target if better == "hi" else checked <= target
-            failures += not ok
-        rows.append({"figure": key, "label": label, "direct": direct, "proxy": proxy, "compare": compare,
-                     "versus": versus, "target": target, "ok": ok})
+        rows.append({"figure": key, "label": label, "direct": direct, "proxy": proxy, "baseline": base,
+                     "compare": compare, "versus": versus,
+                     "versus_baseline": proxy / base if proxy is not None and base else None,
+                     "target": target, "ok": ok})
     if as_json:
-        print(json.dumps({"machine": machine(), "quick": bench.quick, "runner": bench.runner, "rows": rows,
+        print(json.dumps({"machine": machine(), "quick": bench.quick, "runner": bench.runner,
+                          "baseline": str(bench.checkouts.get("baseline") or ""), "rows": rows,
                           "raw": bench.results}, indent=1))
         return 0
     print(f"kimiproxy benchmark ({'quick' if bench.quick else 'full'}, {bench.runner}); {machine()}")
-    print(f"{'figure':48} {'direct':>10} {'kimiproxy':>10} {'vs direct':>11} {'target':>9}  ")
+    if baseline:
+        print(f"baseline: {bench.checkouts['baseline']}")
+    print(f"{'figure':52} {'direct':>10} {'kimiproxy':>10} {'vs direct':>10}"
+          + (f" {'baseline':>10} {'vs base':>8}" if baseline else "") + f" {'target':>9}")
     for r in rows:
         versus = "" if r["versus"] is None else (f"x{r['versus']:.2f}" if r["compare"] == "ratio"
                                                  else f"+{r['versus']:.2f}")
@@ -569,7 +630,11 @@ def report(bench: Bench, as_json: bool) -> int:
         target = "" if r["target"] is None else (("<=" if r["figure"] not in ("fast_chunks_per_s", "small_c32_rps",
                                                                             "paced_completed") else ">=")
                                                  + f"{r['target']:g}")
-        print(f"{r['label']:48} {fmt(r['direct']):>10} {fmt(r['proxy']):>10} {versus:>11} {target:>9}  {mark}")
+        line = f"{r['label']:52} {fmt(r['direct']):>10} {fmt(r['proxy']):>10} {versus:>10}"
+        if baseline:
+            ratio = "" if r["versus_baseline"] is None else f"x{r['versus_baseline']:.2f}"
+            line += f" {fmt(r['baseline']):>10} {ratio:>8}"
+        print(f"{line} {target:>9}  {mark}")
     return 0
 
 
@@ -593,12 +658,18 @@ def main() -> int:
     parser.add_argument("--runner", choices=sorted(RUNNERS), default="hypercorn",
                         help="start kimiproxy with hypercorn (3 processes: supervisor, resource tracker, "
                              "worker) or python kimiproxy.py (1 process)")
+    parser.add_argument("--baseline", type=Path, help="another kimiproxy checkout, measured side by side")
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--core", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--chars", type=int, default=1_000_000, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.upstream:
         run_upstream(args.upstream)
         return 0
-    bench = Bench(args.quick, args.runner)
+    if args.core:
+        print(json.dumps(core_figures(args.core, args.chars)))
+        return 0
+    bench = Bench(args.quick, args.runner, args.baseline.resolve() if args.baseline else None)
     try:
         for _ in range(args.rounds or (1 if args.quick else 3)):
             bench.round()

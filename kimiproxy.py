@@ -1,32 +1,30 @@
-"""kimiproxy: an OpenAI-compatible proxy that repairs Kimi-K2 tool calls leaked by SGLang.
+"""kimiproxy: an OpenAI-compatible proxy that repairs Kimi-K2 tool calls for SGLang.
 
 What and why
-    SGLang's ``kimi_k2`` tool and reasoning parsers (late 2025) leave Kimi-K2-Thinking's raw tool-call
-    markup (``<|tool_calls_section_begin|>...``) in ``reasoning_content`` or ``content`` instead of
-    returning OpenAI ``tool_calls``; coding agents (Kilo Code, Roo Code, Cline, the OpenAI SDKs) then
-    see no tool call and stall. kimiproxy sits between the agent and SGLang, forwards every request,
-    streams every token as it arrives, turns leaked markup into real tool calls, and closes the upstream
-    request the moment its client goes away, so the GPU stops generating for nobody.
+    SGLang's ``kimi_k2`` parsers leave Kimi-K2-Thinking's tool-call markup
+    (``<|tool_calls_section_begin|>...``) in ``reasoning_content`` or ``content``, break the structured
+    calls they return, or drop the ones they cannot parse; coding agents (Kilo Code, Roo Code, Cline,
+    the OpenAI SDKs) then see no call, or a wrong one, and stall. kimiproxy sits between the agent and
+    SGLang, forwards every request, streams every token and every call as it is generated, repairs
+    what the model wrote into real tool calls, and closes the upstream request the moment its client
+    goes away, so the GPU stops generating for nobody. REPAIR.md is the specification.
 
 How to run
     hypercorn kimiproxy:app -k trio -b 0.0.0.0:8000     (the trio worker is required)
     python kimiproxy.py --port 8000 --upstream http://127.0.0.1:30000/v1
     Configuration comes from the environment and a ``.env`` file (see ``Settings``).
 
-Rules the repair never breaks
-    1. Text outside tool markup is never dropped, and stays in its own channel, in order. (What is
-       removed: the markup itself, noise inside a section, leaked control tokens.)
-    2. Text is held back only while it could still be the start of a marker: never more than
-       ``LONGEST_MARKER - 1`` characters (plus leading whitespace of ``content`` while deciding
-       whether it opens a think block, bounded the same way).
-    3. A recovered call is never dropped: what cannot be resolved or repaired passes as written.
-       (The one exception: an exact duplicate of a structured call SGLang did return.)
-    4. The streamed result equals the non-streamed result for the same upstream text.
-    5. A response with no markup passes byte for byte.
+Rules the repair never breaks (REPAIR.md 4 has them all)
+    1. Nothing the model wrote is lost: text outside the markup stays in its channel, in order; a call
+       is never dropped, except as a duplicate of one already sent; a file a call writes arrives byte
+       for byte, marker text inside it included.
+    2. Nothing sent is taken back: text and arguments go out as soon as no repair can change them.
+    3. Streamed and whole responses give the same message for the same upstream text.
+    4. An upstream event that needs no repair goes out as the very bytes that came in.
 
-Layout (top to bottom): constants, errors, the repair core (pure: no I/O, no async), the SSE codec,
-configuration and logging, metrics, the upstream edge (httpx + trio), the app and its routes,
-``main()``.
+Layout (top to bottom): constants, errors, the repair core (pure: no I/O, no async, no logging), the SSE
+codec, configuration and logging, metrics, the upstream edge (httpx), one exchange (a request from its
+first byte in to its last byte out), what the exchanges share and the server process, the app, main().
 """
 
 from __future__ import annotations
@@ -101,9 +99,10 @@ BODY_READ_TIMEOUT = 60.0  # seconds a client may take to send its request body
 MAX_DRAIN_BYTES = 64 * 1024 * 1024  # of an oversized body, read and dropped so the 413 arrives
 MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024  # one SSE line from upstream; longer ones are dropped
 MAX_UPSTREAM_BODY_BYTES = 256 * 1024 * 1024  # a non-streamed upstream response
-# Upstream reads (each at most one read's worth of frames) waiting for a slow client before the relay
-# stops reading the upstream: backpressure.
-STREAM_QUEUE = 16  # reads
+# Pieces of the upstream body (each one HTTP chunk's frames, at most one socket read) waiting for the
+# writer: a burst goes out in one write; past this many (a slow client) the relay stops reading the
+# upstream: backpressure.
+STREAM_QUEUE = 64  # pieces
 PARSER_CHECK_INTERVAL = 60.0  # seconds between asking SGLang for its parsers, until it answers
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (CPython: 700)
 IDLE_COLLECT_AFTER = 1.0  # seconds with no request in flight before a full garbage collection
@@ -2583,7 +2582,7 @@ class Exchange:
                     last = out
                     break
                 if out:
-                    await frames.send(b"".join(out))
+                    await _put(frames, b"".join(out))
             else:
                 last = [f for data in decoder.flush() for f in repair.feed(data)] + repair.close()
         except httpx.HTTPError as exc:
@@ -2591,11 +2590,11 @@ class Exchange:
             err.message = f"upstream stream broke off: {err.message}"
             out = [f for data in decoder.flush() for f in repair.feed(data)] + repair.close()[:-1]  # no [DONE]
             if out:
-                await frames.send(b"".join(out))
+                await _put(frames, b"".join(out))
             raise err from None
         finally:
             self._report(repair, decoder)
-        await frames.send(_Last(b"".join(last)))
+        await _put(frames, _Last(b"".join(last)))
         with contextlib.suppress(httpx.HTTPError):  # what follows [DONE] is drained: the connection is reused
             async for _ in chunks:
                 pass
@@ -2718,6 +2717,17 @@ class Exchange:
             first = f"{self.first_byte:.3f}s" if self.first_byte is not None else "-"
             log.info("%s %s -> %s in %.3fs (upstream first byte %s, %d bytes out)", self.method, self.path,
                      self.status or "-", elapsed, first, self.bytes)
+
+
+async def _put(frames: Any, item: Any) -> None:
+    """To the writer, without a checkpoint while there is room: httpx yields the events of one socket
+    read one by one without one either, so a burst piles up and goes out in one write, not one per
+    event (3x less CPU per event, benchmark); a paced event goes out at once, the writer wakes as the
+    relay waits for the upstream."""
+    try:
+        frames.send_nowait(item)
+    except trio.WouldBlock:
+        await frames.send(item)
 
 
 def _request_id(scope: dict) -> str:

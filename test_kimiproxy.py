@@ -42,7 +42,10 @@ hsettings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HERE = Path(__file__).resolve().parent
 CASES = json.loads((HERE / "kimi_cases.json").read_text(encoding="utf-8"))
-TEST_TIMEOUT = 30.0  # seconds: a hang is a failure
+TEST_TIMEOUT = 60.0  # seconds: a hang is a failure
+# Starting (or stopping) kimiproxy as a process takes about a second; on a loaded 2-core machine, with
+# several started at once, much longer. Past this it is a hang.
+PROCESS_START_LIMIT = 60.0  # seconds
 
 
 def norm(text: str | None) -> str:
@@ -217,21 +220,22 @@ def case_layouts(case: dict, pairs: bool) -> list[tuple[list[int], list[int]]]:
     return [([a, b], [a, b]) for a in range(1, text_len) for b in range(a + 1, text_len, 3)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_case_split_at_every_point_and_per_character(case: dict) -> None:
+def check_layouts(case: dict, pairs: bool) -> None:
     reference = accumulate(frames_to_events(run_stream(case_ctx(case), upstream_chunks(case["upstream"]))))
-    for splits_r, splits_c in case_layouts(case, pairs=False):
+    for splits_r, splits_c in case_layouts(case, pairs):
         frames = run_stream(case_ctx(case), upstream_chunks(case["upstream"], splits_r, splits_c))
         assert accumulate(frames_to_events(frames)) == reference, (splits_r, splits_c)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_split_at_every_point_and_per_character(case: dict) -> None:
+    check_layouts(case, pairs=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_case_split_at_every_pair_of_points(case: dict) -> None:
-    reference = accumulate(frames_to_events(run_stream(case_ctx(case), upstream_chunks(case["upstream"]))))
-    for splits_r, splits_c in case_layouts(case, pairs=True):
-        frames = run_stream(case_ctx(case), upstream_chunks(case["upstream"], splits_r, splits_c))
-        assert accumulate(frames_to_events(frames)) == reference, (splits_r, splits_c)
+    check_layouts(case, pairs=True)
 
 
 def test_clean_stream_passes_byte_for_byte() -> None:
@@ -808,7 +812,7 @@ async def proxy(nursery: trio.Nursery, upstream: FakeSGLang) -> Running:
 async def logged(caplog: pytest.LogCaptureFixture, words: str) -> list[logging.LogRecord]:
     """The records containing words, waiting for them: the proxy logs a stream's end after the client
     already has the whole response."""
-    with trio.move_on_after(2):
+    with trio.move_on_after(10):
         while not any(words in r.getMessage() for r in caplog.records):
             await trio.sleep(0.01)
     return [r for r in caplog.records if words in r.getMessage()]
@@ -1264,7 +1268,7 @@ async def test_sglang_with_a_tool_parser_is_warned_about(nursery: trio.Nursery,
     warned = await start_proxy(nursery, with_parser.url)
     plain = await start_proxy(nursery, not_sglang.url)
     async with httpx.AsyncClient() as client:
-        with trio.fail_after(5):
+        with trio.fail_after(10):
             while (info := (await client.get(warned.base + "/")).json())["upstream_parsers"] is None:
                 await trio.sleep(0.02)
         assert info["upstream_parsers"] == {"tool_call_parser": "kimi_k2", "reasoning_parser": "kimi_k2"}
@@ -1297,7 +1301,7 @@ async def test_done_ends_the_response_without_waiting_for_the_upstream(proxy: Ru
         r = await client.post("/v1/chat/completions", json={"messages": [], "stream": True})
         assert r.content.endswith(b"data: [DONE]\n\n") and not proxy.upstream.seen[-1].completed
         upstream_may_end.set()
-        with trio.fail_after(5):
+        with trio.fail_after(10):
             while not proxy.upstream.seen[-1].completed:
                 await trio.sleep(0.02)
         metrics = parse_metrics((await client.get("/metrics")).text)
@@ -1509,7 +1513,7 @@ async def test_metrics_count_what_happened(nursery: trio.Nursery, upstream: Fake
             async with client.stream("POST", "/v1/chat/completions", json={"messages": [], "stream": True}) as r:
                 async for _ in r.aiter_bytes():
                     pass
-        with trio.fail_after(3):
+        with trio.fail_after(10):
             while upstream.seen[-1].aborted_at is None:
                 await trio.sleep(0.02)
         await trio.sleep(0.1)
@@ -1559,7 +1563,7 @@ async def proxy_process(args: list[str], env: dict[str, str]) -> Any:
     base = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=base) as client:
-            with trio.fail_after(20):
+            with trio.fail_after(PROCESS_START_LIMIT):
                 while True:
                     assert proc.returncode is None, "proxy exited at start-up"
                     try:
@@ -1595,6 +1599,7 @@ STOPS = [
     ("hypercorn", "group", signal.SIGINT),
     ("hypercorn", "worker", signal.SIGTERM),
     ("python", "process", signal.SIGTERM),
+    ("python", "group", signal.SIGTERM),
     ("python", "group", signal.SIGINT),
 ]
 
@@ -1624,7 +1629,7 @@ async def stop_during_a_stream(runner: str, whom: str, signum: int, grace: float
                                 (os.killpg if whom == "group" else os.kill)(target, signum)
                                 await trio.sleep(0.5)  # the signal is handled before the stream goes on
                                 signalled.set()
-            with trio.fail_after(15):
+            with trio.fail_after(PROCESS_START_LIMIT):  # a hang guard: this normally takes a second
                 await proc.wait()
             proc.log.seek(0)
             stderr = proc.log.read().decode(errors="replace")[-800:]
@@ -1701,7 +1706,7 @@ async def test_half_body_then_stall_is_408(nursery: trio.Nursery, upstream: Fake
     await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                           b"content-length: 1000\r\n\r\n{\"messages\": [")
     data = b""
-    with trio.fail_after(5):
+    with trio.fail_after(10):
         while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
             chunk = await stream.receive_some(65536)
             if not chunk:
