@@ -217,8 +217,8 @@ _MARKER_RE = re.compile(r"<\|([a-z_]{1,32})\|(>?)|</?think>")
 _MARKER_PREFIXES = frozenset(m[:k] for m in MARKERS for k in range(1, len(m)))
 _ID = r"[\w.\-:]"
 _ID_RE = re.compile(rf"{_ID}{{1,{MAX_CALL_HEADER}}}")
-_LINE_HEADER_RE = re.compile(rf"[ \t]*(?:{_ID}{{1,{MAX_LINE_HEADER}}}[ \t]*)?")
-_TRAILING_ID_RE = re.compile(rf"(?:functions{_ID}*|{_ID}+[:.]\d+)\s*\Z")
+_LINE_HEADER_RE = re.compile(rf"[ \t]*({_ID}{{1,{MAX_LINE_HEADER}}}[ \t]{{0,8}})?")  # indentation, a word
+_TRAILING_ID_RE = re.compile(rf"({_ID}+[:.]\d{{1,18}}|functions{_ID}*)\s*\Z")  # an id just sent
 _ROLE_WORD_RE = re.compile(r"\s*[a-z]*\s*")
 _COUNTER_TAIL_RE = re.compile(r"[:.]\d*\Z")
 NEED = object()  # a parser has read all its input and waits for more
@@ -255,8 +255,9 @@ def match_marker(buf: str, i: int, final: bool) -> tuple[str | None, int]:
 _STRING_RUN = re.compile(r'[^"\\<\x00-\x1f]+')
 _LITERAL_RUN = re.compile(r"[\w.+\-]+")
 _LITERAL_RE = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+\-]?\d+)?|true|false|null")
+_ESCAPE_RE = re.compile(r'\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})')
+_CUT_ESCAPE_RE = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?")  # all that is left of the text: wait, or cut
 _CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
-_HEX = frozenset("0123456789abcdefABCDEF")
 # Where ArgumentRepair stands in the JSON text.
 _START, _KEY, _KEY_STRING, _COLON, _VALUE, _STRING, _LITERAL, _AFTER, _DONE, _JUNK, _RAW = range(11)
 
@@ -265,31 +266,33 @@ class ArgumentRepair:
     """One call's arguments, repaired while they stream (REPAIR.md 4.3 and 4.6).
 
     ``scan(buf, i, final)`` reads JSON text from buf[i] and returns where it stopped: at the end, at a
-    marker outside every string (the caller decides what it ends), or where it needs more text. What is
-    certain goes to ``take()``. Held back is only what a later character may still change: a key or a
-    comma until its value begins, a number until it ends, an incomplete escape, a top-level string (it
-    may be double-encoded) or text that is not JSON, and everything after a marker found inside a
-    string, until that string closes (the marker was text) or never does (it ended the call: the
-    caller calls ``rewind()`` and reads the marker again). ``finish()`` closes what is open.
+    marker outside every string (the caller decides what it ends), or where it needs more text. The
+    arguments as they will be written pile up in one list; what no later character can change (up to
+    ``_safe``) goes out through ``take()``. Not yet certain: a comma, a key and its colon until the
+    value begins, a number until it ends, a top-level string (it may be double-encoded) or literal or
+    text that is not JSON, and everything after a marker inside a string, until that string closes
+    (the marker was text) or never does, or the JSON after it breaks (it ended the call: the caller
+    calls ``rewind()`` and reads the marker again). ``finish()`` closes what is open. Positions are
+    counted from the start (``_base`` pieces were taken already).
     """
 
     def __init__(self, markers: bool = True) -> None:
         self.markers = markers  # False for the decoded text of a double-encoded string
-        self.rules: list[str] = []
-        self.size = 0  # characters released
-        self.junk: list[str] = []  # after the value ended or broke: the next call's id, or dropped
-        self._junk_size = 0
+        self.rules: dict[str, None] = {}  # the repairs made, in order
+        self.consumed = 0  # characters read: a call ends at MAX_CALL_ARGUMENTS, wherever chunks end
         self.rewind_now = False
         self._out: list[str] = []
+        self._base = 0  # pieces already taken
+        self._safe = 0  # pieces before this position are certain
+        self._literal = 0  # where the literal being read starts
         self._state = _START
         self._closers: list[str] = []
-        self._pending = ""  # held: cut back if the text ends before it is certain
-        self._literal_at = 0  # where the literal starts in _pending
-        self._top: list[str] | None = None  # a top-level string, literal or non-JSON text, held whole
-        self._suspect: tuple | None = None  # the state at the first marker inside a string
-        self._suspect_open = False  # still inside the string that holds it
-        self._suspect_out: list[str] = []
-        self._suspect_raw: list[str] = []
+        self._scalar = False  # a top-level string, literal or non-JSON text: decided at the end
+        self._check: tuple | None = None  # (position, state, closers, safe) at the first marker in a string
+        self._check_open = False  # still inside that string
+        self._raw: list[str] = []  # the raw text from that marker on, to read again
+        self._junk: list[str] = []  # after the value: the next call's id, or dropped
+        self._junk_size = 0
 
     @property
     def in_string(self) -> bool:
@@ -298,139 +301,108 @@ class ArgumentRepair:
     @property
     def must_rewind(self) -> bool:
         """The text ended inside the string that holds a marker: that marker ended the call."""
-        return self._suspect is not None and self._suspect_open
+        return self._check is not None and self._check_open
+
+    def take_junk(self) -> str:
+        """The last MAX_CALL_HEADER characters after the value: an id, if the next call's header ran in."""
+        junk = "".join(self._junk)[-MAX_CALL_HEADER:]
+        self._junk, self._junk_size = [], 0
+        return junk
 
     def take(self) -> str:
-        out = "".join(self._out)
-        self._out.clear()
-        self.size += len(out)
-        return out
+        end = self._safe if self._check is None else min(self._safe, self._check[0])
+        count = end - self._base
+        if self._scalar or count <= 0:
+            return ""
+        text = "".join(self._out[:count])
+        del self._out[:count]
+        self._base = end
+        return text
 
-    def _emit(self, text: str) -> None:
-        if self._pending:
-            text, self._pending = self._pending + text, ""
-        if self._top is not None:
-            self._top.append(text)
-        else:
-            (self._suspect_out if self._suspect else self._out).append(text)
+    def _put(self, text: str, certain: bool) -> None:
+        self._out.append(text)
+        if certain:
+            self._safe = self._base + len(self._out)
 
     def _rule(self, rule: str) -> None:
-        if rule not in self.rules:
-            self.rules.append(rule)
+        self.rules[rule] = None
 
     # -- scanning ----------------------------------------------------------------------------------
 
     def scan(self, buf: str, i: int, final: bool) -> int:
-        n = len(buf)
-        raw_from = i
+        start = raw_from = i
+        n = min(len(buf), i + MAX_CALL_ARGUMENTS - self.consumed)
+        final = final or n < len(buf)
         while i < n and not self.rewind_now:
             state, ch = self._state, buf[i]
             if state == _STRING or state == _KEY_STRING:
-                m = _STRING_RUN.match(buf, i)
-                if m is not None:
-                    self._string_text(m.group())
+                value = state == _STRING
+                if m := _STRING_RUN.match(buf, i, n):
+                    self._put(m.group(), value)
                     i = m.end()
                 elif ch == '"':
-                    self._string_text('"')
-                    self._suspect_open = False
-                    self._state = _COLON if state == _KEY_STRING else self._after_value()
+                    self._put(ch, value)
+                    self._check_open = False
+                    self._state = self._after_value() if value else _COLON
                     i += 1
                 elif ch == "\\":
-                    j = self._escape(buf, i, final)
-                    if j == i:
-                        break
-                    i = j
+                    if m := _ESCAPE_RE.match(buf, i, n):
+                        self._put(m.group(), value)
+                        i = m.end()
+                    elif _CUT_ESCAPE_RE.fullmatch(buf, i, n):  # the rest of the escape may follow
+                        if not final:
+                            break
+                        self._rule("incomplete-escape-cut")
+                        i = n
+                    else:  # a backslash before anything else was meant literally (a Windows path)
+                        self._put("\\\\", value)
+                        self._rule("invalid-escape-repaired")
+                        i += 1
                 elif ch == "<":
                     kind, end = match_marker(buf, i, final) if self.markers else (None, 0)
                     if kind == "partial":
                         break
                     if kind is None:
                         end = i + 1
-                    elif self._suspect is None:  # REPAIR.md 4.3: text of the string, unless it never closes
-                        self._suspect = (list(self._closers), state, self._pending, len(self._top or ()))
-                        self._suspect_open = True
+                    elif self._check is None:  # REPAIR.md 4.3: text of the string, unless it never closes
+                        self._check = (self._base + len(self._out), state, list(self._closers), self._safe)
+                        self._check_open = True
                         raw_from = i
-                    self._string_text(buf[i:end])
+                    self._put(buf[i:end], value)
                     i = end
                 else:  # a raw control character (pretty-printed JSON): escaped
-                    self._string_text(_CONTROL_ESCAPES.get(ch) or f"\\u{ord(ch):04x}")
+                    self._put(_CONTROL_ESCAPES.get(ch) or f"\\u{ord(ch):04x}", value)
                     self._rule("control-character-escaped")
                     i += 1
-            elif ch == "<" and self.markers:
-                kind, _ = match_marker(buf, i, final)
-                if kind is not None:
-                    break  # a marker: it ends the arguments, or heads the next call; the caller decides
-                if state < _DONE:
-                    self._broken(i)
-                    if self.rewind_now:
-                        break
-                self._rest("<")
-                i += 1
-            elif state >= _DONE:  # after the value, broken, or not JSON: up to the next "<"
-                j = buf.find("<", i) if self.markers else -1
-                j = n if j < 0 else j
-                self._rest(buf[i:j])
-                i = j
+            elif state == _LITERAL and (m := _LITERAL_RUN.match(buf, i, n)):
+                self._put(m.group(), False)
+                i = m.end()
             elif state == _LITERAL:
-                m = _LITERAL_RUN.match(buf, i)
-                if m is not None:
-                    self._pending += m.group()
-                    i = m.end()
-                    if i == n and not final:
-                        break
+                self._end_literal()  # and read this character again
+            elif ch == "<" and self.markers and match_marker(buf, i, final)[0] is not None:
+                break  # a marker, or the start of one: the caller decides
+            elif state >= _DONE:  # after the value, broken, or not JSON: up to the next "<"
+                j = buf.find("<", i + 1, n) if self.markers else -1
+                j = n if j < 0 else j
+                if state == _RAW:
+                    self._put(buf[i:j], False)
                 else:
-                    self._end_literal(i)
+                    self._junk.append(buf[i:j])
+                    self._junk_size += j - i
+                    if self._junk_size > 2 * MAX_CALL_HEADER:  # only its end can be an id
+                        self._junk = ["".join(self._junk)[-MAX_CALL_HEADER:]]
+                        self._junk_size = MAX_CALL_HEADER
+                i = j
             elif ch in " \t\r\n":
-                if state == _AFTER:
-                    self._emit(ch)
-                elif state != _START:
-                    self._pending += ch
+                if state != _START:
+                    self._put(ch, state == _AFTER)
                 i += 1
             else:
                 i = self._structure(ch, i)
-        if self._suspect is not None:
-            self._suspect_raw.append(buf[raw_from:i])
+        if self._check is not None:
+            self._raw.append(buf[raw_from:i])
+        self.consumed += i - start
         return i
-
-    def _rest(self, text: str) -> None:
-        """Text after the value (or instead of one): kept whole when not JSON, else as junk."""
-        if self._state == _RAW:
-            self._top.append(text)
-        elif self._junk_size <= MAX_CALL_HEADER:
-            self.junk.append(text)
-            self._junk_size += len(text)
-
-    def _string_text(self, text: str) -> None:
-        if self._state == _KEY_STRING:
-            self._pending += text
-        else:
-            self._emit(text)
-
-    def _escape(self, buf: str, i: int, final: bool) -> int:
-        """Valid escapes pass; a backslash before anything else was meant literally (a Windows path);
-        an incomplete one at the end waits for more text, or is cut when there is none."""
-        c = buf[i + 1:i + 2]
-        if c == "u":
-            digits = buf[i + 2:i + 6]
-            if len(digits) == 4 and set(digits) <= _HEX:
-                self._string_text(buf[i:i + 6])
-                return i + 6
-            if len(digits) < 4 and set(digits) <= _HEX:
-                if not final:
-                    return i
-                self._rule("incomplete-escape-cut")
-                return len(buf)
-        elif c and c in '"\\/bfnrt':
-            self._string_text(buf[i:i + 2])
-            return i + 2
-        elif not c:
-            if not final:
-                return i
-            self._rule("incomplete-escape-cut")
-            return len(buf)
-        self._string_text("\\\\")
-        self._rule("invalid-escape-repaired")
-        return i + 1
 
     def _structure(self, ch: str, i: int) -> int:
         """One character outside strings: where JSON allows it, or where the text breaks."""
@@ -438,159 +410,142 @@ class ArgumentRepair:
         top = self._closers[-1] if self._closers else ""
         if state == _START:
             if ch in "{[":
-                self._open(ch)
-                return i + 1
-            self._top = []  # held whole until the end
+                return self._open(ch, i)
+            self._scalar = True
             if ch == '"':
+                self._put(ch, False)
                 self._state = _STRING
-                self._emit(ch)
                 return i + 1
-            self._state, self._literal_at = (_LITERAL, 0) if ch in "-0123456789tfn" else (_RAW, 0)
+            self._state, self._literal = (_LITERAL if ch in "-0123456789tfn" else _RAW), self._base + len(self._out)
             return i
-        if state == _KEY and ch == '"':
-            self._pending += ch
-            self._state = _KEY_STRING
-            return i + 1
-        if state == _COLON and ch == ":":
-            self._pending += ch
-            self._state = _VALUE
+        if state == _KEY and ch == '"' or state == _COLON and ch == ":":
+            self._put(ch, False)
+            self._state = _KEY_STRING if ch == '"' else _VALUE
             return i + 1
         if state == _VALUE:
             if ch in "{[":
-                self._open(ch)
-                return i + 1
+                return self._open(ch, i)
             if ch == '"':
+                self._put(ch, True)  # the value began: its key is certain now
                 self._state = _STRING
-                self._emit(ch)
                 return i + 1
             if ch in "-0123456789tfn":
-                self._state, self._literal_at = _LITERAL, len(self._pending)
+                self._state, self._literal = _LITERAL, self._base + len(self._out)
                 return i
         if state == _AFTER and ch == ",":
-            self._pending = ","
+            self._put(ch, False)
             self._state = _KEY if top == "}" else _VALUE
             return i + 1
         if ch == top and (state == _AFTER or state == _KEY or state == _VALUE and top == "]"):
-            if "," in self._pending:  # {"a": 1,}
-                self._pending = ""
+            if "," in "".join(self._out[self._safe - self._base:]):  # {"a": 1,}
+                del self._out[self._safe - self._base:]
                 self._rule("trailing-comma-dropped")
-            self._emit(ch)
+            self._put(ch, True)
             self._closers.pop()
             self._state = self._after_value()
             return i + 1
         return self._broken(i)
 
-    def _open(self, ch: str) -> None:
-        self._emit(ch)
+    def _open(self, ch: str, i: int) -> int:
+        self._put(ch, not self._scalar)
         self._closers.append("}" if ch == "{" else "]")
         self._state = _KEY if ch == "{" else _VALUE
+        return i + 1
 
     def _after_value(self) -> int:
         if self._closers:
             return _AFTER
-        self._resolve_suspect()
+        if self._check is not None:  # the value is complete: the marker in it was text
+            self._check = None
+            self._raw.clear()
         return _DONE
 
-    def _end_literal(self, i: int) -> None:
-        literal = self._pending[self._literal_at:]
+    def _end_literal(self) -> None:
+        literal = "".join(self._out[self._literal - self._base:])
         if _LITERAL_RE.fullmatch(literal):
-            self._emit("")
+            if not self._scalar:
+                self._safe = self._base + len(self._out)
             self._state = self._after_value()
-        elif self._top is not None and not self._closers:
-            self._top.append(self._pending)  # a top-level word that is no JSON literal: not JSON
-            self._pending = ""
-            self._state = _RAW
+        elif self._scalar:
+            self._state = _RAW  # a top-level word that is no JSON literal
         else:
-            self._broken(i)
+            self._broken(0)
 
     def _broken(self, i: int) -> int:
         """The JSON cannot go on here. With a marker held inside a string, that marker ended the call
         (REPAIR.md 4.3); otherwise what follows is junk, or the next call's id."""
-        if self._suspect is not None:
+        if self._check is not None:
             self.rewind_now = True
-            return i
-        if self._state != _DONE:
-            self._rule("arguments-broken-off")
-        self._state = _JUNK
+        else:
+            if self._state != _DONE:
+                self._rule("arguments-broken-off")
+            self._state = _JUNK
         return i
-
-    def _resolve_suspect(self) -> None:
-        if self._suspect is not None:
-            self._suspect = None
-            self._suspect_raw.clear()
-            self._out.extend(self._suspect_out)
-            self._suspect_out.clear()
 
     def rewind(self) -> str:
         """The held marker was the real one: forget what followed it and return the raw text from it on."""
-        closers, state, pending, top = self._suspect
-        raw = "".join(self._suspect_raw)
-        self._suspect, self._suspect_open, self.rewind_now = None, False, False
-        self._suspect_raw.clear()
-        self._suspect_out.clear()
-        self._closers, self._state, self._pending = closers, state, pending
-        if self._top is not None:
-            del self._top[top:]
-        self.junk.clear()
-        self._junk_size = 0
+        at, self._state, self._closers, safe = self._check
+        raw = "".join(self._raw)
+        del self._out[at - self._base:]
+        self._safe = min(self._safe, safe, at)
+        self._check, self._check_open, self.rewind_now = None, False, False
+        self._raw.clear()
+        self._junk, self._junk_size = [], 0
         self._rule("marker-in-unclosed-string")
         return raw
 
     # -- the end -----------------------------------------------------------------------------------
 
     def finish(self) -> str:
-        """The arguments ended: close what is open, and return the last of them."""
-        self._resolve_suspect()
-        state = self._state
-        if self._top is not None:
-            return self._finish_top()
-        if state == _START:
+        """The arguments ended: close what is open, and return the rest of them."""
+        self._check = None
+        if self._state == _LITERAL:
+            self._end_literal()
+        if self._scalar:
+            return self._finish_scalar()
+        if self._state == _START:
             self._rule("arguments-empty")
-            self._out.append("{}")
-            return self.take()
-        if state == _LITERAL and _LITERAL_RE.fullmatch(self._pending[self._literal_at:]):
-            self._emit("")
-        self._pending = ""
-        if state == _STRING:
-            self._out.append('"')
+            return "{}"
+        if self._state == _STRING:
+            self._put('"', True)
+        del self._out[self._safe - self._base:]  # a comma, or a member whose value never began
         if self._closers:
             self._rule("arguments-closed")
-            self._out.append("".join(reversed(self._closers)))
-            self._closers.clear()
-        if "".join(self.junk).strip():
+            self._put("".join(reversed(self._closers)), True)
+        if "".join(self._junk).strip():
             self._rule("junk-dropped")
-        self._state = _DONE
         return self.take()
 
-    def _finish_top(self) -> str:
-        if self._state == _LITERAL:
-            self._top.append(self._pending)
-            self._pending = ""
-        text = "".join(self._top).strip()
-        self._top = None
+    def _finish_scalar(self) -> str:
+        """A top-level string (double-encoded arguments, unwrapped if it holds JSON), literal, or text."""
+        text = "".join(self._out).strip()
+        self._out.clear()
         value = _load_lenient(text)
-        if value is None and text.startswith('"'):
+        if value is None and self._state == _STRING:  # cut off inside the string
             value = _decode_cut_string(text)
+            if isinstance(value, str):
+                text = json.dumps(value, ensure_ascii=False)
+                self._rule("string-closed")
         if isinstance(value, str) and value.lstrip().startswith(("{", "[")):
-            inner = ArgumentRepair(markers=False)  # REPAIR.md 4.6: a JSON string holding the arguments
+            inner = ArgumentRepair(markers=False)
             inner.scan(value, 0, True)
-            self._out.append(inner.finish())
-            self._rule("arguments-double-encoded")
-        else:
-            if value is None:
-                self._rule("arguments-not-json")
-            self._out.append(text)
-        self._state = _DONE
-        return self.take()
+            unwrapped = inner.finish()
+            if not {"arguments-broken-off", "junk-dropped"} & inner.rules.keys():
+                self._rule("arguments-double-encoded")
+                return unwrapped
+        if value is None and self._state != _STRING:
+            self._rule("arguments-not-json")
+        return text
 
 
 _JSON_DECODER = json.JSONDecoder(strict=False)
 
 
 def _load_lenient(text: str) -> Any:
+    """JSON with raw control characters allowed in strings, or None; never raises (deep nesting)."""
     try:
         return _JSON_DECODER.decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -663,7 +618,7 @@ class MarkupParser:
     """
 
     def __init__(self, keys: Iterator[int], tools: Iterable[str] = (), structured: bool = False) -> None:
-        self.tools = tuple(tools)  # declared names: a line that starts with one may head a call
+        self._folded_tools = tuple(tool.casefold() for tool in tools)  # a line starting with one may head a call
         self.structured = structured
         self.rules: Counter[str] = Counter()  # text-level repairs
         self.answered = False  # answer text went out
@@ -678,7 +633,7 @@ class MarkupParser:
         self._maybe: list[str] = []  # MAYBE: thinking if a </think> follows, else the answer
         self._lead = ""  # an id at the start of a line: a call's header if an argument marker follows
         self._line_start = True
-        self._recent: list[str] = []  # the last pieces of text released
+        self._tail = ""  # the end of the text released (an id already sent may head a call)
         self._top = False  # the generator waits at the top level
         self._plain = False  # ... with nothing held: text without "<" or a newline passes at once
         self.in_section = self.in_call = False  # for the choice: which end markers a structured call needs
@@ -848,18 +803,15 @@ class MarkupParser:
                    "truncated-marker-removed" if token is TRUNCATED else "stray-marker-removed"] += 1
 
     def _headless_call(self):
-        """<|tool_call_argument_begin|> outside a call: the id before it heads a call (REPAIR.md 4.2)."""
-        header = self._lead.strip()
-        if _ID_RE.fullmatch(header):
-            self._lead = ""
-        else:
-            yield from self._flush_lead()
-            m = _TRAILING_ID_RE.search("".join(self._recent)[-MAX_LINE_HEADER:])
-            if m is None:
-                self.rules["stray-marker-removed"] += 1
-                return
-            header = m.group().strip()  # already sent as text: it stays there (nothing sent is taken back)
+        """<|tool_call_argument_begin|> outside a call: the id held at the start of the line heads a
+        call (REPAIR.md 4.2). Without one, the marker is stray."""
+        header, self._lead = self._lead.strip(), ""
+        if not header and (m := _TRAILING_ID_RE.search(self._tail)) and self._may_head(m[1], whole=True):
+            header = m[1]  # sent already, as text, where it stays: nothing sent is taken back
             self.rules["call-id-left-in-text"] += 1
+        if not header:
+            self.rules["stray-marker-removed"] += 1
+            return
         self._line_start = True
         self.interrupt()
         token = yield from self._calls(header, ["no-call-begin", "no-section-wrapper"], next(self._keys))
@@ -867,28 +819,28 @@ class MarkupParser:
             self._back = token
 
     def _text(self, text: str):
-        """Text. What may still become a call's id at the start of a line (``functions...``, or a
-        declared tool's name) is held back: it heads a call if <|tool_call_argument_begin|> follows."""
+        """Text. A word at the start of a line that may still become a call's id (``functions...``, or
+        a declared tool's name) is held back: it heads a call if <|tool_call_argument_begin|> follows."""
         if self._lead:
             text, self._lead = self._lead + text, ""
         start = text.rfind("\n") + 1
         if start or self._line_start:
-            tail = text[start:]
-            if not tail or tail.isspace():
-                self._line_start = True
-            elif _LINE_HEADER_RE.fullmatch(tail) and self._may_head(tail.strip()):
-                text, self._lead = text[:start], tail
-                self._line_start = True
-            else:
-                self._line_start = False
+            m = _LINE_HEADER_RE.fullmatch(text, start)
+            if m and m[1] and self._may_head(m[1].strip()):
+                text, self._lead = text[:m.start(1)], m[1]
+            self._line_start = bool(m and (self._lead or not m[1]))
         if text:
             for event in self._release(text):
                 yield event
 
-    def _may_head(self, word: str) -> bool:
-        name = _COUNTER_TAIL_RE.sub("", word)
+    def _may_head(self, word: str, whole: bool = False) -> bool:
+        """Whether ``word`` may (be the start of) a call's id: ``functions...``, or a declared tool's name
+        and counter (``whole``: the complete id, whose last dotted part names a tool)."""
+        name = _COUNTER_TAIL_RE.sub("", word).casefold()
+        if whole:
+            return word.startswith("functions") or name.rsplit(".", 1)[-1] in self._folded_tools
         return "functions".startswith(word) or word.startswith("functions") or \
-            any(tool.startswith(name) for tool in self.tools)
+            any(tool.startswith(name) for tool in self._folded_tools)
 
     def _release_all(self, parts: list[str]):
         text = "".join(parts)
@@ -901,10 +853,7 @@ class MarkupParser:
         if think is MAYBE:
             self._maybe.append(text)
             return []
-        recent = self._recent
-        recent.append(text)
-        if len(recent) > 2 * MAX_LINE_HEADER:
-            del recent[:MAX_LINE_HEADER]
+        self._tail = (self._tail + text)[-MAX_LINE_HEADER:]
         if think is OPEN:
             return [Text("reasoning", text)]
         if not self.answered and not text.isspace():
@@ -912,10 +861,8 @@ class MarkupParser:
         return [Text("content", text)]
 
     def _flush_lead(self):
-        if self._lead:
-            lead, self._lead = self._lead, ""
-            for event in self._release(lead):
-                yield event
+        lead, self._lead = self._lead, ""
+        yield from self._release_all([lead])
 
     def _think_close(self):
         if self._think == MAYBE:  # the thinking went on after a tool section (REPAIR.md 4.8)
@@ -987,7 +934,7 @@ class MarkupParser:
                     self.rules["unclosed-section"] += 1
                     yield from self._text(noise)  # text after a section that never closed
                     noise = ""
-                elif token in (CALL_END, ARGUMENT_BEGIN, IM_MIDDLE, TRUNCATED):
+                elif token in (CALL_END, ARGUMENT_BEGIN, IM_MIDDLE, TRUNCATED, THINK_OPEN):
                     self._count_removed(token)
                     token = None
                 if noise.strip():
@@ -1053,7 +1000,7 @@ class MarkupParser:
                     self._buf, self._pos = args.rewind() + buf[i:], 0
                     token = self._marker_at_start(final)
                     break
-                if args.size > MAX_CALL_ARGUMENTS:
+                if args.consumed >= MAX_CALL_ARGUMENTS:  # the rest of the text is read as text
                     rules.append("arguments-overflow")
                     token = CALL_END
                     break
@@ -1065,8 +1012,7 @@ class MarkupParser:
                     continue
                 self._pos = end
                 if kind is ARGUMENT_BEGIN:  # the arguments ran into the next call's id (REPAIR.md 4.6)
-                    junk = "".join(args.junk).strip()
-                    args.junk.clear()
+                    junk = args.take_junk().strip()
                     if _ID_RE.fullmatch(junk):
                         next_header, token = junk, None
                         break
@@ -1088,7 +1034,7 @@ class MarkupParser:
         tail = args.finish()
         if tail:
             yield CallText(key, tail)
-        return token, next_header, rules + args.rules
+        return token, next_header, rules + list(args.rules)
 
     def _marker_at_start(self, final: bool) -> Any:
         kind, end = match_marker(self._buf, 0, final)
@@ -1103,12 +1049,12 @@ class MarkupParser:
         while True:
             token = yield from self._token()
             if isinstance(token, str):
-                brace = token.find("{")
-                if brace >= 0:
-                    self._unread(token[brace:])
-                    rules.append("no-argument-marker")
-                    return (header + token[:brace]).strip(), None
                 header += token
+                brace = header.find("{", 0, MAX_CALL_HEADER + 1)
+                if brace >= 0:
+                    self._unread(header[brace:])
+                    rules.append("no-argument-marker")
+                    return header[:brace].strip(), None
                 if len(header) > MAX_CALL_HEADER:  # not an id: read it as the arguments
                     self._unread(header)
                     rules.append("no-id")
@@ -1124,26 +1070,9 @@ class MarkupParser:
 # ---------------------------------------------------------------------------------------------------
 
 CANONICAL_ID_RE = re.compile(r"functions\.([^\s:]+):(\d+)")
-_NAME_COUNTER_RE = re.compile(r"(?:functions\.)?([^\s:]+?)[:.](\d+)")  # search:2, functions.x.0
-_GLUED_RE = re.compile(r"functions([A-Za-z_][\w\-.]*?)(\d*)")  # functionsexec5
-_COUNTER_RE = re.compile(r"(?:call[_\-]?)?(\d+)")  # call_2, call00003, a bare 0
-
-
-def id_candidates(header: str) -> list[tuple[str | None, int | None]]:
-    """The (name, counter) readings of a call id, most literal first (REPAIR.md 4.4)."""
-    header = header.strip()
-    out: list[tuple[str | None, int | None]] = []
-    if m := _NAME_COUNTER_RE.fullmatch(header):
-        out.append((m[1], int(m[2])))
-    if m := _GLUED_RE.fullmatch(header):  # every split of the trailing digits: read_file_v2 + 7
-        name, digits = m[1], m[2]
-        out += [(name + digits[:k], int(digits[k:])) for k in range(len(digits) - 1, -1, -1)]
-        out.append((name + digits, None))
-    if m := _COUNTER_RE.fullmatch(header):
-        out.append((None, int(m[1])))
-    if header:
-        out.append((header, None))  # the id as written may be the name itself ("get_weather")
-    return out
+_NAME_COUNTER_RE = re.compile(r"(?:functions\.)?([^\s:]+?)[:.](\d{1,18})")  # search:2, functions.x.0
+_GLUED_RE = re.compile(r"functions([A-Za-z_][\w\-.]*?)(\d{0,18})")  # functionsexec5
+_COUNTER_RE = re.compile(r"(?:call[_\-]?)?(\d{1,18})")  # call_2, call00003, a bare 0
 
 
 @dataclasses.dataclass
@@ -1162,44 +1091,62 @@ class RepairContext:
             if isinstance(function, dict) and isinstance(function.get("name"), str):
                 params = function.get("parameters")
                 tools[function["name"]] = params if isinstance(params, dict) else {}
+        messages = request.get("messages")
+        history = sum(len(m["tool_calls"]) for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
+                      and isinstance(m.get("tool_calls"), list)) if isinstance(messages, list) else 0
         choice = request.get("tool_choice")
-        forced = bool(tools) and (choice == "required" or isinstance(choice, dict))
-        return cls(tools, count_history_calls(request.get("messages")), enabled, forced)
+        return cls(tools, history, enabled, bool(tools) and (choice == "required" or isinstance(choice, dict)))
 
-    def resolve_name(self, name: str) -> str | None:
-        """A declared tool's name for ``name``: as written, a dotted namespace's last parts, or the
-        one declared name equal to it but for case."""
-        tools = self.tools
-        if name in tools:
+    def resolve(self, header: str) -> tuple[str | None, int | None, bool, str]:
+        """REPAIR.md 4.4 and 4.5: (the declared name, or None when it takes the argument keys to know;
+        the model's own counter; whether the id is canonical and names that tool as written, so it is
+        kept; the name as written). Readings of the id, most literal first: NAME:IDX, functionsNAMEIDX
+        with every split of the trailing digits (read_file_v2 + 7), a counter alone, the id as a name."""
+        header = header.strip()[:MAX_CALL_HEADER]
+        readings: list[tuple[str | None, int | None]] = []
+        if m := _NAME_COUNTER_RE.fullmatch(header):
+            readings.append((m[1], int(m[2])))
+        if m := _GLUED_RE.fullmatch(header):
+            name, digits = m[1], m[2]
+            readings += [(name + digits[:k], int(digits[k:])) for k in range(len(digits) - 1, -1, -1)]
+            readings.append((name + digits, None))
+        if m := _COUNTER_RE.fullmatch(header):
+            readings.append((None, int(m[1])))
+        readings.append((header or None, None))  # the id as written may be the name ("get_weather")
+        written = next((n for n, _ in readings if n), "unknown")
+        counter = next((c for _, c in readings if c is not None), None)
+        for name, count in readings:
+            found = name and (self._declared(name) if self.tools else name)
+            if found:
+                canonical = CANONICAL_ID_RE.fullmatch(header)
+                return found, count, bool(canonical) and canonical[1] == found, name
+        return None, counter, False, written
+
+    def _declared(self, name: str) -> str | None:
+        """A declared tool's name for ``name``: as written, a dotted namespace's last parts, or the one
+        declared name equal to it but for case."""
+        if name in self.tools:
             return name
         parts = name.split(".")
-        for k in range(1, len(parts)):
-            if (suffix := ".".join(parts[k:])) in tools:
+        for k in range(1, min(len(parts), 8)):
+            if (suffix := ".".join(parts[k:])) in self.tools:
                 return suffix
-        folded = [t for t in tools if t.casefold() == name.casefold()]
+        folded = [t for t in self.tools if t.casefold() == name.casefold()]
         return folded[0] if len(folded) == 1 else None
 
     def infer_name(self, arguments: str) -> str | None:
         """The one declared tool whose parameters fit the argument keys, if exactly one does."""
         value = _load_lenient(arguments)
-        if not isinstance(value, dict) or not self.tools:
+        if not isinstance(value, dict):
             return None
-        keys = set(value)
         fits = []
         for name, params in self.tools.items():
-            props = params.get("properties")
-            required = params.get("required")
-            if keys <= set(props if isinstance(props, dict) else ()) and \
-                    set(required if isinstance(required, list) else ()) <= keys:
+            props, required = params.get("properties"), params.get("required")
+            allowed = set(props) if isinstance(props, dict) else set()
+            needed = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
+            if needed <= value.keys() <= allowed:
                 fits.append(name)
         return fits[0] if len(fits) == 1 else None
-
-
-def count_history_calls(messages: Any) -> int:
-    if not isinstance(messages, list):
-        return 0
-    return sum(len(m["tool_calls"]) for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
-               and isinstance(m.get("tool_calls"), list))
 
 
 def canonicalize_history(request: dict) -> int:
@@ -1269,8 +1216,7 @@ class Call:
     id: str = ""
     args: list[str] = dataclasses.field(default_factory=list)
     rules: list[str] = dataclasses.field(default_factory=list)
-    held: bool = False
-    ended: bool = False
+    canonical: str | None = None  # the arguments, parsed and written in one form, once complete
     dropped: bool = False
 
     @property
@@ -1279,12 +1225,16 @@ class Call:
             self.args[:] = ["".join(self.args)]
         return self.args[0] if self.args else ""
 
+    @property
+    def held(self) -> bool:
+        return self.index < 0 and not self.dropped
+
 
 class ChoiceRepair:
-    """The repair of one choice (REPAIR.md 4.4-4.10): the model's text (reasoning, then content) through one
-    parser, structured calls through another, and the calls they find resolved, numbered and sent in
-    the order they begin. ``feed()`` per upstream delta, ``finish()`` at the end; both return Text and
-    ToolDelta events, the same for a stream and a whole response.
+    """The repair of one choice (REPAIR.md 4.4-4.10): the model's text (reasoning, then content) through
+    one parser, structured calls through another, and the calls they find resolved, numbered and sent
+    in the order they go out. ``feed()`` per upstream delta, ``finish()`` at the end; both return Text
+    and ToolDelta events, the same for a stream and a whole response.
 
     A call goes out live, its first delta as soon as its name is known, unless its name needs its
     argument keys, or an earlier call of another group has that name (it may be the same call twice):
@@ -1300,11 +1250,12 @@ class ChoiceRepair:
         self.texts: dict[str, list[str]] = {"reasoning": [], "content": []}
         self.dropped = 0
         self._keys = keys
+        self._by_name: dict[str, list[Call]] = {}
         self._ids: set[str] = set()
         self._thinking = False  # reasoning came, and no content yet: SGLang's channel switch is ahead
         self._content_seen = False
-        self._forced: list[str] = []  # content held while it may be a JSON array of calls
         self._head = ""  # the first content, until it shows how SGLang ended the reasoning
+        self._forced: list[str] | None = [] if ctx.forced else None  # content while it may be calls as JSON
         self._open: Any = None  # the upstream index of the structured call being read
         self._closed: set = set()
         self._group = -1  # the structured calls' group: a new one after text came between them
@@ -1313,25 +1264,10 @@ class ChoiceRepair:
     def feed(self, reasoning: str | None = None, content: str | None = None,
              tool_calls: list | None = None, whole: bool = False) -> list:
         out: list = []
-        if reasoning:
-            if self._surrogate or "\ud800" <= reasoning[-1] <= "\udbff":
-                reasoning = self._pair("reasoning", reasoning)
-            if not self._thinking and not self._content_seen:
-                self._thinking = True
-            self._group = -1
-            self._take(self.text.feed(reasoning, reasoning=True), out)
-        if content:
-            if self._surrogate or "\ud800" <= content[-1] <= "\udbff":
-                content = self._pair("content", content)
-            self._content_seen = True
-            self._group = -1
-            if self.ctx.forced:
-                self._forced.append(content)  # the calls as a JSON array, decided at the end
-            elif self._thinking:
-                self._head += content
-                self._switch(out)
-            else:
-                self._take(self.text.feed(content), out)
+        if reasoning and (reasoning := self._pair("reasoning", reasoning)):
+            self._reasoning(reasoning, out)
+        if content and (content := self._pair("content", content)):
+            self._content(content, out)
         for position, delta in enumerate(tool_calls or ()):
             if isinstance(delta, dict):
                 self._structured(delta, ("whole", position) if whole else None, out)
@@ -1339,9 +1275,10 @@ class ChoiceRepair:
 
     def finish(self) -> list:
         out: list = []
-        for stream in ("reasoning", "content"):
-            if self._surrogate.get(stream):
-                out += self.feed(**{stream: self._surrogate.pop(stream)})
+        if self._surrogate.get("reasoning"):  # a lone half at the very end stays (as an escape)
+            self._reasoning(self._surrogate.pop("reasoning"), out)
+        if self._surrogate.get("content"):
+            self._content(self._surrogate.pop("content"), out)
         if self._forced:
             self._forced_calls(out)
         if self._head:
@@ -1371,15 +1308,40 @@ class ChoiceRepair:
             total["duplicate-call-dropped"] += self.dropped
         return total
 
+    def message(self) -> tuple[str, str, list[Call]]:
+        """The final message as the client got it: content, reasoning, calls."""
+        return "".join(self.texts["content"]), "".join(self.texts["reasoning"]), self.sent
+
     # -- SGLang's channels back into one text --------------------------------------------------------
+
+    def _reasoning(self, text: str, out: list) -> None:
+        if not self._content_seen:
+            self._thinking = True
+        self._group = -1
+        self._take(self.text.feed(text, reasoning=True), out)
+
+    def _content(self, text: str, out: list) -> None:
+        self._content_seen = True
+        self._group = -1
+        if self._forced is not None:  # while it may be the calls as a JSON array, held to the end
+            text = "".join(self._forced) + text
+            if not text.strip() or text.lstrip().startswith("["):
+                self._forced = [text]
+                return
+            self._forced = None
+        if self._thinking:
+            self._head += text
+            self._switch(out)
+        else:
+            self._take(self.text.feed(text), out)
 
     def _switch(self, out: list, force: bool = False, lost_think: bool | None = None) -> None:
         """The first content after reasoning: did SGLang end the reasoning at a </think> (removed) or at
         a tool section (kept)? Decided once the content shows whether it starts with a section."""
         if lost_think is None:
             lead = self._head.lstrip()
-            if not force and (not lead or len(lead) < LONGEST_MARKER and
-                              any(text.startswith(lead) for text in SECTION_BEGIN_TEXTS)):
+            if not force and len(self._head) < LONGEST_MARKER and \
+                    any(text.startswith(lead) for text in SECTION_BEGIN_TEXTS):
                 return  # too early to tell
             lost_think = not lead.startswith(SECTION_BEGIN_TEXTS)
         self._thinking = False
@@ -1393,20 +1355,28 @@ class ChoiceRepair:
         JSON array, ``[{"name": ..., "parameters": {...}}]``, which only SGLang's tool parser turns into
         tool calls. Without it the array arrives as content: it becomes the calls (REPAIR.md 4.1)."""
         text = "".join(self._forced)
-        self._forced.clear()
+        self._forced = None
         calls = _load_lenient(text.strip())
         if isinstance(calls, list) and calls and all(isinstance(c, dict) and isinstance(c.get("name"), str)
                                                      for c in calls):
             self.structured.rules["calls-from-json-array"] += 1
             for position, call in enumerate(calls):
                 arguments = call.get("parameters", call.get("arguments", {}))
-                arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-                self._structured({"function": {"name": call["name"], "arguments": arguments}},
-                                 ("json", position), out)
+                arguments = arguments if isinstance(arguments, str) else _dumps(arguments)
+                self._structured({"function": {"name": call["name"], "arguments": arguments}}, ("json", position), out)
         elif self._thinking:
             self._head += text
         else:
             self._take(self.text.feed(text), out)
+
+    def _pair(self, stream: Any, text: str) -> str:
+        """A surrogate pair split across two events (JSON escapes of UTF-16 halves) is joined."""
+        if held := self._surrogate.pop(stream, ""):
+            text = (held + text).encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+        if "\ud800" <= text[-1] <= "\udbff":
+            self._surrogate[stream] = text[-1]
+            text = text[:-1]
+        return text
 
     # -- structured calls: given to a parser as markup -----------------------------------------------
 
@@ -1429,7 +1399,8 @@ class ChoiceRepair:
                 self._group = next(self._keys)
             self._open = index
             name = function.get("name")
-            self._take(self.structured.inject(StructuredCall(name if isinstance(name, str) else "", self._group)), out)
+            name = name[:MAX_CALL_HEADER] if isinstance(name, str) else ""
+            self._take(self.structured.inject(StructuredCall(name, self._group)), out)
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments and (arguments := self._pair(index, arguments)):
             self._take(self.structured.feed(arguments), out)
@@ -1437,22 +1408,12 @@ class ChoiceRepair:
     def _end_structured(self, out: list) -> None:
         """The structured call being read is complete: its end, unless its arguments held one."""
         if self._open is not None:
-            if self._surrogate.get(self._open):
-                self._take(self.structured.feed(self._surrogate.pop(self._open)), out)
+            if held := self._surrogate.pop(self._open, ""):
+                self._take(self.structured.feed(held), out)
             self._closed.add(self._open)
             self._open = None
             if self.structured.in_call:
                 self._take(self.structured.inject(CALL_END), out)
-
-    def _pair(self, stream: Any, text: str) -> str:
-        """A surrogate pair split across two events (JSON escapes of UTF-16 halves) is joined."""
-        held = self._surrogate.pop(stream, "")
-        if held:
-            text = (held + text).encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
-        if text and "\ud800" <= text[-1] <= "\udbff":
-            self._surrogate[stream] = text[-1]
-            text = text[:-1]
-        return text
 
     # -- calls -------------------------------------------------------------------------------------
 
@@ -1471,33 +1432,25 @@ class ChoiceRepair:
                 self._start(event, out)
             else:
                 call = self.calls[event.key]
-                call.ended = True
                 call.rules += event.rules
+                call.canonical = _canonical(call.arguments)
                 if call.held:
                     self._decide(call, out)
 
     def _start(self, event: CallStart, out: list) -> None:
         call = self.calls[event.key] = Call(event.key, event.channel, event.group, event.header)
-        candidates = id_candidates(event.header)
-        call.written = next((n for n, _ in candidates if n), "") or "unknown"
-        call.counter = next((c for _, c in candidates if c is not None), None)
-        for written, counter in candidates:
-            name = written and (self.ctx.resolve_name(written) if self.ctx.tools else written)
-            if name:
-                call.name, call.counter = name, counter
-                canonical = CANONICAL_ID_RE.fullmatch(event.header.strip())
-                call.verbatim = bool(canonical) and canonical[1] == name
-                if name != written:
-                    call.rules.append("name-resolved")
-                break
-        call.held = call.name is None or any(self._twins(call))
-        if not call.held:
+        call.name, call.counter, call.verbatim, call.written = self.ctx.resolve(event.header)
+        if call.name is not None and call.name != call.written:
+            call.rules.append("name-resolved")
+        if call.name is not None:
+            self._by_name.setdefault(call.name, []).append(call)
+        if call.name is not None and not any(self._twins(call)):
             self._send(call, out)
 
     def _twins(self, call: Call) -> Iterable[Call]:
         """Earlier calls of another group with the same name: ``call`` may repeat one of them."""
-        return (c for c in self.calls.values() if c.key < call.key and c.group != call.group
-                and c.name == call.name and not c.dropped)
+        return (c for c in self._by_name.get(call.name, ()) if c.key < call.key and c.group != call.group
+                and not c.dropped)
 
     def _decide(self, call: Call, out: list, final: bool = False) -> None:
         """A held call whose arguments are complete: its name resolved, dropped if it repeats a call of
@@ -1506,15 +1459,14 @@ class ChoiceRepair:
             call.name = self.ctx.infer_name(call.arguments)
             call.rules.append("name-inferred-from-arguments" if call.name else "name-unresolved")
             call.name = call.name or call.written
+            self._by_name.setdefault(call.name, []).append(call)
         twins = list(self._twins(call))
-        if not final and any(not t.ended for t in twins):
+        if not final and any(t.canonical is None for t in twins):
             return  # decided when they end
-        mine = _canonical(call.arguments)
-        if any(t.ended and _canonical(t.arguments) == mine for t in twins):
-            call.dropped, call.held = True, False
+        if any(t.canonical == call.canonical for t in twins):
+            call.dropped = True
             self.dropped += 1
             return
-        call.held = False
         self._send(call, out)
 
     def _send(self, call: Call, out: list) -> None:
@@ -1536,14 +1488,18 @@ class ChoiceRepair:
         self._ids.add(call_id)
         out.append(ToolDelta(call.index, call.id, call.name, call.arguments))
 
-    def message(self) -> tuple[str, str, list[Call]]:
-        """The final message as the client got it: content, reasoning, calls."""
-        return "".join(self.texts["content"]), "".join(self.texts["reasoning"]), self.sent
-
 
 def _canonical(arguments: str) -> str:
+    """Arguments in one form, to see whether two calls are the same."""
     value = _load_lenient(arguments)
-    return arguments if value is None else json.dumps(value, sort_keys=True)
+    try:
+        return arguments if value is None else json.dumps(value, sort_keys=True)
+    except (ValueError, RecursionError):
+        return arguments
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1588,7 +1544,8 @@ def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair
     """Repair a whole chat.completion in place: the same machinery as a stream, fed each field whole.
     Returns the choices' repairs and whether anything changed."""
     repairs, changed = [], False
-    for choice in body.get("choices") or ():
+    choices = body.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
         message = choice.get("message") if isinstance(choice, dict) else None
         if not isinstance(message, dict):
             continue
@@ -1653,7 +1610,7 @@ class StreamRepair:
             return self._end() + [DONE_FRAME]
         try:
             chunk = json_loads(data)
-        except ValueError:  # also invalid UTF-8
+        except (ValueError, RecursionError):  # also invalid UTF-8, or nesting too deep
             chunk = None
         if not isinstance(chunk, dict):
             self.skipped += 1
@@ -2344,7 +2301,7 @@ def parse_chat_request(scope: dict, body: bytes) -> dict:
             raise ClientError("compressed request bodies are not supported", 415)
     try:
         request = json_loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ClientError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise ClientError(f"request body must be a JSON object, not {type(request).__name__}")

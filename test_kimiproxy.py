@@ -678,6 +678,75 @@ def test_content_as_a_list_of_parts_is_left_as_it_is() -> None:
     assert body["choices"][0]["message"]["content"] == parts and not changed
 
 
+# -- corners found by review: each whole and one character at a time -----------------------------------
+
+F_TOOL, G_TOOL = tool("f", "a", "content"), tool("g", "b")
+HF = f"{B}functions.f:0{A}"
+# (name, content, expected calls [(id, name, arguments as written)], expected content)
+CORNERS = [
+    ("literal_then_a_lone_lt", f"{HF}true<br>", [("functions.f:0", "f", "true")], ""),
+    ("number_then_a_lone_lt", f'{HF}{{"a": 1<br>}}', [("functions.f:0", "f", '{"a": 1}')], ""),
+    ("arguments_that_start_with_a_lone_lt", f"{HF}<br> hello", [("functions.f:0", "f", "<br> hello")], ""),
+    ("a_cut_off_top_level_string_is_closed", f'{HF}"abc', [("functions.f:0", "f", '"abc"')], ""),
+    ("a_string_that_only_looks_double_encoded", f'{HF}"{{hello}}"', [("functions.f:0", "f", '"{hello}"')], ""),
+    ("a_long_gap_before_the_next_id", f'{HF}{{"a": 1}}{" " * 600}functions.g:1{A}{{"b": 2}}{Z}',
+     [("functions.f:0", "f", '{"a": 1}'), ("functions.g:1", "g", '{"b": 2}')], ""),
+    ("an_id_longer_than_an_id_is_arguments", f"{S}{B}{'x' * 600}{{\"a\":1}}{Z}{E}",
+     [("functions.unknown:0", "unknown", "x" * 600 + '{"a":1}')], ""),
+    ("indentation_before_an_id_at_the_start_of_a_line", f"Hi\n  functions.f:0{A}{{}}",
+     [("functions.f:0", "f", "{}")], "Hi\n  "),
+    ("an_id_already_sent_heads_the_call", f"See default_api.f:0{A}{{}}",
+     [("functions.f:0", "f", "{}")], "See default_api.f:0"),
+    ("an_undeclared_word_before_a_stray_marker", f"see step:1 {A}{{}}", [], "see step:1 {}"),
+    ("think_inside_a_section_is_noise", f"{S}<think>{HF}{{}}{Z}{E}", [("functions.f:0", "f", "{}")], ""),
+    ("a_lone_high_surrogate_at_the_end", "ab\ud800", [], "ab\ud800"),
+]
+
+
+@pytest.mark.parametrize("name,content,calls,text", CORNERS, ids=[c[0] for c in CORNERS])
+def test_corner(name: str, content: str, calls: list, text: str) -> None:
+    for pieces in ([content], list(content)):
+        repair = kp.ChoiceRepair(ctx_for([F_TOOL, G_TOOL]))
+        for piece in pieces:
+            repair.feed(content=piece)
+        repair.finish()
+        got_text, _, sent = repair.message()
+        assert [(c.id, c.name, c.arguments) for c in sent] == calls and got_text == text, len(pieces)
+
+
+def test_hostile_requests_and_responses_never_raise() -> None:
+    """Deep nesting, 5,000-digit counters, a client's odd schema, choices that are not a list."""
+    odd = {"type": "function", "function": {"name": "f", "parameters": {"required": [["a"]], "properties": []}}}
+    for tools, content in [([F_TOOL], f"{B}call_1{A}" + "[" * 1000), ([F_TOOL], f"{B}functions.f:{'1' * 5000} {{}}"),
+                           ([odd], f'{B}call_1{A}{{"a": 1}}')]:
+        repair = kp.ChoiceRepair(kp.RepairContext.from_request({"tools": tools, "messages": []}))
+        repair.feed(content=content)
+        repair.finish()
+        assert len(repair.sent) == 1
+    deep = {"tools": [F_TOOL], "tool_choice": "required", "messages": []}
+    repair = kp.ChoiceRepair(kp.RepairContext.from_request(deep))
+    repair.feed(content="[" * 1000)
+    repair.finish()
+    assert kp.repair_completion({"choices": 5}, ctx_for(TOOLS)) == ([], False)
+    relay = kp.StreamRepair(ctx_for(TOOLS))
+    assert relay.feed(b"[" * 100_000) == [] and relay.close() == [kp.DONE_FRAME]
+
+
+def test_held_text_stays_bounded() -> None:
+    """Blanks after a word that may head a call, whitespace after reasoning, text when tool_choice is
+    required: held only while it may still change, and never without a bound."""
+    repair = kp.ChoiceRepair(ctx_for([F_TOOL]))
+    sent = "".join(e.text for piece in "hi\nfunctions" + " " * 100 for e in repair.feed(content=piece))
+    assert len(sent) >= len("hi\nfunctions") + 100 - kp.MAX_LINE_HEADER
+    repair = kp.ChoiceRepair(ctx_for([F_TOOL]))
+    repair.feed(reasoning="x")
+    sent = "".join(e.text for piece in " " * 100 for e in repair.feed(content=piece))
+    assert len(sent) >= 100 - kp.LONGEST_MARKER
+    repair = kp.ChoiceRepair(kp.RepairContext.from_request({"tools": [F_TOOL], "tool_choice": "required",
+                                                            "messages": []}))
+    assert [e.text for e in repair.feed(content="Hello")] == ["Hello"]  # cannot be a JSON array of calls
+
+
 # -- properties ----------------------------------------------------------------------------------------
 
 PIECES = st.sampled_from([
