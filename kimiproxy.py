@@ -750,13 +750,7 @@ class MarkupParser:
     def _opening(self):
         """Text that opens with <think> (SGLang without a reasoning parser, or one that left the tag):
         reasoning, up to </think> or a tool section (REPAIR.md 4.8)."""
-        space = ""
-        while True:
-            token = yield from self._token()
-            if isinstance(token, str) and len(space + token) < LONGEST_MARKER and not (space + token).strip():
-                space += token
-                continue
-            break
+        space, token = yield from self._collect(lambda text: len(text) < LONGEST_MARKER and not text.strip())
         if token is THINK_OPEN:
             if not self._reasoning:
                 self.rules["think-moved-to-reasoning"] += 1
@@ -765,6 +759,15 @@ class MarkupParser:
         self._back = token
         if space:
             yield from self._text(space)
+
+    def _collect(self, fits: Any):
+        """Text while ``fits`` the text so far; returns (that text, the token after it)."""
+        text = ""
+        while True:
+            token = yield from self._token()
+            if not isinstance(token, str) or not fits(text + token):
+                return text, token
+            text += token
 
     def _top_level(self, token: Any):
         if isinstance(token, str):
@@ -882,14 +885,7 @@ class MarkupParser:
 
     def _role(self):
         """A leaked role header, <|im_assistant|>assistant<|im_middle|>: removed whole."""
-        word = ""
-        while True:
-            token = yield from self._token()
-            if isinstance(token, str) and len(word + token) <= MAX_ROLE_WORD and \
-                    _ROLE_WORD_RE.fullmatch(word + token):
-                word += token
-                continue
-            break
+        word, token = yield from self._collect(lambda text: len(text) <= MAX_ROLE_WORD and _ROLE_WORD_RE.fullmatch(text))
         self.rules["control-token-removed"] += 1
         if token is IM_MIDDLE:
             return None
@@ -1506,31 +1502,6 @@ def _dumps(value: Any) -> str:
 # Repair core: whole responses and streams
 # ---------------------------------------------------------------------------------------------------
 
-def json_loads(data: bytes | str) -> Any:
-    """json.loads, by orjson when it is installed. Whatever orjson refuses (invalid JSON, but also
-    NaN or integers past 64 bits, which the stdlib accepts) is left to the stdlib, so the result
-    never depends on whether orjson is there."""
-    if orjson is not None:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(data)
-
-
-def json_dumps_compact(value: Any) -> bytes:
-    """Compact UTF-8 JSON, as SGLang writes its chunks."""
-    if orjson is not None:
-        try:
-            return orjson.dumps(value)
-        except TypeError:  # integers past 64 bits, lone surrogates
-            pass
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:  # a lone surrogate (a client cut a string mid-emoji): as an escape
-        return json.dumps(value, separators=(",", ":")).encode()
-
-
 def reasoning_field(message: dict) -> str:
     """Where this server puts reasoning: ``reasoning_content`` (SGLang), or its alias ``reasoning``."""
     return "reasoning" if "reasoning" in message and "reasoning_content" not in message else "reasoning_content"
@@ -1708,47 +1679,15 @@ class StreamRepair:
             chunk["usage"] = None  # the usage chunk passes on its own
         return b"data: " + json_dumps_compact(chunk) + b"\n\n"
 
-    def final_messages(self) -> list[dict]:
-        """Each choice's message as the client received it: for the log."""
-        messages = []
-        for index, repair in sorted(self.choices.items()):
-            content, reasoning, calls = repair.message()
-            messages.append({"index": index, "content": content, "reasoning_content": reasoning,
-                             "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls],
-                             "finish_reason": self.finish.get(index)})
-        return messages
-
-
-def _choice_index(choice: dict) -> int:
-    index = choice.get("index", 0)
-    return index if isinstance(index, int) and not isinstance(index, bool) else 0
 
 
 def _unchanged(events: list, content: str | None, reasoning: str | None, calls: list | None) -> bool:
-    """Whether the events say exactly what the upstream delta said."""
+    """Whether the events say exactly what the upstream delta said (text only: a delta with calls is
+    written anew, byte for byte the same when nothing changed)."""
     if not events:
         return not content and not reasoning and not calls
-    if len(events) == 1 and type(events[0]) is Text and not calls and not (content and reasoning):
-        return events[0].text == (content if events[0].channel == "content" else reasoning)
-    deltas = _deltas(events, {}, "reasoning_content")
-    if len(deltas) != 1 or not calls:
-        return False
-    given = {"content": content or None, "reasoning_content": reasoning or None,
-             "tool_calls": [_plain_call(c) for c in calls]}
-    ours = deltas[0]
-    return given == {"content": ours.get("content"), "reasoning_content": ours.get("reasoning_content"),
-                     "tool_calls": ours.get("tool_calls")}
-
-
-def _plain_call(call: Any) -> Any:
-    if not isinstance(call, dict):
-        return call
-    out = {k: v for k, v in call.items() if v is not None}
-    if isinstance(out.get("function"), dict):
-        out["function"] = {k: v for k, v in out["function"].items() if v is not None}
-    if "id" not in out:
-        out.pop("type", None)
-    return out
+    return len(events) == 1 and type(events[0]) is Text and not calls and not (content and reasoning) and \
+        events[0].text == (content if events[0].channel == "content" else reasoning)
 
 
 def _deltas(events: list, template: dict, key: str) -> list[dict]:
@@ -1784,8 +1723,34 @@ def _deltas(events: list, template: dict, key: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# SSE codec
+# SSE and JSON codecs
 # ---------------------------------------------------------------------------------------------------
+
+def json_loads(data: bytes | str) -> Any:
+    """json.loads, by orjson when it is installed. Whatever orjson refuses (invalid JSON, but also
+    NaN or integers past 64 bits, which the stdlib accepts) is left to the stdlib, so the result
+    never depends on whether orjson is there."""
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
+def json_dumps_compact(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as SGLang writes its chunks."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(value)
+        except TypeError:  # integers past 64 bits, lone surrogates
+            pass
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate (a client cut a string mid-emoji): as an escape
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
 
 class SSEDecoder:
     """Bytes from the upstream in, the data of each complete event out (``decode``/``flush``).
@@ -2654,8 +2619,12 @@ class Exchange:
         if self.proxy.settings.repair:
             self.proxy.report_repairs(list(repair.choices.values()))
         if log.isEnabledFor(logging.INFO):
-            for message in repair.final_messages():
-                log.info("stream final message %s usage=%s", _describe_message(message), json.dumps(repair.usage))
+            for index, choice in sorted(repair.choices.items()):
+                content, reasoning, calls = choice.message()
+                log.info("stream final message %s usage=%s", _describe_message({
+                    "content": content, "reasoning_content": reasoning, "finish_reason": repair.finish.get(index),
+                    "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]}),
+                    json.dumps(repair.usage))
 
     def _log_end(self) -> None:
         """The exchange's one final log line, and its metrics."""
