@@ -104,9 +104,6 @@ MAX_UPSTREAM_BODY_BYTES = 256 * 1024 * 1024  # a non-streamed upstream response
 # upstream: backpressure.
 STREAM_QUEUE = 64  # pieces
 PARSER_CHECK_INTERVAL = 60.0  # seconds between asking SGLang for its parsers, until it answers
-# Upstream pieces closer together than this are a burst, written by the stream's writer in one go; a
-# piece after a longer pause (a model writing tokens) is written at once by the relay.
-BURST_GAP = 0.002  # seconds
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (CPython: 700)
 IDLE_COLLECT_AFTER = 1.0  # seconds with no request in flight before a full garbage collection
 COLLECT_EVERY = 1000  # finished requests between full collections when the proxy is never idle
@@ -2318,8 +2315,6 @@ class Exchange:
         self.upstream: httpx.Response | None = None
         self.upstream_closed = False
         self._nursery: trio.Nursery | None = None
-        self._writing = trio.Lock()  # held while the stream's body is written (by the relay or the writer)
-        self._last_write = self._last_read = trio.current_time()
 
     async def run(self, chat: bool) -> None:
         token = REQUEST_ID.set(self.id)
@@ -2424,7 +2419,6 @@ class Exchange:
         self.ended = not more
         self.bytes += len(data)
         await self._asgi({"type": "http.response.body", "body": data, "more_body": more})
-        self._last_write = trio.current_time()
 
     async def _asgi(self, message: dict) -> None:
         try:
@@ -2512,7 +2506,7 @@ class Exchange:
                     last = out
                     break
                 if out:
-                    await self._send_frames(frames, out[0] if len(out) == 1 else b"".join(out))
+                    await _put(frames, out[0] if len(out) == 1 else b"".join(out))
             else:
                 last = [f for data in decoder.flush() for f in repair.feed(data)] + repair.close()
         except httpx.HTTPError as exc:
@@ -2529,22 +2523,6 @@ class Exchange:
             async for _ in chunks:
                 pass
 
-    async def _send_frames(self, frames: Any, data: bytes) -> None:
-        """A piece of the stream for the client. An event that came after a pause (the model writing
-        tokens) is written by the relay itself when nothing else is being written: no task switch (10 %
-        of a paced event's CPU, benchmark). The events of a burst (httpx yields those of one socket
-        read with no checkpoint between them) pile up for the writer, which sends them in one write."""
-        now = trio.current_time()
-        paced, self._last_read = now - self._last_read > BURST_GAP, now
-        if paced and self.started and not self._writing.locked() and frames.statistics().tasks_waiting_receive:
-            self._writing.acquire_nowait()  # free, and taken with no checkpoint (acquire() would switch tasks)
-            try:  # the writer waits for frames: it holds none that should go out first
-                await self._body(data)
-            finally:
-                self._writing.release()
-        else:
-            await _put(frames, data)
-
     async def _write_stream(self, frames: Any) -> None:
         """The one writer of a stream's body. Frames go out as they come; what piled up while a write
         was under way goes out in one write. The response starts with the first frame, or after
@@ -2552,32 +2530,24 @@ class Exchange:
         SSE comment goes out whenever HEARTBEAT_INTERVAL passes with nothing written: Node clients give
         up after 300 s without a byte, and a write is what shows that a client has gone."""
         interval = self.proxy.settings.heartbeat_interval or math.inf
-        wake = trio.current_time() + min(HEADER_GRACE, interval)
+        wait = min(HEADER_GRACE, interval)
         async with frames:
             while True:
-                with trio.move_on_at(wake) as silence:
+                with trio.move_on_after(wait) as silence:
                     try:
                         items = [await frames.receive()]
                     except trio.EndOfChannel:
                         items = [None]
+                wait = interval
                 if silence.cancelled_caught:
-                    if not self._writing.locked() and trio.current_time() >= self._last_write + min(HEADER_GRACE, interval):
-                        async with self._writing:
-                            if not self.started:
-                                await self._start(200, list(SSE_HEADERS))
-                            await self._body(HEARTBEAT_FRAME)
-                    wake = max(self._last_write + interval, trio.current_time())  # the relay may have written
+                    if not self.started:
+                        await self._start(200, list(SSE_HEADERS))
+                    await self._body(HEARTBEAT_FRAME)
                     continue
-                await self._writing.acquire()  # before any checkpoint: the relay now leaves the writing to us
                 while type(items[-1]) is bytes and frames.statistics().current_buffer_used:
                     items.append(frames.receive_nowait())
-                try:
-                    done = await self._write_items(items)
-                finally:
-                    self._writing.release()
-                if done:
+                if await self._write_items(items):
                     return
-                wake = self._last_write + interval
 
     async def _write_items(self, items: list) -> bool:
         """What the writer took from the relay, in one write; returns whether that was the end."""
