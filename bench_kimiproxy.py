@@ -200,6 +200,7 @@ def chat_request(port: int, stream: bool, knobs: str = "", body: bytes | None = 
 
 
 STREAM_DEADLINE = 120.0  # seconds: a stream not done by then counts as not completed
+CORE_REPEATS = 5  # runs of the repair-core workload; the fastest is reported
 
 
 async def one_stream(port: int, knobs: str, leave_after: int = 0) -> dict:
@@ -512,12 +513,16 @@ def core_figures(checkout: Path, chars: int) -> dict[str, float]:
     chunks, tail = kimi_stream(20_000, False)
     events = [c[6:-2] for c in chunks] + [e[6:] for e in tail.split(b"\n\n") if e]
     out = {}
-    started = time.process_time()
-    relay = kimiproxy.StreamRepair(ctx)
-    for data in events:
-        relay.feed(data)
-    relay.close()
-    out["transformer_chunks_per_s"] = len(events) / (time.process_time() - started)
+    spent = []
+    for _ in range(CORE_REPEATS):
+        started = time.process_time()
+        relay = kimiproxy.StreamRepair(ctx)
+        for data in events:
+            relay.feed(data)
+        relay.close()
+        spent.append(time.process_time() - started)
+    # The least time of several: what the code costs; the rest is other tenants of a shared machine.
+    out["transformer_chunks_per_s"] = len(events) / min(spent)
     for kind in ("markup", "structured"):
         for size, n in (("small", chars // 10), ("big", chars)):
             out[f"args_{kind}_{size}_us_per_char"] = _arguments_cost(kimiproxy, ctx, kind, n) / n * 1e6

@@ -2587,7 +2587,8 @@ class Exchange:
                 self.proxy.report_repairs(repairs)
                 if changed:
                     data = json_dumps_compact(completion)
-            log.info("response %s", _describe_completion(completion))
+            if log.isEnabledFor(logging.INFO):
+                log.info("response %s", _describe_completion(completion))
         headers = [(k, v) for k, v in end_to_end_headers(response.headers.raw, RESPONSE_HEADERS_DROPPED, False)
                    if k != b"content-length"]
         await self._start(response.status_code, headers + [(b"content-length", str(len(data)).encode())])
