@@ -48,6 +48,7 @@ import re
 import resource
 import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -115,6 +116,7 @@ LOG_PREVIEW_CHARS = 400  # characters of content/reasoning in INFO log lines
 DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_LOG_BACKUPS = 5
 DEFAULT_SHUTDOWN_GRACE = 30.0  # seconds in-flight requests may finish after SIGTERM/SIGINT
+SUPERVISOR_SIGNAL_WAIT = 0.5  # seconds a worker waits before handing a SIGTERM to Hypercorn's supervisor
 HEALTH_UPSTREAM_TIMEOUT = 2.0  # seconds: GET /health?upstream=1 asks the upstream's /models
 
 SSE_HEADERS = [
@@ -2826,15 +2828,30 @@ def forward_sigterm_to_supervisor() -> None:
     process group (systemd's default KillMode, ``kill -TERM -- -PGID``, ``timeout``) also reaches this
     worker, whose default is to die at once, cutting every stream. The supervisor turns SIGTERM into a
     graceful shutdown of all its workers (and SIGINT already reaches workers ignored): so here SIGTERM
-    is handed to it. A SIGTERM for this worker alone stops the whole server gracefully, too."""
+    is handed to it, and a SIGTERM for this worker alone stops the whole server gracefully, too.
+
+    Handed on only if the supervisor has not begun shutting down by itself after SUPERVISOR_SIGNAL_WAIT:
+    its handler is not reentrant (a second SIGTERM that lands while it runs deadlocks it on the
+    shutdown event's lock, seen about once in 60 group SIGTERMs on a loaded machine), and with the
+    whole group signalled it has its own. Whether it began is the shutdown event Hypercorn hands each
+    worker; if that cannot be found, the SIGTERM is handed on after the wait regardless."""
     parent = multiprocessing.parent_process()
     if parent is None or parent.pid is None:
         return  # not a Hypercorn worker: python kimiproxy.py handles its signals itself
     supervisor = parent.pid
+    kwargs = getattr(multiprocessing.current_process(), "_kwargs", None)  # the worker's, as Hypercorn spawned it
+    shutdown_event = kwargs.get("shutdown_event") if isinstance(kwargs, dict) else None
 
-    def forward(signum: int, frame: Any) -> None:
+    def hand_on() -> None:
+        if shutdown_event is not None and shutdown_event.is_set():
+            return  # the supervisor got the signal too, and is stopping every worker
         if os.getppid() == supervisor:  # never signal whoever adopted us after the supervisor died
             os.kill(supervisor, signal.SIGTERM)
+
+    def forward(signum: int, frame: Any) -> None:
+        timer = threading.Timer(SUPERVISOR_SIGNAL_WAIT, hand_on)
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGTERM, forward)
 
