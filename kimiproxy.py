@@ -33,9 +33,11 @@ import argparse
 import contextlib
 import contextvars
 import dataclasses
+import difflib
 import enum
 import functools
 import gc
+import hashlib
 import hmac
 import itertools
 import json
@@ -47,7 +49,9 @@ import os
 import re
 import resource
 import signal
+import sqlite3
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -118,6 +122,15 @@ DEFAULT_LOG_BACKUPS = 5
 DEFAULT_SHUTDOWN_GRACE = 30.0  # seconds in-flight requests may finish after SIGTERM/SIGINT
 SUPERVISOR_SIGNAL_WAIT = 0.5  # seconds a worker waits before handing a SIGTERM to Hypercorn's supervisor
 HEALTH_UPSTREAM_TIMEOUT = 2.0  # seconds: GET /health?upstream=1 asks the upstream's /models
+DEFAULT_REASONING_MAX_ENTRIES = 50_000  # assistant turns whose reasoning is remembered
+DEFAULT_REASONING_MAX_MB = 256  # MiB of reasoning text remembered
+DEFAULT_REASONING_MAX_HOURS = 24  # a tool loop idle longer than this has lost its reasoning
+STORE_BUSY_TIMEOUT = 2.0  # seconds a worker waits for another one's write to the reasoning store
+STORE_PRUNE_EVERY = 200  # writes between enforcing the store's bounds
+DEFAULT_CAPTURE_MAX_FILES = 200  # captures kept in CAPTURE_DIR; the oldest go first
+DEFAULT_CAPTURE_MAX_MB = 500  # MiB of captures kept in CAPTURE_DIR
+CAPTURE_EXCHANGE_BYTES = 32 * 1024 * 1024  # recorded of one exchange; past it the capture says "truncated"
+CAPTURE_EVENT_OVERHEAD = 100  # bytes counted per recorded event on top of its data (the list entry)
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -1511,6 +1524,11 @@ def reasoning_field(message: dict) -> str:
     return "reasoning" if "reasoning" in message and "reasoning_content" not in message else "reasoning_content"
 
 
+def reasoning_of(message: dict) -> str:
+    value = message.get(reasoning_field(message))
+    return value if isinstance(value, str) else ""
+
+
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -1566,10 +1584,12 @@ def _call_tuples(calls: Any) -> list:
 class StreamRepair:
     """Upstream SSE event data in, downstream SSE frames out: ``feed(data)`` per event, ``close()`` at
     the end of the upstream stream. An event the repair leaves as it was goes out as the very bytes
-    that came in. With ``ctx.enabled`` false it only relays (and keeps the final message for the log)."""
+    that came in. With ``ctx.enabled`` false it only relays (and keeps the final message for the log).
+    ``pass_usage`` false: the usage chunk (no choices) is read, not passed on; kimiproxy asked for it."""
 
-    def __init__(self, ctx: RepairContext) -> None:
+    def __init__(self, ctx: RepairContext, pass_usage: bool = True) -> None:
         self.ctx = ctx
+        self.pass_usage = pass_usage
         self.choices: dict[int, ChoiceRepair] = {}
         self.keys: dict[int, str] = {}  # the reasoning field name per choice
         self.finish: dict[int, str | None] = {}  # the finish reason each choice got
@@ -1595,7 +1615,7 @@ class StreamRepair:
             self.usage = chunk["usage"]
         choices = chunk.get("choices")
         if not choices or not isinstance(choices, list):
-            return [raw]
+            return [raw] if self.pass_usage or not chunk.get("usage") else []
         self._envelope = chunk
         outputs: list[dict] = []
         changed = False
@@ -1832,9 +1852,17 @@ class Settings:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL  # HEARTBEAT_INTERVAL: seconds, 0 = off
     max_body_mb: float = DEFAULT_MAX_BODY_MB  # MAX_BODY_MB: largest request body
     body_timeout: float = BODY_READ_TIMEOUT  # BODY_TIMEOUT: seconds to receive a request body
-    api_keys: tuple[str, ...] = ()  # PROXY_API_KEY: keys clients must present (comma-separated)
+    api_keys: tuple[tuple[str, str], ...] = ()  # PROXY_API_KEY: (name, key) pairs clients may present
     upstream_api_key: str = ""  # UPSTREAM_API_KEY: sent to the upstream instead of the client's key
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # SHUTDOWN_GRACE: seconds in-flight requests get
+    restore_reasoning: bool = True  # RESTORE_REASONING: put back the reasoning a client dropped
+    reasoning_store: str = ""  # REASONING_STORE: the SQLite file the workers share ("" = in the temp dir)
+    reasoning_max_entries: int = DEFAULT_REASONING_MAX_ENTRIES  # REASONING_MAX_ENTRIES: turns remembered
+    reasoning_max_mb: float = DEFAULT_REASONING_MAX_MB  # REASONING_MAX_MB: of reasoning text remembered
+    reasoning_max_hours: float = DEFAULT_REASONING_MAX_HOURS  # REASONING_MAX_HOURS: then it is forgotten
+    capture_dir: str = ""  # CAPTURE_DIR: write the exchanges that needed a repair or broke here ("" = off)
+    capture_max_files: int = DEFAULT_CAPTURE_MAX_FILES  # CAPTURE_MAX_FILES
+    capture_max_mb: float = DEFAULT_CAPTURE_MAX_MB  # CAPTURE_MAX_MB
 
     def __repr__(self) -> str:  # never print a key
         return (f"Settings(upstream={self.upstream!r}, repair={self.repair}, "
@@ -1899,10 +1927,36 @@ class Settings:
             heartbeat_interval=number("HEARTBEAT_INTERVAL", defaults.heartbeat_interval),
             max_body_mb=number("MAX_BODY_MB", defaults.max_body_mb, 0.001),
             body_timeout=number("BODY_TIMEOUT", defaults.body_timeout, 0.001),
-            api_keys=tuple(k.strip() for k in env.get("PROXY_API_KEY", "").split(",") if k.strip()),
+            api_keys=parse_api_keys(env.get("PROXY_API_KEY", "")),
             upstream_api_key=env.get("UPSTREAM_API_KEY", "").strip(),
             shutdown_grace=number("SHUTDOWN_GRACE", defaults.shutdown_grace),
+            restore_reasoning=flag("RESTORE_REASONING", defaults.restore_reasoning),
+            reasoning_store=text("REASONING_STORE", defaults.reasoning_store),
+            reasoning_max_entries=int(number("REASONING_MAX_ENTRIES", defaults.reasoning_max_entries, 1)),
+            reasoning_max_mb=number("REASONING_MAX_MB", defaults.reasoning_max_mb, 0.001),
+            reasoning_max_hours=number("REASONING_MAX_HOURS", defaults.reasoning_max_hours, 0.001),
+            capture_dir=text("CAPTURE_DIR", defaults.capture_dir),
+            capture_max_files=int(number("CAPTURE_MAX_FILES", defaults.capture_max_files, 1)),
+            capture_max_mb=number("CAPTURE_MAX_MB", defaults.capture_max_mb, 0.001),
         )
+
+
+_KEY_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def parse_api_keys(raw: str) -> tuple[tuple[str, str], ...]:
+    """PROXY_API_KEY: keys separated by commas, each bare or with a name (``alice:KEY``). The name is what
+    the log and /metrics show; a bare key shows as a fingerprint of it (``key-1a2b3c4d``), never as itself.
+    So a key that itself holds a ':' needs a name."""
+    keys = []
+    for entry in raw.split(","):
+        entry = entry.strip()
+        name, colon, key = entry.partition(":")
+        if colon and key.strip() and _KEY_NAME_RE.fullmatch(name.strip()):
+            keys.append((name.strip(), key.strip()))
+        elif entry:
+            keys.append(("key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry))
+    return tuple(keys)
 
 
 def read_dotenv(paths: Iterable[Path]) -> dict[str, str]:
@@ -2022,6 +2076,11 @@ METRICS_HELP = {
                                                       "complete, by whether the upstream was closed"),
     "kimiproxy_tool_calls_recovered_total": ("counter", "Tool calls recovered from leaked markup, by channel"),
     "kimiproxy_repairs_total": ("counter", "Repairs applied, by rule (failure family)"),
+    "kimiproxy_key_requests_total": ("counter", "Requests by access key name (PROXY_API_KEY)"),
+    "kimiproxy_key_tokens_total": ("counter", "Prompt and completion tokens, from the upstream's usage, by key name"),
+    "kimiproxy_key_repairs_total": ("counter", "Repairs applied to the responses of each key name"),
+    "kimiproxy_reasoning_restored_total": ("counter", "Assistant turns whose dropped reasoning was put back"),
+    "kimiproxy_reasoning_missed_total": ("counter", "Assistant turns without reasoning that the store did not have"),
     "kimiproxy_upstream_first_byte_seconds": ("histogram", "Time from request to the upstream's response headers"),
     "kimiproxy_request_duration_seconds": ("histogram", "Time from request to the end of the response, by route"),
 }
@@ -2061,7 +2120,7 @@ class Metrics:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             if kind == "counter":
                 for labels, value in sorted(self.counters[name].items()):
-                    lines.append(f"{name}{_labels(labels)} {value:g}")
+                    lines.append(f"{name}{_labels(labels)} {value:.15g}")  # token counts: every digit
             elif kind == "gauge":
                 lines.append(f"{name} {self.streams_in_flight}")
             else:
@@ -2317,6 +2376,11 @@ class Exchange:
         self.upstream: httpx.Response | None = None
         self.upstream_closed = False
         self._nursery: trio.Nursery | None = None
+        self.key = "-"  # the access key's name, once authorised
+        self.capture: Capture | None = None  # with CAPTURE_DIR: what happened, for a capture file
+        self.usage: Any = None  # the upstream's token counts
+        self.repairs = 0
+        self.answered: Any = None  # the request's last message: with the calls, what names a turn
 
     async def run(self, chat: bool) -> None:
         token = REQUEST_ID.set(self.id)
@@ -2335,6 +2399,9 @@ class Exchange:
                 self._nursery.cancel_scope.cancel()  # the watcher
         finally:
             await self._close_upstream()
+            if self.capture is not None and self.capture.reasons and self.proxy.captures is not None:
+                with trio.CancelScope(shield=True):
+                    await self.proxy.captures.write(self.capture)
             self._log_end()
             self.proxy.end()
             REQUEST_ID.reset(token)
@@ -2342,29 +2409,67 @@ class Exchange:
     async def _serve(self, chat: bool) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("headers %s", redact_headers(self.scope["headers"]))
-        self.proxy.authorise(self.scope)
+        self.key = self.proxy.authorise(self.scope)
         body = await self._read_body()
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_client)
         if not chat:
             await self._passthrough(body)
             return
+        if self.proxy.captures is not None:
+            self.capture = Capture(self, body)
         request = parse_chat_request(self.scope, body)
         log.info("%s %s %s", self.method, self.path, summarize_request(request, len(body)))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request body %s", body.decode("utf-8", "replace"))
         settings = self.proxy.settings
         ctx = RepairContext.from_request(request, enabled=settings.repair)
+        self.answered = request["messages"][-1] if request["messages"] else None  # what the model answers
+        changed = await self._restore_reasoning(request)
         if settings.repair and canonicalize_history(request):
             log.info("repair: rewrote non-canonical tool-call ids in the history for the upstream")
+            changed = True
+        if changed:
             body = json_dumps_compact(request)
+        stream = request.get("stream") is True
+        usage_asked = not settings.repair or _usage_asked(request)  # a transparent proxy changes nothing
+        if stream and not usage_asked:
+            body = _ask_usage(body, request)
         upstream = self.proxy.upstream
         outgoing = upstream.request("POST", upstream.url(self.path, self.scope["query_string"]), body,
                                     upstream.headers(self.scope["headers"], relay_untouched=False))
-        if request.get("stream") is True:
-            await self._stream(outgoing, ctx)
+        if stream:
+            await self._stream(outgoing, ctx, usage_asked)
         else:
             await self._whole(outgoing, ctx)
+
+    async def _restore_reasoning(self, request: dict) -> bool:
+        """Put back the reasoning of the tool loop's assistant turns that came without it; never over
+        reasoning the client sent. Returns whether the request changed."""
+        store = self.proxy.reasoning
+        turns = turns_without_reasoning(request) if store is not None else []
+        if not turns:
+            return False
+        assert store is not None
+        found = await store.recall([key for _, key in turns])
+        for message, key in turns:
+            if key in found:
+                message["reasoning_content"] = found[key]
+        restored = sum(key in found for _, key in turns)
+        metrics = self.proxy.metrics
+        metrics.inc("kimiproxy_reasoning_restored_total", restored)
+        metrics.inc("kimiproxy_reasoning_missed_total", len(turns) - restored)
+        log.info("reasoning: restored %d of %d assistant turns that came without it", restored, len(turns))
+        return restored > 0
+
+    async def _remember(self, turns: Iterable[tuple[str, list]]) -> None:
+        """Remember the reasoning of turns (reasoning, calls as delivered) before the client has them:
+        its next request may come at once, to another worker."""
+        store = self.proxy.reasoning
+        if store is not None:
+            keyed = [(turn_key(self.answered, calls), reasoning) for reasoning, calls in turns if reasoning and calls]
+            if keyed:
+                await store.remember(keyed)
 
     # -- the client --------------------------------------------------------------------------------
 
@@ -2420,6 +2525,8 @@ class Exchange:
     async def _body(self, data: bytes, more: bool = True) -> None:
         self.ended = not more
         self.bytes += len(data)
+        if self.capture is not None:
+            self.capture.client_data(data)
         await self._asgi({"type": "http.response.body", "body": data, "more_body": more})
 
     async def _asgi(self, message: dict) -> None:
@@ -2470,7 +2577,7 @@ class Exchange:
 
     # -- the three relays --------------------------------------------------------------------------
 
-    async def _stream(self, request: httpx.Request, ctx: RepairContext) -> None:
+    async def _stream(self, request: httpx.Request, ctx: RepairContext, usage_asked: bool) -> None:
         """A streamed chat completion: this task reads and repairs, a writer task writes."""
         send, receive = trio.open_memory_channel(STREAM_QUEUE)
         self.proxy.metrics.streams_in_flight += 1
@@ -2479,7 +2586,7 @@ class Exchange:
                 nursery.start_soon(self._write_stream, receive)
                 async with send:
                     try:
-                        await self._relay(await self._open(request), ctx, send)
+                        await self._relay(await self._open(request), ctx, usage_asked, send)
                     except ProxyError as err:
                         await send.send(err)
                     except Exception as exc:
@@ -2488,14 +2595,17 @@ class Exchange:
         finally:
             self.proxy.metrics.streams_in_flight -= 1
 
-    async def _relay(self, response: httpx.Response, ctx: RepairContext, frames: Any) -> None:
+    async def _relay(self, response: httpx.Response, ctx: RepairContext, usage_asked: bool, frames: Any) -> None:
         if response.status_code >= 400:
             raise upstream_http_error(response.status_code, await read_upstream_body(response))
         if "text/event-stream" not in response.headers.get("content-type", ""):
             data = await read_upstream_body(response)
             raise UpstreamError(f"upstream answered a streaming request without an event stream: {data[:200]!r}")
-        decoder, repair = SSEDecoder(), StreamRepair(ctx)
+        decoder, repair = SSEDecoder(), StreamRepair(ctx, pass_usage=usage_asked)
         debug = log.isEnabledFor(logging.DEBUG)
+        capture = self.capture
+        if capture is not None:
+            capture.stream, capture.status = True, response.status_code
         chunks = body_chunks(response)
         try:
             async for chunk in chunks:
@@ -2503,6 +2613,8 @@ class Exchange:
                 for data in decoder.decode(chunk):
                     if debug:
                         log.debug("upstream event %s", data.decode("utf-8", "replace"))
+                    if capture is not None:
+                        capture.upstream_event(data)
                     out += repair.feed(data)
                 if repair.done:  # [DONE]: the client gets it all now
                     last = out
@@ -2514,12 +2626,17 @@ class Exchange:
         except httpx.HTTPError as exc:
             err = upstream_failure(exc, str(response.url))
             err.message = f"upstream stream broke off: {err.message}"
+            if capture is not None:
+                capture.reasons.add("upstream-broke-off")
+                capture.error = err.body()["error"]
             out = [f for data in decoder.flush() for f in repair.feed(data)] + repair.close()[:-1]  # no [DONE]
             if out:
                 await _put(frames, b"".join(out))
             raise err from None
         finally:
             self._report(repair, decoder)
+        await self._remember((reasoning, [(c.id, c.name, c.arguments) for c in calls])
+                             for _, reasoning, calls in (choice.message() for choice in repair.choices.values()))
         await _put(frames, _Last(b"".join(last)))
         with contextlib.suppress(httpx.HTTPError):  # what follows [DONE] is drained: the connection is reused
             async for _ in chunks:
@@ -2575,6 +2692,9 @@ class Exchange:
         response = await self._open(request)
         data = await read_upstream_body(response)
         await self._close_upstream()
+        if self.capture is not None:
+            self.capture.status = response.status_code
+            self.capture.upstream_event(data)
         if response.status_code >= 400:
             raise upstream_http_error(response.status_code, data)
         completion = None
@@ -2584,11 +2704,15 @@ class Exchange:
             except ValueError:
                 log.warning("upstream sent invalid JSON; relayed as it came")
         if isinstance(completion, dict):
+            self.usage = completion.get("usage")
             if ctx.enabled:
                 repairs, changed = repair_completion(completion, ctx)
-                self.proxy.report_repairs(repairs)
+                self.repairs += self.proxy.report_repairs(repairs)
+                if self.capture is not None:
+                    self.capture.judge(repairs)
                 if changed:
                     data = json_dumps_compact(completion)
+                await self._remember((reasoning_of(m), _call_tuples(m.get("tool_calls"))) for m in _messages(completion))
             if log.isEnabledFor(logging.INFO):
                 log.info("response %s", _describe_completion(completion))
         headers = [(k, v) for k, v in end_to_end_headers(response.headers.raw, RESPONSE_HEADERS_DROPPED, False)
@@ -2619,8 +2743,11 @@ class Exchange:
         if repair.skipped or decoder.oversized:
             log.warning("upstream stream: %d events not JSON, %d oversized lines dropped",
                         repair.skipped, decoder.oversized)
+        self.usage = repair.usage
         if self.proxy.settings.repair:
-            self.proxy.report_repairs(list(repair.choices.values()))
+            self.repairs += self.proxy.report_repairs(list(repair.choices.values()))
+            if self.capture is not None:
+                self.capture.judge(repair.choices.values())
         if log.isEnabledFor(logging.INFO):
             for index, choice in sorted(repair.choices.items()):
                 content, reasoning, calls = choice.message()
@@ -2635,17 +2762,26 @@ class Exchange:
         metrics, route = self.proxy.metrics, route_label(self.path)
         metrics.inc("kimiproxy_requests_total", route=route, status="499" if self.client_gone else str(self.status))
         metrics.observe("kimiproxy_request_duration_seconds", elapsed, route=route)
+        metrics.inc("kimiproxy_key_requests_total", key=self.key)
+        usage = self.usage if isinstance(self.usage, dict) else {}
+        for kind in ("prompt", "completion"):
+            tokens = usage.get(f"{kind}_tokens")
+            if type(tokens) is int and tokens > 0:
+                metrics.inc("kimiproxy_key_tokens_total", tokens, key=self.key, type=kind)
+        if self.repairs:
+            metrics.inc("kimiproxy_key_repairs_total", self.repairs, key=self.key)
         if self.first_byte is not None:
             metrics.observe("kimiproxy_upstream_first_byte_seconds", self.first_byte)
         if self.client_gone:
             metrics.inc("kimiproxy_client_disconnects_total",
                         upstream_closed="true" if self.upstream_closed else "no_upstream")
-            log.warning("%s %s: client disconnected after %.3fs (upstream %s)", self.method, self.path, elapsed,
-                        "closed" if self.upstream_closed else "not open")
+            log.warning("%s %s: client disconnected after %.3fs (upstream %s, key %s)", self.method, self.path,
+                        elapsed, "closed" if self.upstream_closed else "not open", self.key)
         else:
             first = f"{self.first_byte:.3f}s" if self.first_byte is not None else "-"
-            log.info("%s %s -> %s in %.3fs (upstream first byte %s, %d bytes out)", self.method, self.path,
-                     self.status or "-", elapsed, first, self.bytes)
+            tokens = f", tokens {usage.get('prompt_tokens')}+{usage.get('completion_tokens')}" if usage else ""
+            log.info("%s %s -> %s in %.3fs (upstream first byte %s, %d bytes out%s, key %s)", self.method,
+                     self.path, self.status or "-", elapsed, first, self.bytes, tokens, self.key)
 
 
 async def _put(frames: Any, item: Any) -> None:
@@ -2657,6 +2793,32 @@ async def _put(frames: Any, item: Any) -> None:
         frames.send_nowait(item)
     except trio.WouldBlock:
         await frames.send(item)
+
+
+def _usage_asked(request: dict) -> bool:
+    options = request.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _ask_usage(body: bytes, request: dict) -> bytes:
+    """The request asking for the stream's usage chunk (tokens are counted per key); the client, which
+    did not ask, does not get it. Spliced into the body when it has no stream_options: a multi-MB
+    request is not written anew for it."""
+    options = request.get("stream_options", None)
+    if options is None and "stream_options" not in request:
+        start = body.index(b"{") + 1  # the body parsed as an object
+        return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
+    if isinstance(options, dict) or options is None:
+        request["stream_options"] = {**(options or {}), "include_usage": True}
+        return json_dumps_compact(request)
+    return body  # not an object: SGLang answers that
+
+
+def _messages(completion: dict) -> Iterator[dict]:
+    choices = completion.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
+            yield choice["message"]
 
 
 def _request_id(scope: dict) -> str:
@@ -2697,6 +2859,307 @@ def _describe_completion(completion: dict) -> str:
 # What the exchanges share, and the server process
 # ---------------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------------
+# Reasoning continuity: the tool loop's reasoning, put back for clients that drop it
+# ---------------------------------------------------------------------------------------------------
+
+def turn_key(before: Any, calls: Iterable[tuple[Any, Any, Any]]) -> str:
+    """An assistant turn as the client will send it back: the message it answered (``before``: every
+    tool loop's first call is ``functions.NAME:0``, so two tasks opening with the same call differ
+    there) and its calls' ids, names and arguments, the arguments in one form (clients write them anew,
+    compactly or in their own key order)."""
+    answered = [before.get("role"), before.get("content")] if isinstance(before, dict) else None
+    parts = [answered] + [[call_id, name, _canonical(arguments) if isinstance(arguments, str) else arguments]
+                          for call_id, name, arguments in calls]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()  # ASCII: escapes
+
+
+def turns_without_reasoning(request: dict) -> list[tuple[dict, str]]:
+    """The assistant turns with tool calls and no reasoning in the current tool loop, with their keys.
+    The loop is what follows the last assistant message without tool calls: Kimi-K2-Thinking's chat
+    template shows the model its earlier reasoning there, and blanks it before."""
+    turns = []
+    messages = request["messages"]
+    for i in range(len(messages) - 1, 0, -1):
+        message = messages[i]
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            continue
+        calls = message.get("tool_calls")
+        if not calls or not isinstance(calls, list):
+            break
+        if not (message.get("reasoning_content") or message.get("reasoning")):
+            turns.append((message, turn_key(messages[i - 1], _call_tuples(calls))))
+    return turns
+
+
+class ReasoningStore:
+    """The reasoning of the assistant turns kimiproxy delivered with tool calls, by ``turn_key``, in a
+    SQLite file that every worker on the box shares (one writer at a time, WAL: readers never wait).
+    Bounded in entries, bytes and age; a restart may forget it, and nothing else is kept. The file is
+    readable by its owner only, and the text never reaches a log line. Its calls block, so they run in
+    a worker thread, one at a time per process; if the file cannot be used, continuity is off in this
+    worker, with a warning, and the proxy goes on."""
+
+    def __init__(self, settings: Settings, prune_every: int = STORE_PRUNE_EVERY, clock: Any = time.time) -> None:
+        self.path = settings.reasoning_store or str(
+            Path(tempfile.gettempdir()) / f"kimiproxy-reasoning-{os.getuid()}.sqlite3")
+        self.max_entries = settings.reasoning_max_entries
+        self.max_bytes = int(settings.reasoning_max_mb * 1024 * 1024)
+        self.max_age = settings.reasoning_max_hours * 3600
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._writes = 0
+        self._prune_every = prune_every
+        self._clock = clock  # wall-clock seconds: the file outlives processes
+        self._broken = False
+
+    async def remember(self, turns: list[tuple[str, str]]) -> None:
+        """(key, reasoning) pairs."""
+        await trio.to_thread.run_sync(self._run, self._remember, turns)
+
+    async def recall(self, keys: list[str]) -> dict[str, str]:
+        return await trio.to_thread.run_sync(self._run, self._recall, keys) or {}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _run(self, operation: Any, *args: Any) -> Any:
+        with self._lock:
+            if self._broken:
+                return None
+            try:
+                if self._db is None:
+                    self._db = self._open()
+                return operation(self._db, *args)
+            except (sqlite3.Error, OSError) as exc:
+                self._broken = True
+                log.warning("reasoning store %s cannot be used, reasoning continuity is off in this worker: %s",
+                            self.path, exc)
+                return None
+
+    def _open(self) -> sqlite3.Connection:
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # not world-readable, from the start
+        db = sqlite3.connect(self.path, timeout=STORE_BUSY_TIMEOUT, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last turns: they are a cache
+        db.execute("CREATE TABLE IF NOT EXISTS reasoning (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
+                   "bytes INTEGER NOT NULL, created REAL NOT NULL)")
+        db.execute("CREATE INDEX IF NOT EXISTS reasoning_created ON reasoning (created)")
+        return db
+
+    def _remember(self, db: sqlite3.Connection, turns: list[tuple[str, str]]) -> None:
+        now = self._clock()
+        with db:
+            db.executemany("INSERT OR REPLACE INTO reasoning VALUES (?, ?, ?, ?)",
+                           [(key, text, len(text.encode("utf-8", "surrogatepass")), now) for key, text in turns])
+        if self._writes % self._prune_every == 0:
+            self._prune(db, now)
+        self._writes += 1
+
+    def _prune(self, db: sqlite3.Connection, now: float) -> None:
+        """The bounds, kept every ``prune_every`` writes (so passed by at most that many turns): the
+        too old go, then the oldest past the entry count, then the oldest past the bytes."""
+        with db:
+            db.execute("DELETE FROM reasoning WHERE created < ?", (now - self.max_age,))
+            db.execute("DELETE FROM reasoning WHERE key IN (SELECT key FROM reasoning ORDER BY created DESC "
+                       "LIMIT -1 OFFSET ?)", (self.max_entries,))
+            excess = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM reasoning").fetchone()[0] - self.max_bytes
+            if excess > 0:
+                db.execute("DELETE FROM reasoning WHERE key IN (SELECT key FROM (SELECT key, SUM(bytes) OVER "
+                           "(ORDER BY created, key) - bytes AS before FROM reasoning) WHERE before < ?)", (excess,))
+
+    def _recall(self, db: sqlite3.Connection, keys: list[str]) -> dict[str, str]:
+        marks = ",".join("?" * len(keys))
+        rows = db.execute(f"SELECT key, text FROM reasoning WHERE key IN ({marks}) AND created >= ?",
+                          (*keys, self._clock() - self.max_age))
+        return dict(rows.fetchall())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Capture and replay: every exchange that went wrong, as a file that replays offline
+# ---------------------------------------------------------------------------------------------------
+
+class Capture:
+    """One chat exchange as it happened: the request as the client sent it (secret headers redacted),
+    the upstream's events as they came (seconds after the request) and what the client got. It keeps
+    the bytes the exchange has anyway, up to CAPTURE_EXCHANGE_BYTES; it is written only with reasons."""
+
+    def __init__(self, exchange: "Exchange", body: bytes) -> None:
+        self.id, self.path, self.started_at = exchange.id, exchange.path, exchange.started_at
+        self.headers = redact_headers(exchange.scope["headers"])
+        self.body = body
+        self.stream = False
+        self.status: int | None = None  # the upstream's
+        self.upstream: list[tuple[float, bytes]] = []
+        self.client: list[bytes] = []
+        self.reasons: set[str] = set()
+        self.error: dict | None = None  # the error event a stream that broke off ended with
+        self.truncated = False
+        self._size = len(body)
+
+    def upstream_event(self, data: bytes) -> None:
+        if self._room(data):
+            self.upstream.append((time.monotonic() - self.started_at, data))
+
+    def client_data(self, data: bytes) -> None:
+        if self._room(data):
+            self.client.append(data)
+
+    def judge(self, choices: Iterable["ChoiceRepair"]) -> None:
+        """The reasons to keep this exchange: a repair, markup left in the text, arguments not JSON."""
+        for choice in choices:
+            content, reasoning, calls = choice.message()
+            if choice.repairs() or any(call.channel != "tool_calls" or call.rules for call in calls):
+                self.reasons.add("repaired")
+            if any("arguments-not-json" in call.rules for call in calls):
+                self.reasons.add("arguments-not-json")
+            if _MARKER_RE.search(content) or _MARKER_RE.search(reasoning):
+                self.reasons.add("markup-left")
+
+    def _room(self, data: bytes) -> bool:
+        self._size += len(data) + CAPTURE_EVENT_OVERHEAD
+        self.truncated |= self._size > CAPTURE_EXCHANGE_BYTES
+        return not self.truncated
+
+    def document(self) -> dict:
+        text = functools.partial(str, encoding="utf-8", errors="replace")
+        try:
+            request: Any = json_loads(self.body)
+        except (ValueError, RecursionError):
+            request = text(self.body)
+        return {"kimiproxy": __version__, "id": self.id, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "reasons": sorted(self.reasons), "path": self.path, "headers": self.headers, "request": request,
+                "stream": self.stream, "upstream_status": self.status,
+                "upstream_events": [[round(t, 4), text(data)] for t, data in self.upstream],
+                "upstream_broke_off": self.error, "client": text(b"".join(self.client)), "truncated": self.truncated}
+
+
+class CaptureDir:
+    """CAPTURE_DIR: one JSON file per kept exchange, readable by its owner only; past CAPTURE_MAX_FILES
+    or CAPTURE_MAX_MB the oldest go. Several workers may write and prune it at once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = Path(settings.capture_dir)
+        self.max_files = settings.capture_max_files
+        self.max_bytes = int(settings.capture_max_mb * 1024 * 1024)
+
+    async def write(self, capture: Capture) -> None:
+        await trio.to_thread.run_sync(self._write, capture)
+
+    def _write(self, capture: Capture) -> None:
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{capture.id}.json"
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            data = json.dumps(capture.document(), indent=1).encode()
+            partial = self.path / (name + ".partial")
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "wb") as f:
+                f.write(data)
+            partial.replace(self.path / name)  # a reader never sees half a capture
+            self._prune()
+        except OSError as exc:
+            log.warning("capture %s not written: %s", name, exc)
+            return
+        log.info("captured (%s) in %s", ", ".join(sorted(capture.reasons)), self.path / name)
+
+    def _prune(self) -> None:
+        files = []
+        for file in self.path.glob("*.json"):
+            with contextlib.suppress(FileNotFoundError):  # another worker's prune got there first
+                stat = file.stat()
+                files.append((stat.st_mtime, file.name, stat.st_size, file))
+        files.sort()
+        total = sum(size for _, _, size, _ in files)
+        for count, (_, _, size, file) in zip(range(len(files), 0, -1), files):
+            if count <= self.max_files and total <= self.max_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
+            total -= size
+
+
+def replay(paths: list[str]) -> int:
+    """``python kimiproxy.py replay FILE...``: today's repair over each capture's upstream events,
+    offline; prints what a client gets now and, where it differs, the difference from what it got then.
+    Exit status 1 when any differs, 2 when a file is not a capture."""
+    status = 0
+    for path in paths:
+        try:
+            then, now = replay_capture(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(f"{path}: not a kimiproxy capture: {type(exc).__name__}: {exc}")
+            status = 2
+            continue
+        old, new = (json.dumps(m, indent=2, ensure_ascii=False).splitlines() for m in (then, now))
+        print(f"{path}: {'same as' if old == new else 'differs from'} what the client got then")
+        print("\n".join(new))
+        if old != new:
+            status = status or 1
+            print("\n".join(difflib.unified_diff(old, new, "then", "now", lineterm="")))
+    return status
+
+
+def replay_capture(capture: dict) -> tuple[list[dict], list[dict]]:
+    """(what the client got then, what it gets now), as each choice's final message."""
+    request = capture["request"]
+    ctx = RepairContext.from_request(request if isinstance(request, dict) else {"messages": []})
+    events = [data.encode() for _, data in capture["upstream_events"]]
+    if capture["stream"]:
+        repair = StreamRepair(ctx)
+        frames = [frame for data in events for frame in repair.feed(data)] + repair.close()
+        error = capture.get("upstream_broke_off")  # the stream ended with this error event, not [DONE]
+        now = stream_messages(b"".join(frames)) + ([{"error": error}] if error else [])
+        return stream_messages(capture["client"].encode()), now
+    completion = json_loads(events[0])
+    repair_completion(completion, ctx)
+    return completion_messages(json_loads(capture["client"])), completion_messages(completion)
+
+
+def stream_messages(body: bytes) -> list[dict]:
+    """A streamed chat completion as a client reads it: each choice's final message, and any error event."""
+    messages: dict[int, dict] = {}
+    errors = []
+    decoder = SSEDecoder()
+    for data in decoder.decode(body) + decoder.flush():
+        try:
+            event = json_loads(data) if data != b"[DONE]" else {}
+        except ValueError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        if "error" in event:
+            errors.append(event["error"])
+        for choice in event.get("choices") or ():
+            m = messages.setdefault(choice.get("index", 0), {"content": "", "reasoning_content": "", "tool_calls": {},
+                                                             "finish_reason": None})
+            delta = choice.get("delta") or {}
+            m["content"] += delta.get("content") or ""
+            m["reasoning_content"] += delta.get("reasoning_content") or delta.get("reasoning") or ""
+            for tc in delta.get("tool_calls") or ():
+                call = m["tool_calls"].setdefault(tc.get("index", 0), {"id": None, "name": None, "arguments": ""})
+                function = tc.get("function") or {}
+                call["id"] = tc.get("id") or call["id"]
+                call["name"] = function.get("name") or call["name"]
+                call["arguments"] += function.get("arguments") or ""
+            m["finish_reason"] = choice.get("finish_reason") or m["finish_reason"]
+    out = [dict(m, index=i, tool_calls=list(m["tool_calls"].values())) for i, m in sorted(messages.items())]
+    return out + [{"error": e} for e in errors]
+
+
+def completion_messages(completion: dict) -> list[dict]:
+    out = []
+    for i, choice in enumerate(completion.get("choices") or ()):
+        m = choice.get("message") or {}
+        out.append({"content": m.get("content") or "", "reasoning_content": reasoning_of(m),
+                    "tool_calls": [{"id": call_id, "name": name, "arguments": arguments}
+                                   for call_id, name, arguments in _call_tuples(m.get("tool_calls"))],
+                    "finish_reason": choice.get("finish_reason"), "index": choice.get("index", i)})
+    return out
+
+
 class Proxy:
     """What every exchange shares: the settings, the upstream, the metrics, the access keys, and the
     count of requests in flight (the garbage collector's clock, in a serving process)."""
@@ -2706,6 +3169,8 @@ class Proxy:
         self.upstream = Upstream(settings)
         self.metrics = Metrics()
         self.collector: Collector | None = None
+        self.reasoning = ReasoningStore(settings) if settings.restore_reasoning and settings.repair else None
+        self.captures = CaptureDir(settings) if settings.capture_dir else None
         self._exposure_checked = False
 
     def begin(self) -> None:
@@ -2716,10 +3181,10 @@ class Proxy:
         if self.collector is not None:
             self.collector.end()
 
-    def authorise(self, scope: dict) -> None:
+    def authorise(self, scope: dict) -> str:
         """With PROXY_API_KEY: ``Authorization: Bearer <one of the keys>``, compared in constant time
-        with every key, or a 401. Without it, a warning once if the proxy answers on a non-loopback
-        address: anyone there can use the GPU."""
+        with every key, or a 401; returns the key's name. Without it, a warning once if the proxy answers
+        on a non-loopback address: anyone there can use the GPU."""
         keys = self.settings.api_keys
         if not keys:
             if not self._exposure_checked:
@@ -2728,21 +3193,24 @@ class Proxy:
                 if not _is_loopback(host):
                     log.warning("kimiproxy is reachable on %s without PROXY_API_KEY: anyone on the network can "
                                 "use the GPU. Set PROXY_API_KEY, or bind to 127.0.0.1.", host)
-            return
+            return NO_KEY
         presented = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         token = presented[7:].strip() if presented[:7].lower() == b"bearer " else b""
-        matched = False
-        for key in keys:
-            matched |= hmac.compare_digest(token, key.encode())
-        if not matched:
+        matched = None
+        for name, key in keys:
+            if hmac.compare_digest(token, key.encode()):
+                matched = name
+        if matched is None:
             err = ClientError("invalid or missing API key: send Authorization: Bearer <PROXY_API_KEY>", 401)
             err.error_type = "authentication_error"
             raise err
+        return matched
 
-    def report_repairs(self, repairs: list[ChoiceRepair]) -> None:
+    def report_repairs(self, repairs: list[ChoiceRepair]) -> int:
         """One log line per call that needed a repair (what, from where, by which rules), one for the
-        text-level repairs, and the metrics."""
+        text-level repairs, and the metrics. Returns the number of repairs."""
         metrics = self.metrics
+        total = 0
         for repair in repairs:
             for call in repair.sent:
                 if call.channel == "tool_calls" and not call.rules:
@@ -2758,11 +3226,17 @@ class Proxy:
                     metrics.inc("kimiproxy_tool_calls_recovered_total", channel=channel)
                 for rule in call.rules:
                     metrics.inc("kimiproxy_repairs_total", rule=rule)
+                total += len(call.rules) or 1
             text_repairs = repair.repairs()
             if text_repairs:
                 log.info("repair: text %s", ", ".join(f"{k}={v}" for k, v in sorted(text_repairs.items())))
             for rule, count in text_repairs.items():
                 metrics.inc("kimiproxy_repairs_total", count, rule=rule)
+                total += count
+        return total
+
+
+NO_KEY = "anonymous"  # the key name of every request when PROXY_API_KEY is not set
 
 
 def _is_loopback(host: str) -> bool:
@@ -2921,6 +3395,8 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
     @app.after_serving
     async def shutdown() -> None:
         await proxy.upstream.aclose()
+        if proxy.reasoning is not None:
+            proxy.reasoning.close()
 
     @app.get("/health")
     async def health() -> Any:
@@ -2951,6 +3427,7 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
             "repairs": {"tool_calls": settings.repair, "think_in_content": settings.repair,
                         "history_ids": settings.repair},
             "heartbeat_interval": settings.heartbeat_interval, "auth": bool(settings.api_keys),
+            "reasoning_continuity": proxy.reasoning is not None, "capture": bool(settings.capture_dir),
         })
 
     @app.errorhandler(404)
@@ -2981,8 +3458,15 @@ app = _module_app()  # what `hypercorn kimiproxy:app` serves; importing it start
 def main(argv: list[str] | None = None) -> int:
     import hypercorn.config
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["replay"]:
+        if len(argv) < 2:
+            print("usage: python kimiproxy.py replay CAPTURE.json...", file=sys.stderr)
+            return 2
+        return replay(argv[1:])
     parser = argparse.ArgumentParser(description="OpenAI-compatible proxy that repairs Kimi-K2 tool calls "
-                                                 "leaked by SGLang.")
+                                                 "leaked by SGLang.",
+                                     epilog="python kimiproxy.py replay CAPTURE.json... replays captures offline.")
     parser.add_argument("--host", help="bind address (PROXY_HOST)")
     parser.add_argument("--port", type=int, help="port (PROXY_PORT)")
     parser.add_argument("--upstream", help="SGLang /v1 base URL (SGLANG_API_BASE)")

@@ -46,6 +46,13 @@ TEST_TIMEOUT = 60.0  # seconds: a hang is a failure
 # Starting (or stopping) kimiproxy as a process takes about a second; on a loaded 2-core machine, with
 # several started at once, much longer. Past this it is a hang.
 PROCESS_START_LIMIT = 60.0  # seconds
+# Every proxy a test starts keeps its reasoning store here, one file each: nothing is shared between
+# tests, or with a kimiproxy running on this machine.
+STORES = tempfile.TemporaryDirectory(prefix="kimiproxy-test-stores-")
+
+
+def store_path() -> str:
+    return tempfile.mktemp(suffix=".sqlite3", dir=STORES.name)
 
 
 def norm(text: str | None) -> str:
@@ -862,7 +869,7 @@ async def upstream(nursery: trio.Nursery) -> FakeSGLang:
 
 
 async def start_proxy(nursery: trio.Nursery, upstream_url: str, **overrides: Any) -> Running:
-    env = {"SGLANG_API_BASE": upstream_url, "HEARTBEAT_INTERVAL": "0", **overrides}
+    env = {"SGLANG_API_BASE": upstream_url, "HEARTBEAT_INTERVAL": "0", "REASONING_STORE": store_path(), **overrides}
     app = kp.create_app(kp.Settings.from_env(env))
     config = HypercornConfig()
     config.bind = ["127.0.0.1:0"]
@@ -1552,7 +1559,7 @@ def test_exposure_warning_without_key(caplog: pytest.LogCaptureFixture) -> None:
     assert "without PROXY_API_KEY" in caplog.text
     caplog.clear()
     kp.Proxy(kp.Settings()).authorise({"server": ("127.0.0.1", 8000), "headers": []})
-    keyed = kp.Proxy(kp.Settings(api_keys=("k",)))
+    keyed = kp.Proxy(kp.Settings(api_keys=(("team", "k"),)))
     keyed.authorise({"server": ("192.0.2.10", 8000), "headers": [(b"authorization", b"Bearer k")]})
     with pytest.raises(kp.ClientError):
         keyed.authorise({"server": ("192.0.2.10", 8000), "headers": []})
@@ -1627,7 +1634,7 @@ async def proxy_process(args: list[str], env: dict[str, str]) -> Any:
     log_file = tempfile.TemporaryFile()
     proc = await trio.lowlevel.open_process(
         [sys.executable, *[a.format(port=port) for a in args]], cwd=HERE, stdout=subprocess.DEVNULL,
-        stderr=log_file, env={**os.environ, **env}, start_new_session=True)
+        stderr=log_file, env={**os.environ, "REASONING_STORE": store_path(), **env}, start_new_session=True)
     proc.log = log_file  # type: ignore[attr-defined]
     base = f"http://127.0.0.1:{port}"
     try:
@@ -1893,3 +1900,283 @@ def test_property_hostile_upstream_chunks_never_raise(chunks: list) -> None:
             if isinstance(call, dict) and "type" in call and call.get("type") == "function" and "index" in call:
                 assert isinstance(call["id"], str) and isinstance(call["function"]["name"], str)
                 assert isinstance(call["function"]["arguments"], str)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Usage per key, and reasoning continuity for clients that drop it
+# ---------------------------------------------------------------------------------------------------
+
+def test_api_key_names() -> None:
+    keys = kp.parse_api_keys("alice:key-A1, plain-key-2 ,bob:key:with:colons,bad name:key3,")
+    assert keys[0] == ("alice", "key-A1") and keys[2] == ("bob", "key:with:colons")
+    assert keys[1] == ("key-" + hashlib.sha256(b"plain-key-2").hexdigest()[:8], "plain-key-2")
+    assert keys[3][1] == "bad name:key3" and "key3" not in keys[3][0]  # not a name: a bare key
+    assert len(keys) == 4
+
+
+@pytest.mark.edge
+async def test_usage_and_repairs_counted_per_key(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Tokens per key come from SGLang's usage, asked for on every stream; a client that did not ask
+    for usage does not get it, one that did does."""
+    caplog.set_level(logging.INFO, logger="kimiproxy")
+    running = await start_proxy(nursery, upstream.url, PROXY_API_KEY="alice:key-alice-1,key-bare-2")
+    bare = "key-" + hashlib.sha256(b"key-bare-2").hexdigest()[:8]
+    leak = f"Let me look.{S}{B}functions.read_file:0{A}{{\"path\": \"a.py\"}}{Z}{E}"
+    upstream.script(Script(steps=stream_of(reasoning=[leak])), Script(steps=stream_of(content=["hi"])),
+                    Script(body=completion(), content_type="application/json"))
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        alice, other = {"Authorization": "Bearer key-alice-1"}, {"Authorization": "Bearer key-bare-2"}
+        unasked = await client.post("/v1/chat/completions", headers=alice, json={
+            "messages": [{"role": "user", "content": "x"}], "stream": True, "tools": TOOLS})
+        asked = await client.post("/v1/chat/completions", headers=alice, json={
+            "messages": [], "stream": True, "stream_options": {"include_usage": True}})
+        whole = await client.post("/v1/chat/completions", headers=other, json={"messages": []})
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert [s.json().get("stream_options") for s in upstream.seen] == [{"include_usage": True}] * 2 + [None]
+    assert upstream.seen[0].json()["messages"] == [{"role": "user", "content": "x"}]  # the rest as it was
+    usage_chunks = lambda r: [e for e in frames_to_events([r.content]) if e != b"[DONE]" and not e["choices"]]
+    assert usage_chunks(unasked) == [] and accumulate(frames_to_events([unasked.content]))["tool_calls"]
+    assert [c["usage"] for c in usage_chunks(asked)] == [USAGE]
+    assert whole.json()["usage"] == USAGE
+    assert metrics['kimiproxy_key_requests_total{key="alice"}'] == 2
+    assert metrics[f'kimiproxy_key_requests_total{{key="{bare}"}}'] == 1
+    assert metrics['kimiproxy_key_tokens_total{key="alice",type="prompt"}'] == 2 * USAGE["prompt_tokens"]
+    assert metrics['kimiproxy_key_tokens_total{key="alice",type="completion"}'] == 2 * USAGE["completion_tokens"]
+    assert metrics[f'kimiproxy_key_tokens_total{{key="{bare}",type="prompt"}}'] == USAGE["prompt_tokens"]
+    assert metrics['kimiproxy_key_repairs_total{key="alice"}'] >= 1
+    assert f'kimiproxy_key_repairs_total{{key="{bare}"}}' not in metrics
+    ends = [r.getMessage() for r in await logged(caplog, "key alice")]
+    assert len(ends) == 2 and "tokens 12+8" in ends[0]
+    assert "key-alice-1" not in caplog.text and "key-bare-2" not in caplog.text
+
+
+def _turn(running: Running, messages: list, stream: bool) -> tuple[str, str, list[dict]]:
+    """One request of a tool loop through the OpenAI SDK: (content, reasoning, tool calls as the
+    client would send them back)."""
+    client = running.sdk()
+    if not stream:
+        message = client.chat.completions.create(model="m", messages=messages, tools=TOOLS).choices[0].message
+        calls = [c.model_dump(include={"id", "type", "function"}) for c in message.tool_calls or ()]
+        return message.content or "", (message.model_extra or {}).get("reasoning_content") or "", calls
+    content, reasoning, calls = "", "", {}
+    for chunk in client.chat.completions.create(model="m", messages=messages, tools=TOOLS, stream=True):
+        for choice in chunk.choices:
+            delta = choice.delta
+            content += delta.content or ""
+            reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+            for tc in delta.tool_calls or ():
+                call = calls.setdefault(tc.index, {"id": tc.id, "type": "function",
+                                                   "function": {"name": tc.function.name, "arguments": ""}})
+                call["function"]["arguments"] += tc.function.arguments or ""
+    return content, reasoning, list(calls.values())
+
+
+def _leaky_turn(turn: int, stream: bool) -> tuple[Script, str]:
+    """SGLang's answer for one step of a tool loop: thinking, then the call leaked into the reasoning."""
+    thought = f"Step {turn}: the bug may be in f{turn}.py, so I read it first."
+    leak = f"{thought}{S}{B}functions.read_file:{turn}{A}{{\"path\": \"f{turn}.py\"}}{Z}{E}"
+    if stream:
+        return Script(steps=stream_of(reasoning=[leak[:25], leak[25:]])), thought
+    return Script(body=completion(content="", reasoning=leak), content_type="application/json"), thought
+
+
+@pytest.mark.edge
+@pytest.mark.parametrize("stream", [True, False])
+async def test_reasoning_restored_for_a_client_that_drops_it(proxy: Running, stream: bool,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A tool loop whose client sends back content and tool calls only: every earlier turn's reasoning
+    reaches SGLang again, as the client got it, turn after turn. The log says so, without the text."""
+    caplog.set_level(logging.INFO, logger="kimiproxy")
+    messages: list[dict] = [{"role": "user", "content": "fix the bug"}]
+    delivered = []
+    for turn in range(3):
+        script, thought = _leaky_turn(turn, stream)
+        proxy.upstream.script(script)
+        content, reasoning, calls = await sdk_call(lambda: _turn(proxy, messages, stream))
+        assert reasoning == thought and [c["function"]["name"] for c in calls] == ["read_file"]
+        delivered.append(reasoning)
+        messages.append({"role": "assistant", "content": content, "tool_calls": calls})  # no reasoning
+        messages.append({"role": "tool", "tool_call_id": calls[0]["id"], "content": f"body of f{turn}.py"})
+    proxy.upstream.script(Script(body=completion("Fixed."), content_type="application/json"))
+    await sdk_call(lambda: _turn(proxy, messages, False))
+    for n, seen in enumerate(proxy.upstream.seen):  # request n carries n assistant turns
+        sent = [m.get("reasoning_content") for m in seen.json()["messages"] if m["role"] == "assistant"]
+        assert sent == delivered[:n]
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert metrics["kimiproxy_reasoning_restored_total"] == 0 + 1 + 2 + 3
+    assert metrics.get("kimiproxy_reasoning_missed_total", 0) == 0
+    lines = [r.getMessage() for r in caplog.records if "reasoning: restored" in r.getMessage()]
+    assert len(lines) == 3 and not any("Step" in line for line in lines)
+
+
+@pytest.mark.edge
+async def test_two_tasks_opening_with_the_same_call_keep_their_own_reasoning(proxy: Running) -> None:
+    """Every tool loop's first call is functions.NAME:0: the same call in two tasks is told apart by
+    the message it answered, so neither gets the other's reasoning."""
+    call = f"{S}{B}functions.read_file:0{A}{{\"path\": \"README.md\"}}{Z}{E}"
+    histories = []
+    for task in ("summarise the project", "find the licence"):
+        proxy.upstream.script(Script(body=completion(content="", reasoning=f"For '{task}' I start with the README."
+                                                     + call), content_type="application/json"))
+        messages = [{"role": "user", "content": task}]
+        content, reasoning, calls = await sdk_call(lambda: _turn(proxy, messages, False))
+        histories.append(messages + [{"role": "assistant", "content": content, "tool_calls": calls},
+                                     {"role": "tool", "tool_call_id": calls[0]["id"], "content": "# Project"}])
+    for task, history in zip(("summarise the project", "find the licence"), histories):
+        proxy.upstream.script(Script(body=completion("ok"), content_type="application/json"))
+        await sdk_call(lambda: _turn(proxy, history, False))
+        assert proxy.upstream.seen[-1].json()["messages"][1]["reasoning_content"] == \
+            f"For '{task}' I start with the README."
+
+
+@pytest.mark.edge
+async def test_reasoning_a_client_keeps_is_left_alone(proxy: Running) -> None:
+    """A client that sends reasoning back (its own, even other than what it got) sees no change: the
+    request reaches SGLang byte for byte. Turns before the last answer are not the tool loop's."""
+    script, thought = _leaky_turn(0, stream=False)
+    proxy.upstream.script(script)
+    messages: list[dict] = [{"role": "user", "content": "fix the bug"}]
+    content, reasoning, calls = await sdk_call(lambda: _turn(proxy, messages, False))
+    kept = messages + [{"role": "assistant", "content": content, "tool_calls": calls, "reasoning_content": "mine"},
+                       {"role": "tool", "tool_call_id": calls[0]["id"], "content": "x"}]
+    answered = messages + [{"role": "assistant", "content": content, "tool_calls": calls},
+                           {"role": "tool", "tool_call_id": calls[0]["id"], "content": "x"},
+                           {"role": "assistant", "content": "Done."}, {"role": "user", "content": "thanks"}]
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        for history in (kept, answered):
+            body = json.dumps({"model": "m", "messages": history}).encode()
+            r = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 200 and proxy.upstream.seen[-1].body == body
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert reasoning == thought and "kimiproxy_reasoning_restored_total" not in metrics
+
+
+@pytest.mark.slow
+async def test_reasoning_shared_by_workers_and_processes(upstream: FakeSGLang) -> None:
+    """`hypercorn -w 2` and a `python kimiproxy.py` beside it on one store: a turn delivered by one
+    process has its reasoning restored by the other, both ways."""
+    env = {"SGLANG_API_BASE": upstream.url, "REASONING_STORE": store_path()}
+    async with proxy_process(HYPERCORN_ARGS + ["-w", "2"], env) as (hyper, _), \
+            proxy_process(PYTHON_ARGS, env) as (single, _):
+        messages: list[dict] = [{"role": "user", "content": "fix the bug"}]
+        delivered = []
+        for turn in range(4):
+            base = (hyper, single)[turn % 2]
+            running = Running(upstream, base, None)  # type: ignore[arg-type]
+            script, thought = _leaky_turn(turn, stream=turn < 2)
+            upstream.script(script)
+            content, reasoning, calls = await sdk_call(lambda: _turn(running, messages, turn < 2))
+            delivered.append(reasoning)
+            messages += [{"role": "assistant", "content": content, "tool_calls": calls},
+                         {"role": "tool", "tool_call_id": calls[0]["id"], "content": "x"}]
+        for n, seen in enumerate(upstream.seen):
+            assert [m.get("reasoning_content") for m in seen.json()["messages"] if m["role"] == "assistant"] == \
+                delivered[:n]
+
+
+async def test_reasoning_store_bounds(tmp_path: Path) -> None:
+    now = [1e9]
+
+    def store(**limits: str) -> kp.ReasoningStore:
+        env = {"REASONING_STORE": str(tmp_path / "r.sqlite3"), **limits}
+        return kp.ReasoningStore(kp.Settings.from_env(env), prune_every=1, clock=lambda: now[0])
+
+    entries = store(REASONING_MAX_ENTRIES="3")
+    for i in range(5):
+        await entries.remember([(f"k{i}", f"text {i}")])
+    assert await entries.recall([f"k{i}" for i in range(5)]) == {f"k{i}": f"text {i}" for i in (2, 3, 4)}
+    assert (tmp_path / "r.sqlite3").stat().st_mode & 0o077 == 0  # the owner's only
+    entries.close()
+    size = store(REASONING_MAX_MB="0.001")  # 1048 bytes: two of these texts
+    for i in range(5, 8):
+        await size.remember([(f"k{i}", "é" * 200)])  # 400 bytes each
+    assert sorted(await size.recall([f"k{i}" for i in range(8)])) == ["k6", "k7"]
+    size.close()
+    age = store(REASONING_MAX_HOURS="1")
+    await age.remember([("old", "text")])
+    now[0] += 3599
+    await age.remember([("new", "text")])
+    assert await age.recall(["old", "new"]) == {"old": "text", "new": "text"}
+    now[0] += 2
+    assert await age.recall(["old", "new"]) == {"new": "text"}
+    age.close()
+
+
+@pytest.mark.edge
+async def test_a_store_that_cannot_be_opened_leaves_the_proxy_serving(
+        nursery: trio.Nursery, upstream: FakeSGLang, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    caplog.set_level(logging.WARNING, logger="kimiproxy")
+    running = await start_proxy(nursery, upstream.url, REASONING_STORE=str(tmp_path / "missing" / "r.sqlite3"))
+    running.upstream = upstream
+    script, thought = _leaky_turn(0, stream=True)
+    upstream.script(script)
+    _, reasoning, calls = await sdk_call(lambda: _turn(running, [{"role": "user", "content": "x"}], True))
+    assert reasoning == thought and calls
+    assert "reasoning continuity is off" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Capture and replay
+# ---------------------------------------------------------------------------------------------------
+
+def replay_cli(*paths: Path) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "kimiproxy.py", "replay", *map(str, paths)], {})
+
+
+@pytest.mark.edge
+async def test_exchanges_that_went_wrong_are_captured_and_replay(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                                 tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A repaired stream, a stream that broke off and a repaired whole response are captured (the
+    oldest going past CAPTURE_MAX_FILES); a clean one is not. Each capture replays offline to what the
+    client got; an edited one shows the difference."""
+    caplog.set_level(logging.INFO, logger="kimiproxy")
+    captures = tmp_path / "captures"
+    running = await start_proxy(nursery, upstream.url, CAPTURE_DIR=str(captures), CAPTURE_MAX_FILES="3",
+                                PROXY_API_KEY="alice:key-alice-1")
+    leak = f"Let me look.{S}{B}functions.read_file:0{A}{{\"path\": \"a.py\"}}{Z}{E}"
+    leaky = stream_of(reasoning=[leak[:30], leak[30:]])
+    upstream.script(Script(steps=leaky), Script(steps=stream_of(content=["fine"])),
+                    Script(steps=[sse(chunk({"role": "assistant", "content": "Hel"})), "close"]),
+                    Script(body=completion(content=leak), content_type="application/json"),
+                    Script(steps=leaky))
+    async with httpx.AsyncClient(base_url=running.base, headers={"Authorization": "Bearer key-alice-1"}) as client:
+        for stream in (True, True, True, False, True):
+            await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                            "stream": stream, "tools": TOOLS})
+    with trio.fail_after(10):  # a capture is written after the client has its response
+        while sum("captured (" in r.getMessage() for r in caplog.records) < 4:
+            await trio.sleep(0.02)
+    files = sorted(captures.glob("*.json"))
+    docs = [json.loads(f.read_text()) for f in files]
+    assert [(d["stream"], d["reasons"]) for d in docs] == [(True, ["upstream-broke-off"]), (False, ["repaired"]),
+                                                           (True, ["repaired"])]
+    assert all("key-alice-1" not in f.read_text() for f in files)
+    assert docs[2]["headers"]["authorization"] != "Bearer key-alice-1"
+    assert docs[2]["request"]["tools"] == TOOLS
+    assert [data for _, data in docs[2]["upstream_events"]] == [step[6:-2].decode() for step in leaky]
+    times = [t for t, _ in docs[2]["upstream_events"]]
+    assert times == sorted(times) and times[0] > 0
+    assert "functions.read_file:0" in docs[2]["client"] and S not in docs[2]["client"]
+    assert all(f.stat().st_mode & 0o077 == 0 for f in files)
+    replayed = replay_cli(*files)
+    assert replayed.returncode == 0 and replayed.stdout.count("same as what the client got then") == 3, replayed.stdout
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(dict(docs[1], client=json.dumps(completion(content="other")))))
+    (tmp_path / "garbage.json").write_text("{not json")
+    assert replay_cli(edited).returncode == 1 and '-    "content": "other"' in replay_cli(edited).stdout
+    assert replay_cli(tmp_path / "garbage.json").returncode == 2
+
+
+def test_captured_exchanges_replay_as_they_were() -> None:
+    """Captures taken through SGLang 0.5.23's own parser code (both kimi_k2 parsers): broken structured
+    calls, double-encoded arguments, marker text inside a file's content. Today's repair gives each
+    client what it got when captured."""
+    captures = sorted((HERE / "captures").glob("*.json"))
+    assert len(captures) >= 3
+    for path in captures:
+        then, now = kp.replay_capture(json.loads(path.read_text()))
+        assert now == then and any(m.get("tool_calls") for m in now), path.name
+    replayed = replay_cli(*captures)
+    assert replayed.returncode == 0 and replayed.stdout.count("same as what the client got then") == len(captures)
