@@ -126,11 +126,13 @@ DEFAULT_REASONING_MAX_ENTRIES = 50_000  # assistant turns whose reasoning is rem
 DEFAULT_REASONING_MAX_MB = 256  # MiB of reasoning text remembered
 DEFAULT_REASONING_MAX_HOURS = 24  # a tool loop idle longer than this has lost its reasoning
 STORE_BUSY_TIMEOUT = 2.0  # seconds a worker waits for another one's write to the reasoning store
-STORE_PRUNE_EVERY = 200  # writes between enforcing the store's bounds
+STORE_PRUNE_EVERY = 200  # writes between enforcing the store's bounds, per worker
+STORE_KEYS_PER_QUERY = 500  # keys looked up in one query (SQLite limits a query's parameters)
 DEFAULT_CAPTURE_MAX_FILES = 200  # captures kept in CAPTURE_DIR; the oldest go first
 DEFAULT_CAPTURE_MAX_MB = 500  # MiB of captures kept in CAPTURE_DIR
 CAPTURE_EXCHANGE_BYTES = 32 * 1024 * 1024  # recorded of one exchange; past it the capture says "truncated"
 CAPTURE_EVENT_OVERHEAD = 100  # bytes counted per recorded event on top of its data (the list entry)
+CAPTURE_PREFIX = "kimiproxy-capture-"  # of every capture file: pruning touches nothing else
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -2380,7 +2382,8 @@ class Exchange:
         self.capture: Capture | None = None  # with CAPTURE_DIR: what happened, for a capture file
         self.usage: Any = None  # the upstream's token counts
         self.repairs = 0
-        self.answered: Any = None  # the request's last message: with the calls, what names a turn
+        self.messages: list = []  # the chat request's, as the client sent them
+        self._scope: str | None = None  # who and which task its turns' reasoning belongs to (loop_scope)
 
     async def run(self, chat: bool) -> None:
         token = REQUEST_ID.set(self.id)
@@ -2424,7 +2427,6 @@ class Exchange:
             log.debug("request body %s", body.decode("utf-8", "replace"))
         settings = self.proxy.settings
         ctx = RepairContext.from_request(request, enabled=settings.repair)
-        self.answered = request["messages"][-1] if request["messages"] else None  # what the model answers
         changed = await self._restore_reasoning(request)
         if settings.repair and canonicalize_history(request):
             log.info("repair: rewrote non-canonical tool-call ids in the history for the upstream")
@@ -2447,7 +2449,10 @@ class Exchange:
         """Put back the reasoning of the tool loop's assistant turns that came without it; never over
         reasoning the client sent. Returns whether the request changed."""
         store = self.proxy.reasoning
-        turns = turns_without_reasoning(request) if store is not None else []
+        self.messages = request["messages"]
+        missing = turns_without_reasoning(request) if store is not None else []
+        keyed = [(message, turn_key(self._loop(), before, calls)) for message, before, calls in missing]
+        turns = [(message, key) for message, key in keyed if key is not None]
         if not turns:
             return False
         assert store is not None
@@ -2462,12 +2467,19 @@ class Exchange:
         log.info("reasoning: restored %d of %d assistant turns that came without it", restored, len(turns))
         return restored > 0
 
+    def _loop(self) -> str:
+        if self._scope is None:
+            self._scope = loop_scope(self.key, self.messages)
+        return self._scope
+
     async def _remember(self, turns: Iterable[tuple[str, list]]) -> None:
         """Remember the reasoning of turns (reasoning, calls as delivered) before the client has them:
         its next request may come at once, to another worker."""
         store = self.proxy.reasoning
         if store is not None:
-            keyed = [(turn_key(self.answered, calls), reasoning) for reasoning, calls in turns if reasoning and calls]
+            before = self.messages[-1] if self.messages else None  # what the model answered
+            keyed = [(key, reasoning) for reasoning, calls in turns if reasoning and calls
+                     for key in [turn_key(self._loop(), before, calls)] if key is not None]
             if keyed:
                 await store.remember(keyed)
 
@@ -2805,10 +2817,11 @@ def _ask_usage(body: bytes, request: dict) -> bytes:
     did not ask, does not get it. Spliced into the body when it has no stream_options: a multi-MB
     request is not written anew for it."""
     options = request.get("stream_options", None)
-    if options is None and "stream_options" not in request:
-        start = body.index(b"{") + 1  # the body parsed as an object
+    start = len(body) - len(body.lstrip())
+    if options is None and "stream_options" not in request and body[start:start + 1] == b"{":
+        start += 1  # an object with "messages" in it: never empty, so the comma is right
         return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
-    if isinstance(options, dict) or options is None:
+    if isinstance(options, dict) or options is None:  # also a body in UTF-16/32, written anew in UTF-8
         request["stream_options"] = {**(options or {}), "include_usage": True}
         return json_dumps_compact(request)
     return body  # not an object: SGLang answers that
@@ -2863,21 +2876,37 @@ def _describe_completion(completion: dict) -> str:
 # Reasoning continuity: the tool loop's reasoning, put back for clients that drop it
 # ---------------------------------------------------------------------------------------------------
 
-def turn_key(before: Any, calls: Iterable[tuple[Any, Any, Any]]) -> str:
-    """An assistant turn as the client will send it back: the message it answered (``before``: every
-    tool loop's first call is ``functions.NAME:0``, so two tasks opening with the same call differ
-    there) and its calls' ids, names and arguments, the arguments in one form (clients write them anew,
-    compactly or in their own key order)."""
+def turn_key(scope: str, before: Any, calls: Iterable[tuple[Any, Any, Any]]) -> str | None:
+    """An assistant turn as the client will send it back: who and which task (``scope``, see
+    ``loop_scope``), the message it answered (``before``: every tool loop's first call is
+    ``functions.NAME:0``, so two tasks opening with the same call differ there) and its calls' ids, names
+    and arguments, the arguments in one form (clients write them anew, compactly or in their own key
+    order). None for a turn too deeply nested to hash: it is neither remembered nor restored."""
     answered = [before.get("role"), before.get("content")] if isinstance(before, dict) else None
-    parts = [answered] + [[call_id, name, _canonical(arguments) if isinstance(arguments, str) else arguments]
-                          for call_id, name, arguments in calls]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()  # ASCII: escapes
+    parts = [scope, answered] + [[call_id, name, _canonical(arguments) if isinstance(arguments, str) else arguments]
+                                 for call_id, name, arguments in calls]
+    try:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()  # ASCII: escapes
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
-def turns_without_reasoning(request: dict) -> list[tuple[dict, str]]:
-    """The assistant turns with tool calls and no reasoning in the current tool loop, with their keys.
-    The loop is what follows the last assistant message without tool calls: Kimi-K2-Thinking's chat
-    template shows the model its earlier reasoning there, and blanks it before."""
+def loop_scope(key_name: str, messages: list) -> str:
+    """What a turn's reasoning belongs to: the access key it was delivered to (a user never gets another
+    user's reasoning) and the task, the conversation's first user message."""
+    first = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    try:
+        task = json.dumps(first, sort_keys=True)
+    except (ValueError, TypeError, RecursionError):
+        task = ""
+    return key_name + "\n" + task
+
+
+def turns_without_reasoning(request: dict) -> list[tuple[dict, Any, list]]:
+    """The assistant turns with tool calls and no reasoning in the current tool loop: (the turn, the
+    message it answered, its calls). The loop is what follows the last assistant message without tool
+    calls: Kimi-K2-Thinking's chat template shows the model its earlier reasoning there, and blanks it
+    before."""
     turns = []
     messages = request["messages"]
     for i in range(len(messages) - 1, 0, -1):
@@ -2888,17 +2917,18 @@ def turns_without_reasoning(request: dict) -> list[tuple[dict, str]]:
         if not calls or not isinstance(calls, list):
             break
         if not (message.get("reasoning_content") or message.get("reasoning")):
-            turns.append((message, turn_key(messages[i - 1], _call_tuples(calls))))
+            turns.append((message, messages[i - 1], _call_tuples(calls)))
     return turns
 
 
 class ReasoningStore:
     """The reasoning of the assistant turns kimiproxy delivered with tool calls, by ``turn_key``, in a
     SQLite file that every worker on the box shares (one writer at a time, WAL: readers never wait).
-    Bounded in entries, bytes and age; a restart may forget it, and nothing else is kept. The file is
-    readable by its owner only, and the text never reaches a log line. Its calls block, so they run in
-    a worker thread, one at a time per process; if the file cannot be used, continuity is off in this
-    worker, with a warning, and the proxy goes on."""
+    Bounded in entries, bytes and age; it outlives a restart (delete the file to forget), and nothing
+    else is kept. The file must be its owner's alone, and the text never reaches a log line. Its calls
+    block, so they run in a worker thread, one at a time per process. If the file cannot be opened,
+    continuity is off in this worker, with a warning; an operation that fails (another worker holding
+    the lock past STORE_BUSY_TIMEOUT) is skipped, with a warning; the proxy goes on either way."""
 
     def __init__(self, settings: Settings, prune_every: int = STORE_PRUNE_EVERY, clock: Any = time.time) -> None:
         self.path = settings.reasoning_store or str(
@@ -2912,15 +2942,23 @@ class ReasoningStore:
         self._prune_every = prune_every
         self._clock = clock  # wall-clock seconds: the file outlives processes
         self._broken = False
+        self._limiter = trio.CapacityLimiter(1)  # its own: waiting exchanges do not hold trio's thread pool
 
     async def remember(self, turns: list[tuple[str, str]]) -> None:
         """(key, reasoning) pairs."""
-        await trio.to_thread.run_sync(self._run, self._remember, turns)
+        await trio.to_thread.run_sync(self._run, self._remember, turns, limiter=self._limiter)
 
     async def recall(self, keys: list[str]) -> dict[str, str]:
-        return await trio.to_thread.run_sync(self._run, self._recall, keys) or {}
+        found: dict[str, str] = {}
+        for start in range(0, len(keys), STORE_KEYS_PER_QUERY):
+            batch = keys[start:start + STORE_KEYS_PER_QUERY]
+            found.update(await trio.to_thread.run_sync(self._run, self._recall, batch, limiter=self._limiter) or {})
+        return found
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    def _close(self) -> None:
         with self._lock:
             if self._db is not None:
                 self._db.close()
@@ -2930,18 +2968,29 @@ class ReasoningStore:
         with self._lock:
             if self._broken:
                 return None
-            try:
-                if self._db is None:
+            if self._db is None:
+                try:
                     self._db = self._open()
+                except (sqlite3.Error, OSError, ValueError) as exc:
+                    self._broken = True
+                    log.warning("reasoning store %s cannot be used, reasoning continuity is off in this worker: "
+                                "%s", self.path, exc)
+                    return None
+            try:
                 return operation(self._db, *args)
-            except (sqlite3.Error, OSError) as exc:
-                self._broken = True
-                log.warning("reasoning store %s cannot be used, reasoning continuity is off in this worker: %s",
-                            self.path, exc)
+            except Exception as exc:  # busy past the timeout, a text SQLite refuses: this operation only
+                log.warning("reasoning store %s: %s skipped: %s", self.path, operation.__name__.strip("_"), exc)
                 return None
 
     def _open(self) -> sqlite3.Connection:
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # not world-readable, from the start
+        # Created its owner's alone; an existing file (or a symlink) someone else could read is refused.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            stat = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if stat.st_uid != os.getuid() or stat.st_mode & 0o077:
+            raise ValueError("the file must belong to this user and be readable by it alone (chmod 600)")
         db = sqlite3.connect(self.path, timeout=STORE_BUSY_TIMEOUT, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last turns: they are a cache
@@ -3050,7 +3099,7 @@ class CaptureDir:
         await trio.to_thread.run_sync(self._write, capture)
 
     def _write(self, capture: Capture) -> None:
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{capture.id}.json"
+        name = f"{CAPTURE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{capture.id}.json"
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             data = json.dumps(capture.document(), indent=1).encode()
@@ -3060,14 +3109,14 @@ class CaptureDir:
                 f.write(data)
             partial.replace(self.path / name)  # a reader never sees half a capture
             self._prune()
-        except OSError as exc:
+        except Exception as exc:  # a full disk, an odd request: the exchange is not the worse for it
             log.warning("capture %s not written: %s", name, exc)
             return
         log.info("captured (%s) in %s", ", ".join(sorted(capture.reasons)), self.path / name)
 
     def _prune(self) -> None:
         files = []
-        for file in self.path.glob("*.json"):
+        for file in self.path.glob(CAPTURE_PREFIX + "*.json"):  # its own files only, whatever else is there
             with contextlib.suppress(FileNotFoundError):  # another worker's prune got there first
                 stat = file.stat()
                 files.append((stat.st_mtime, file.name, stat.st_size, file))
@@ -3089,8 +3138,8 @@ def replay(paths: list[str]) -> int:
     for path in paths:
         try:
             then, now = replay_capture(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            print(f"{path}: not a kimiproxy capture: {type(exc).__name__}: {exc}")
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            print(f"{path}: not a kimiproxy capture, or a truncated one: {type(exc).__name__}: {exc}")
             status = 2
             continue
         old, new = (json.dumps(m, indent=2, ensure_ascii=False).splitlines() for m in (then, now))
@@ -3104,6 +3153,8 @@ def replay(paths: list[str]) -> int:
 
 def replay_capture(capture: dict) -> tuple[list[dict], list[dict]]:
     """(what the client got then, what it gets now), as each choice's final message."""
+    if capture.get("truncated"):
+        raise ValueError("the capture is truncated (CAPTURE_EXCHANGE_BYTES): it cannot be replayed")
     request = capture["request"]
     ctx = RepairContext.from_request(request if isinstance(request, dict) else {"messages": []})
     events = [data.encode() for _, data in capture["upstream_events"]]
@@ -3396,7 +3447,7 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
     async def shutdown() -> None:
         await proxy.upstream.aclose()
         if proxy.reasoning is not None:
-            proxy.reasoning.close()
+            await proxy.reasoning.aclose()
 
     @app.get("/health")
     async def health() -> Any:

@@ -1906,6 +1906,24 @@ def test_property_hostile_upstream_chunks_never_raise(chunks: list) -> None:
 # Usage per key, and reasoning continuity for clients that drop it
 # ---------------------------------------------------------------------------------------------------
 
+def test_usage_asked_of_the_upstream() -> None:
+    """Spliced into a body without stream_options; written anew when it has some (other options kept),
+    or when the body is not UTF-8 JSON starting with the object (a splice would break it)."""
+    def ask(body: bytes) -> dict:
+        return json.loads(kp._ask_usage(body, kp.json_loads(body)))
+
+    plain = b' {"messages": [], "stream": true}'
+    assert kp._ask_usage(plain, json.loads(plain)).startswith(b' {"stream_options":{"include_usage":true},')
+    assert ask(plain) == {"messages": [], "stream": True, "stream_options": {"include_usage": True}}
+    assert ask(b'{"messages": [], "stream_options": {"include_usage": false, "x": 1}}')["stream_options"] == \
+        {"include_usage": True, "x": 1}
+    assert ask(b'{"messages": [], "stream_options": null}')["stream_options"] == {"include_usage": True}
+    utf16 = json.dumps({"messages": [], "stream": True}).encode("utf-16")
+    assert ask(utf16)["stream_options"] == {"include_usage": True}
+    odd = b'{"messages": [], "stream_options": "yes"}'
+    assert kp._ask_usage(odd, json.loads(odd)) == odd  # SGLang says what is wrong with it
+
+
 def test_api_key_names() -> None:
     keys = kp.parse_api_keys("alice:key-A1, plain-key-2 ,bob:key:with:colons,bad name:key3,")
     assert keys[0] == ("alice", "key-A1") and keys[2] == ("bob", "key:with:colons")
@@ -1932,6 +1950,7 @@ async def test_usage_and_repairs_counted_per_key(nursery: trio.Nursery, upstream
         asked = await client.post("/v1/chat/completions", headers=alice, json={
             "messages": [], "stream": True, "stream_options": {"include_usage": True}})
         whole = await client.post("/v1/chat/completions", headers=other, json={"messages": []})
+        await logged(caplog, f"key {bare}")  # counted with the final log line, after the client has it all
         metrics = parse_metrics((await client.get("/metrics")).text)
     assert [s.json().get("stream_options") for s in upstream.seen] == [{"include_usage": True}] * 2 + [None]
     assert upstream.seen[0].json()["messages"] == [{"role": "user", "content": "x"}]  # the rest as it was
@@ -2088,12 +2107,12 @@ async def test_reasoning_store_bounds(tmp_path: Path) -> None:
         await entries.remember([(f"k{i}", f"text {i}")])
     assert await entries.recall([f"k{i}" for i in range(5)]) == {f"k{i}": f"text {i}" for i in (2, 3, 4)}
     assert (tmp_path / "r.sqlite3").stat().st_mode & 0o077 == 0  # the owner's only
-    entries.close()
+    await entries.aclose()
     size = store(REASONING_MAX_MB="0.001")  # 1048 bytes: two of these texts
     for i in range(5, 8):
         await size.remember([(f"k{i}", "é" * 200)])  # 400 bytes each
     assert sorted(await size.recall([f"k{i}" for i in range(8)])) == ["k6", "k7"]
-    size.close()
+    await size.aclose()
     age = store(REASONING_MAX_HOURS="1")
     await age.remember([("old", "text")])
     now[0] += 3599
@@ -2101,7 +2120,31 @@ async def test_reasoning_store_bounds(tmp_path: Path) -> None:
     assert await age.recall(["old", "new"]) == {"old": "text", "new": "text"}
     now[0] += 2
     assert await age.recall(["old", "new"]) == {"new": "text"}
-    age.close()
+    await age.aclose()
+
+
+async def test_reasoning_store_refuses_files_others_could_read(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A store file someone else could read (or a symlink, the way another user would plant one in /tmp)
+    is refused; a turn SQLite cannot keep is skipped, not raised; any number of keys can be recalled."""
+    caplog.set_level(logging.WARNING, logger="kimiproxy")
+    readable = tmp_path / "readable.sqlite3"
+    readable.write_bytes(b"")
+    readable.chmod(0o644)
+    link = tmp_path / "link.sqlite3"
+    link.symlink_to(tmp_path / "elsewhere.sqlite3")
+    for path in (readable, link):
+        store = kp.ReasoningStore(kp.Settings.from_env({"REASONING_STORE": str(path)}))
+        await store.remember([("k", "text")])
+        assert await store.recall(["k"]) == {}
+        await store.aclose()
+    assert caplog.text.count("reasoning continuity is off") == 2 and not (tmp_path / "elsewhere.sqlite3").exists()
+    store = kp.ReasoningStore(kp.Settings.from_env({"REASONING_STORE": str(tmp_path / "own.sqlite3")}))
+    await store.remember([("lone", "half an emoji \ud83d")])
+    assert "remember skipped" in caplog.text
+    await store.remember([(f"k{i}", f"t{i}") for i in range(1200)])
+    assert len(await store.recall(["lone"] + [f"k{i}" for i in range(1200)])) == 1200
+    await store.aclose()
 
 
 @pytest.mark.edge
@@ -2148,8 +2191,9 @@ async def test_exchanges_that_went_wrong_are_captured_and_replay(nursery: trio.N
     with trio.fail_after(10):  # a capture is written after the client has its response
         while sum("captured (" in r.getMessage() for r in caplog.records) < 4:
             await trio.sleep(0.02)
-    files = sorted(captures.glob("*.json"))
+    files = sorted(captures.glob("*.json"), key=lambda f: json.loads(f.read_text())["id"])  # in request order
     docs = [json.loads(f.read_text()) for f in files]
+    assert all(f.name.startswith("kimiproxy-capture-") for f in files)
     assert [(d["stream"], d["reasons"]) for d in docs] == [(True, ["upstream-broke-off"]), (False, ["repaired"]),
                                                            (True, ["repaired"])]
     assert all("key-alice-1" not in f.read_text() for f in files)
@@ -2157,7 +2201,7 @@ async def test_exchanges_that_went_wrong_are_captured_and_replay(nursery: trio.N
     assert docs[2]["request"]["tools"] == TOOLS
     assert [data for _, data in docs[2]["upstream_events"]] == [step[6:-2].decode() for step in leaky]
     times = [t for t, _ in docs[2]["upstream_events"]]
-    assert times == sorted(times) and times[0] > 0
+    assert times == sorted(times)
     assert "functions.read_file:0" in docs[2]["client"] and S not in docs[2]["client"]
     assert all(f.stat().st_mode & 0o077 == 0 for f in files)
     replayed = replay_cli(*files)
