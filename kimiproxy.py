@@ -2382,6 +2382,7 @@ class Exchange:
         self.capture: Capture | None = None  # with CAPTURE_DIR: what happened, for a capture file
         self.usage: Any = None  # the upstream's token counts
         self.repairs = 0
+        self.delivered: list = []  # a stream's choices as the client got them: (reasoning, calls)
         self.messages: list = []  # the chat request's, as the client sent them
         self._scope: str | None = None  # who and which task its turns' reasoning belongs to (loop_scope)
 
@@ -2647,8 +2648,7 @@ class Exchange:
             raise err from None
         finally:
             self._report(repair, decoder)
-        await self._remember((reasoning, [(c.id, c.name, c.arguments) for c in calls])
-                             for _, reasoning, calls in (choice.message() for choice in repair.choices.values()))
+        await self._remember(self.delivered)
         await _put(frames, _Last(b"".join(last)))
         with contextlib.suppress(httpx.HTTPError):  # what follows [DONE] is drained: the connection is reused
             async for _ in chunks:
@@ -2721,10 +2721,10 @@ class Exchange:
                 repairs, changed = repair_completion(completion, ctx)
                 self.repairs += self.proxy.report_repairs(repairs)
                 if self.capture is not None:
-                    self.capture.judge(repairs)
+                    self.capture.judge((repair, repair.message()) for repair in repairs)
                 if changed:
                     data = json_dumps_compact(completion)
-                await self._remember((reasoning_of(m), _call_tuples(m.get("tool_calls"))) for m in _messages(completion))
+                await self._remember((reasoning_of(m), _call_tuples(m.get("tool_calls"))) for _, m in _choices(completion))
             if log.isEnabledFor(logging.INFO):
                 log.info("response %s", _describe_completion(completion))
         headers = [(k, v) for k, v in end_to_end_headers(response.headers.raw, RESPONSE_HEADERS_DROPPED, False)
@@ -2756,13 +2756,17 @@ class Exchange:
             log.warning("upstream stream: %d events not JSON, %d oversized lines dropped",
                         repair.skipped, decoder.oversized)
         self.usage = repair.usage
+        # Each choice's final message, built once (if at all) for the log, the capture and the store.
+        needed = log.isEnabledFor(logging.INFO) or self.capture is not None or self.proxy.reasoning is not None
+        finals = {index: choice.message() for index, choice in sorted(repair.choices.items())} if needed else {}
+        self.delivered = [(reasoning, [(c.id, c.name, c.arguments) for c in calls])
+                          for _, reasoning, calls in finals.values()]
         if self.proxy.settings.repair:
             self.repairs += self.proxy.report_repairs(list(repair.choices.values()))
             if self.capture is not None:
-                self.capture.judge(repair.choices.values())
+                self.capture.judge((repair.choices[index], final) for index, final in finals.items())
         if log.isEnabledFor(logging.INFO):
-            for index, choice in sorted(repair.choices.items()):
-                content, reasoning, calls = choice.message()
+            for index, (content, reasoning, calls) in finals.items():
                 log.info("stream final message %s usage=%s", _describe_message({
                     "content": content, "reasoning_content": reasoning, "finish_reason": repair.finish.get(index),
                     "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]}),
@@ -2827,11 +2831,12 @@ def _ask_usage(body: bytes, request: dict) -> bytes:
     return body  # not an object: SGLang answers that
 
 
-def _messages(completion: dict) -> Iterator[dict]:
+def _choices(completion: dict) -> Iterator[tuple[dict, dict]]:
+    """A whole chat completion's (choice, message) pairs that are well-formed."""
     choices = completion.get("choices")
     for choice in choices if isinstance(choices, list) else ():
         if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
-            yield choice["message"]
+            yield choice, choice["message"]
 
 
 def _request_id(scope: dict) -> str:
@@ -2857,14 +2862,10 @@ def _describe_message(message: dict) -> str:
 
 
 def _describe_completion(completion: dict) -> str:
-    parts = []
-    for choice in completion.get("choices") or ():
-        if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
-            m = choice["message"]
-            parts.append(_describe_message({
-                "content": m.get("content") if isinstance(m.get("content"), str) else "",
-                "reasoning_content": m.get("reasoning_content") or m.get("reasoning") or "",
-                "tool_calls": m.get("tool_calls"), "finish_reason": choice.get("finish_reason")}))
+    parts = [_describe_message({"content": m.get("content") if isinstance(m.get("content"), str) else "",
+                                "reasoning_content": reasoning_of(m), "tool_calls": m.get("tool_calls"),
+                                "finish_reason": choice.get("finish_reason")})
+             for choice, m in _choices(completion)]
     return " ".join(parts) + f" usage={json.dumps(completion.get('usage'))}"
 
 
@@ -3057,10 +3058,10 @@ class Capture:
         if self._room(data):
             self.client.append(data)
 
-    def judge(self, choices: Iterable["ChoiceRepair"]) -> None:
-        """The reasons to keep this exchange: a repair, markup left in the text, arguments not JSON."""
-        for choice in choices:
-            content, reasoning, calls = choice.message()
+    def judge(self, choices: Iterable[tuple["ChoiceRepair", tuple[str, str, list]]]) -> None:
+        """The reasons to keep this exchange: a repair, markup left in the text, arguments not JSON.
+        ``choices``: each choice's repair and final message."""
+        for choice, (content, reasoning, calls) in choices:
             if choice.repairs() or any(call.channel != "tool_calls" or call.rules for call in calls):
                 self.reasons.add("repaired")
             if any("arguments-not-json" in call.rules for call in calls):
@@ -3201,14 +3202,11 @@ def stream_messages(body: bytes) -> list[dict]:
 
 
 def completion_messages(completion: dict) -> list[dict]:
-    out = []
-    for i, choice in enumerate(completion.get("choices") or ()):
-        m = choice.get("message") or {}
-        out.append({"content": m.get("content") or "", "reasoning_content": reasoning_of(m),
-                    "tool_calls": [{"id": call_id, "name": name, "arguments": arguments}
-                                   for call_id, name, arguments in _call_tuples(m.get("tool_calls"))],
-                    "finish_reason": choice.get("finish_reason"), "index": choice.get("index", i)})
-    return out
+    return [{"content": m.get("content") or "", "reasoning_content": reasoning_of(m),
+             "tool_calls": [{"id": call_id, "name": name, "arguments": arguments}
+                            for call_id, name, arguments in _call_tuples(m.get("tool_calls"))],
+             "finish_reason": choice.get("finish_reason"), "index": choice.get("index", i)}
+            for i, (choice, m) in enumerate(_choices(completion))]
 
 
 class Proxy:
