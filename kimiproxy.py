@@ -2428,6 +2428,7 @@ class Exchange:
             log.debug("request body %s", body.decode("utf-8", "replace"))
         settings = self.proxy.settings
         ctx = RepairContext.from_request(request, enabled=settings.repair)
+        self.messages = request["messages"]
         changed = await self._restore_reasoning(request)
         if settings.repair and canonicalize_history(request):
             log.info("repair: rewrote non-canonical tool-call ids in the history for the upstream")
@@ -2435,14 +2436,16 @@ class Exchange:
         if changed:
             body = json_dumps_compact(request)
         stream = request.get("stream") is True
-        usage_asked = not settings.repair or _usage_asked(request)  # a transparent proxy changes nothing
-        if stream and not usage_asked:
+        # The usage chunk goes to the client if it asked for it; else kimiproxy asks for it (tokens per
+        # key) and keeps it. A transparent proxy changes nothing.
+        pass_usage = not settings.repair or _usage_asked(request)
+        if stream and not pass_usage:
             body = _ask_usage(body, request)
         upstream = self.proxy.upstream
         outgoing = upstream.request("POST", upstream.url(self.path, self.scope["query_string"]), body,
                                     upstream.headers(self.scope["headers"], relay_untouched=False))
         if stream:
-            await self._stream(outgoing, ctx, usage_asked)
+            await self._stream(outgoing, ctx, pass_usage)
         else:
             await self._whole(outgoing, ctx)
 
@@ -2450,7 +2453,6 @@ class Exchange:
         """Put back the reasoning of the tool loop's assistant turns that came without it; never over
         reasoning the client sent. Returns whether the request changed."""
         store = self.proxy.reasoning
-        self.messages = request["messages"]
         missing = turns_without_reasoning(request) if store is not None else []
         keyed = [(message, turn_key(self._loop(), before, calls)) for message, before, calls in missing]
         turns = [(message, key) for message, key in keyed if key is not None]
@@ -2590,7 +2592,7 @@ class Exchange:
 
     # -- the three relays --------------------------------------------------------------------------
 
-    async def _stream(self, request: httpx.Request, ctx: RepairContext, usage_asked: bool) -> None:
+    async def _stream(self, request: httpx.Request, ctx: RepairContext, pass_usage: bool) -> None:
         """A streamed chat completion: this task reads and repairs, a writer task writes."""
         send, receive = trio.open_memory_channel(STREAM_QUEUE)
         self.proxy.metrics.streams_in_flight += 1
@@ -2599,7 +2601,7 @@ class Exchange:
                 nursery.start_soon(self._write_stream, receive)
                 async with send:
                     try:
-                        await self._relay(await self._open(request), ctx, usage_asked, send)
+                        await self._relay(await self._open(request), ctx, pass_usage, send)
                     except ProxyError as err:
                         await send.send(err)
                     except Exception as exc:
@@ -2608,13 +2610,13 @@ class Exchange:
         finally:
             self.proxy.metrics.streams_in_flight -= 1
 
-    async def _relay(self, response: httpx.Response, ctx: RepairContext, usage_asked: bool, frames: Any) -> None:
+    async def _relay(self, response: httpx.Response, ctx: RepairContext, pass_usage: bool, frames: Any) -> None:
         if response.status_code >= 400:
             raise upstream_http_error(response.status_code, await read_upstream_body(response))
         if "text/event-stream" not in response.headers.get("content-type", ""):
             data = await read_upstream_body(response)
             raise UpstreamError(f"upstream answered a streaming request without an event stream: {data[:200]!r}")
-        decoder, repair = SSEDecoder(), StreamRepair(ctx, pass_usage=usage_asked)
+        decoder, repair = SSEDecoder(), StreamRepair(ctx, pass_usage=pass_usage)
         debug = log.isEnabledFor(logging.DEBUG)
         capture = self.capture
         if capture is not None:
