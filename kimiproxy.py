@@ -1706,7 +1706,6 @@ class StreamRepair:
         return b"data: " + json_dumps_compact(chunk) + b"\n\n"
 
 
-
 def _unchanged(events: list, content: str | None, reasoning: str | None, calls: list | None) -> bool:
     """Whether the events say exactly what the upstream delta said (text only: a delta with calls is
     written anew, byte for byte the same when nothing changed)."""
@@ -1775,7 +1774,6 @@ def json_dumps_compact(value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
     except UnicodeEncodeError:  # a lone surrogate (a client cut a string mid-emoji): as an escape
         return json.dumps(value, separators=(",", ":")).encode()
-
 
 
 class SSEDecoder:
