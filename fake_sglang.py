@@ -88,6 +88,7 @@ class Script:
     body: Any = None
     delay: float = 0.0
     content_type: str = "text/event-stream"
+    headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # more response headers
 
 
 @dataclasses.dataclass
@@ -217,7 +218,7 @@ class FakeSGLang:
             self.aborted = trio.Event()
 
     async def _play(self, stream: trio.SocketStream, conn: h11.Connection, script: Script) -> None:
-        headers = [("content-type", script.content_type), ("server", "fake-sglang")]
+        headers = [("content-type", script.content_type), ("server", "fake-sglang"), *script.headers]
         if script.body is not None or script.status != 200 and not script.steps:
             await trio.sleep(script.delay)
             body = script.body

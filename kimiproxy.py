@@ -30,6 +30,7 @@ first byte in to its last byte out), what the exchanges share and the server pro
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import contextvars
 import dataclasses
@@ -39,6 +40,7 @@ import functools
 import gc
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -48,12 +50,16 @@ import multiprocessing
 import os
 import re
 import resource
+import secrets
 import signal
+import socket
 import sqlite3
+import stat
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -100,6 +106,16 @@ DEFAULT_HEARTBEAT_INTERVAL = 15.0  # seconds between SSE comments while nothing 
 # heartbeats: a refused connection or an SGLang validation error arrives sooner and keeps its status.
 HEADER_GRACE = 0.5  # seconds
 DEFAULT_MAX_BODY_MB = 64  # agents send multi-MB contexts; Quart's own default is 16 MiB
+# What one request may cost the worker, whose event loop parses it (a thread would not help: the JSON
+# parsers hold the GIL). Kimi-K2's context is 256K tokens, about 1 MB of text: a request with more
+# objects and arrays than this could never be served, and parsing this many takes about 25 ms and
+# 50 MB. Counted before parsing as the body's "{" and "[" bytes, strings included (an upper bound).
+MAX_REQUEST_CONTAINERS = 500_000  # JSON objects and arrays in one request
+MAX_REQUEST_MESSAGES = 20_000  # messages in one request
+MAX_RESTORED_TURNS = 1000  # the tool loop's latest assistant turns whose reasoning may be restored
+DEFAULT_MAX_BODIES_MB = 256  # request bodies one worker holds at once, across its requests (GPU boxes
+#                              keep their memory for the model)
+RETRY_AFTER_BUSY = 1  # seconds a client is told to wait when the worker holds MAX_BODIES_MB of bodies
 BODY_READ_TIMEOUT = 60.0  # seconds a client may take to send its request body
 MAX_DRAIN_BYTES = 64 * 1024 * 1024  # of an oversized body, read and dropped so the 413 arrives
 MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024  # one SSE line from upstream; longer ones are dropped
@@ -142,13 +158,18 @@ SSE_HEADERS = [
 HEARTBEAT_FRAME = b": keep-alive\n\n"
 DONE_FRAME = b"data: [DONE]\n\n"
 
-# Hop-by-hop headers (RFC 9110 section 7.6.1) and the ones httpx or Hypercorn set themselves.
+# Hop-by-hop headers (RFC 9110 section 7.6.1; also every header the Connection header names, see
+# end_to_end_headers), the ones that only make sense on one connection (Expect, HTTP2-Settings), and
+# the ones httpx or Hypercorn set themselves.
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
     b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"host", b"content-length",
+    b"expect", b"http2-settings",
 })
-REQUEST_HEADERS_DROPPED = HOP_BY_HOP | {b"accept-encoding"}  # set per route, see forward_request_headers
+REQUEST_HEADERS_DROPPED = HOP_BY_HOP | {b"accept-encoding"}  # set per route, see Upstream.headers
 RESPONSE_HEADERS_DROPPED = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}  # Hypercorn and we set these
+# An upstream's CORS headers would let a web page on another site read kimiproxy's answers: never relayed.
+CORS_HEADER_PREFIX = b"access-control-"
 SECRET_HEADERS = frozenset({
     "authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie",
 })
@@ -165,11 +186,14 @@ class ProxyError(Exception):
     status = 500
     error_type = "server_error"
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, detail: str = "") -> None:
         super().__init__(message)
-        self.message = message
+        self.message = message  # what the client reads
+        self.detail = detail  # what only the log gets: upstream addresses, bytes the upstream sent
         if status is not None:
             self.status = status
+
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # sent with the error (Retry-After)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.error_type, "code": self.status}}
@@ -1162,15 +1186,16 @@ class RepairContext:
         return fits[0] if len(fits) == 1 else None
 
 
-def canonicalize_history(request: dict) -> int:
+def canonicalize_history(request: dict) -> list[dict]:
     """REPAIR.md 4.13: tool-call ids in the history that are not canonical (``call_abc``, ``toolu_1``), or
     that an earlier call already holds, become ``functions.NAME:COUNTER`` with the dialog-wide counter,
     and the tool results' ``tool_call_id`` with them, so the model keeps seeing its own id format.
-    Returns how many ids were rewritten (0: the request is untouched)."""
+    Returns the messages it changed (none: the request is untouched)."""
     messages = request.get("messages")
     if not isinstance(messages, list):
-        return 0
-    counter = rewritten = 0
+        return []
+    counter = 0
+    changed: list[dict] = []
     used: set[str] = set()
     mapping: dict[str, str] = {}  # the latest assistant turn's id for each id as sent
     for message in messages:
@@ -1178,6 +1203,7 @@ def canonicalize_history(request: dict) -> int:
             continue
         calls = message.get("tool_calls") if message.get("role") == "assistant" else None
         if isinstance(calls, list):
+            rewritten = False
             for call in calls:
                 if not isinstance(call, dict):
                     continue
@@ -1191,15 +1217,21 @@ def canonicalize_history(request: dict) -> int:
                         counter += 1
                         new = f"functions.{name}:{counter}"
                     call["id"] = new
-                    rewritten += 1
+                    rewritten = True
                 if isinstance(old, str):
                     mapping[old] = new
                 if isinstance(new, str):
                     used.add(new)
                 counter += 1
-        elif message.get("role") == "tool" and isinstance(message.get("tool_call_id"), str):
-            message["tool_call_id"] = mapping.get(message["tool_call_id"], message["tool_call_id"])
-    return rewritten
+            if rewritten:
+                changed.append(message)
+        elif message.get("role") == "tool" and isinstance(message.get("tool_call_id"), str) \
+                and message["tool_call_id"] in mapping:
+            new = mapping[message["tool_call_id"]]
+            if new != message["tool_call_id"]:
+                message["tool_call_id"] = new
+                changed.append(message)
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1851,9 +1883,12 @@ class Settings:
     repair: bool = True  # ENABLE_STREAMING_TOOL_PARSER: the Kimi-K2 repair (off: transparent)
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL  # HEARTBEAT_INTERVAL: seconds, 0 = off
     max_body_mb: float = DEFAULT_MAX_BODY_MB  # MAX_BODY_MB: largest request body
+    max_bodies_mb: float = DEFAULT_MAX_BODIES_MB  # MAX_BODIES_MB: request bodies a worker holds at once
     body_timeout: float = BODY_READ_TIMEOUT  # BODY_TIMEOUT: seconds to receive a request body
     api_keys: tuple[tuple[str, str], ...] = ()  # PROXY_API_KEY: (name, key) pairs clients may present
     upstream_api_key: str = ""  # UPSTREAM_API_KEY: sent to the upstream instead of the client's key
+    upstream_credentials: str = ""  # "user:password" from SGLANG_API_BASE's userinfo (never shown)
+    allowed_hosts: tuple[str, ...] = ()  # ALLOWED_HOSTS: host names an anonymous proxy answers to, * = any
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # SHUTDOWN_GRACE: seconds in-flight requests get
     restore_reasoning: bool = True  # RESTORE_REASONING: put back the reasoning a client dropped
     reasoning_store: str = ""  # REASONING_STORE: the SQLite file the workers share ("" = in the temp dir)
@@ -1903,7 +1938,10 @@ class Settings:
                 return False
             raise ConfigError(f"{name}={raw!r} is not a boolean (use true or false)")
 
-        upstream = text("SGLANG_API_BASE", defaults.upstream).rstrip("/")
+        upstream, credentials = split_credentials(text("SGLANG_API_BASE", defaults.upstream).rstrip("/"))
+        if credentials and env.get("UPSTREAM_API_KEY", "").strip():
+            raise ConfigError("SGLANG_API_BASE holds a user and password and UPSTREAM_API_KEY is set: give the "
+                              "upstream one credential")
         if not re.match(r"https?://[^/\s]+", upstream):
             raise ConfigError(f"SGLANG_API_BASE={upstream!r} must be an http:// or https:// URL, "
                               f"like {DEFAULT_UPSTREAM}")
@@ -1926,9 +1964,12 @@ class Settings:
             repair=flag("ENABLE_STREAMING_TOOL_PARSER", defaults.repair),
             heartbeat_interval=number("HEARTBEAT_INTERVAL", defaults.heartbeat_interval),
             max_body_mb=number("MAX_BODY_MB", defaults.max_body_mb, 0.001),
+            max_bodies_mb=number("MAX_BODIES_MB", defaults.max_bodies_mb, 0.001),
             body_timeout=number("BODY_TIMEOUT", defaults.body_timeout, 0.001),
             api_keys=parse_api_keys(env.get("PROXY_API_KEY", "")),
             upstream_api_key=env.get("UPSTREAM_API_KEY", "").strip(),
+            upstream_credentials=credentials,
+            allowed_hosts=tuple(h.strip().lower() for h in env.get("ALLOWED_HOSTS", "").split(",") if h.strip()),
             shutdown_grace=number("SHUTDOWN_GRACE", defaults.shutdown_grace),
             restore_reasoning=flag("RESTORE_REASONING", defaults.restore_reasoning),
             reasoning_store=text("REASONING_STORE", defaults.reasoning_store),
@@ -1939,6 +1980,18 @@ class Settings:
             capture_max_files=int(number("CAPTURE_MAX_FILES", defaults.capture_max_files, 1)),
             capture_max_mb=number("CAPTURE_MAX_MB", defaults.capture_max_mb, 0.001),
         )
+
+
+def split_credentials(url: str) -> tuple[str, str]:
+    """(the URL without its userinfo, "user:password" percent-decoded): the URL is what kimiproxy
+    shows (on /, in the log), the credentials are only ever sent upstream."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not sep or not at:
+        return url, ""
+    user, colon, password = userinfo.partition(":")
+    return f"{scheme}://{host}{slash}{path}", f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
 
 
 _KEY_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -1952,10 +2005,15 @@ def parse_api_keys(raw: str) -> tuple[tuple[str, str], ...]:
     for entry in raw.split(","):
         entry = entry.strip()
         name, colon, key = entry.partition(":")
+        if colon and not key.strip() and _KEY_NAME_RE.fullmatch(name.strip()):
+            raise ConfigError(f"PROXY_API_KEY: the entry for {name.strip()!r} has a name but no key")
         if colon and key.strip() and _KEY_NAME_RE.fullmatch(name.strip()):
             keys.append((name.strip(), key.strip()))
         elif entry:
             keys.append(("key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry))
+    if raw.strip() and not keys:  # " , " would otherwise turn the check off
+        raise ConfigError("PROXY_API_KEY is set but holds no key: give at least one, or leave it empty to "
+                          "run without keys")
     return tuple(keys)
 
 
@@ -1990,11 +2048,26 @@ def load_settings() -> Settings:
 # Logging: one logger, the request id on every line, secrets never written
 # ---------------------------------------------------------------------------------------------------
 
+# Control characters (C0, DEL, C1 with CSI, Unicode line breaks) in a log message: a client's path, model
+# name or body could otherwise forge a log line of its own or drive a terminal that shows the log.
+_UNPRINTABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """Text with every control character written as its escape (``\\x0a``): one record, one line."""
+    return _UNPRINTABLE_RE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
 class RequestIdFilter(logging.Filter):
-    """Puts the request id on every record of the kimiproxy logger, whichever handler writes it."""
+    """Puts the request id on every record of the kimiproxy logger, whichever handler writes it, and
+    makes its message printable: whatever a client wrote, a record stays one line (a traceback, which
+    is the formatter's, keeps its own lines)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
+        message = record.getMessage()
+        if _UNPRINTABLE_RE.search(message):
+            record.msg, record.args = printable(message), ()
         return True
 
 
@@ -2153,18 +2226,43 @@ def route_label(path: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 CHAT_PATHS = ("/v1/chat/completions", "/api/chat/completions")
+# A path segment as RFC 3986 allows it (pchar), percent-escapes included; one trailing slash allowed.
+_RAW_PATH_RE = re.compile(rb"(?:/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})+)+/?")
+_UNSAFE_SEGMENT_RE = re.compile(rb"[\x00-\x1f\x7f/\\]")  # in a segment once decoded
 
 
-def upstream_failure(exc: httpx.HTTPError, url: str) -> UpstreamError:
-    """The one place where httpx's exceptions become ours."""
+def checked_path(scope: dict) -> bytes:
+    """The path a proxied request goes upstream with: the raw path the client sent, if it stays under
+    the route it names. SGLang serves its admin routes (/shutdown, /update_weights_from_disk,
+    /abort_request...) beside /v1, and httpx resolves dot segments in a URL, so ``/v1/../shutdown``
+    would reach them: a path with an empty segment, a "." or ".." segment in any spelling (``%2e``), a
+    slash or backslash inside a segment (``%2f``, ``%5c``, ``\\``) or a control character is refused,
+    before any upstream connection. ``Upstream.url`` checks that httpx sends exactly this path."""
+    raw = scope.get("raw_path") or urllib.parse.quote(scope["path"]).encode()
+    refused = ClientError("the request path must not hold empty, '.' or '..' segments (in any spelling), "
+                          "encoded slashes, backslashes or control characters", 400)
+    if not _RAW_PATH_RE.fullmatch(raw):
+        raise refused
+    for segment in raw.strip(b"/").split(b"/"):
+        decoded = urllib.parse.unquote_to_bytes(segment)
+        if decoded in (b".", b"..") or _UNSAFE_SEGMENT_RE.search(decoded):
+            raise refused
+    return raw
+
+
+def upstream_failure(exc: httpx.HTTPError, url: Any) -> UpstreamError:
+    """The one place where httpx's exceptions become ours. The client learns what kind of failure it
+    was; where, and what the upstream sent (a misbehaving one may send another request's bytes), go
+    to the log only."""
+    detail = f"{type(exc).__name__} at {url}: {exc}"
     if isinstance(exc, httpx.TimeoutException):
-        err = UpstreamError(f"upstream timed out ({type(exc).__name__}) at {url}", 504)
+        err = UpstreamError("upstream timed out", 504, detail)
         err.kind = "timeout"
     elif isinstance(exc, httpx.ConnectError):
-        err = UpstreamError(f"upstream unreachable at {url}: {exc}", 502)
+        err = UpstreamError("upstream unreachable", 502, detail)
         err.kind = "connect"
     else:
-        err = UpstreamError(f"upstream connection failed ({type(exc).__name__}): {exc}", 502)
+        err = UpstreamError("upstream connection failed", 502, detail)
     return err
 
 
@@ -2189,12 +2287,15 @@ def upstream_http_error(status: int, body: bytes) -> UpstreamError:
 
 def end_to_end_headers(headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[bytes],
                        keep_content_encoding: bool) -> list[tuple[bytes, bytes]]:
-    """Headers less the dropped names (lower-cased), and Content-Encoding where the body is decoded
-    on the way."""
+    """Headers less the dropped names (lower-cased), the names the Connection header lists (hop-by-hop
+    by RFC 9110 7.6.1: ``Connection: keep-alive, Cookie`` keeps the cookie on this hop), CORS headers,
+    and Content-Encoding where the body is decoded on the way."""
+    headers = [(name.lower(), value) for name, value in headers]
+    named = {token.strip().lower() for name, value in headers if name == b"connection" for token in value.split(b",")}
     out = []
-    for name, value in headers:
-        key = name.lower()
-        if key in dropped or (key == b"content-encoding" and not keep_content_encoding):
+    for key, value in headers:
+        if key in dropped or key in named or key.startswith(CORS_HEADER_PREFIX) or (
+                key == b"content-encoding" and not keep_content_encoding):
             continue
         out.append((key, value))
     return out
@@ -2223,11 +2324,16 @@ class Upstream:
         if self._client is not None:
             await self._client.aclose()
 
-    def url(self, path: str, query: bytes = b"") -> str:
-        """/v1/models -> {SGLANG_API_BASE}/models; /api/chat/completions -> .../chat/completions."""
-        tail = path.split("/", 2)[2] if path.count("/") >= 2 else ""
-        url = f"{self.settings.upstream}/{tail}"
-        return f"{url}?{query.decode('latin-1')}" if query else url
+    def url(self, raw_path: bytes, query: bytes = b"") -> httpx.URL:
+        """/v1/models -> {SGLANG_API_BASE}/models; /api/chat/completions -> .../chat/completions, for a
+        path ``checked_path`` let through. The URL httpx makes of it must have exactly that path
+        under the upstream's base: anything else is refused."""
+        base = httpx.URL(self.settings.upstream)
+        path = base.raw_path.rstrip(b"/") + b"/" + raw_path.split(b"/", 2)[2]
+        url = base.copy_with(raw_path=path + (b"?" + query if query else b""))
+        if url.raw_path.partition(b"?")[0] != path:
+            raise ClientError("the request path cannot be sent upstream as it is", 400)
+        return url
 
     def headers(self, client: Iterable[tuple[bytes, bytes]], relay_untouched: bool) -> list[tuple[bytes, bytes]]:
         """The client's end-to-end headers for the upstream: not hop-by-hop ones, Host or Content-Length
@@ -2238,13 +2344,16 @@ class Upstream:
         out = end_to_end_headers(client, REQUEST_HEADERS_DROPPED, relay_untouched)
         asked = [(k.lower(), v) for k, v in client if k.lower() == b"accept-encoding"]
         out += asked if relay_untouched and asked else [(b"accept-encoding", b"identity")]
-        if self.settings.api_keys or self.settings.upstream_api_key:
+        s = self.settings
+        if s.api_keys or s.upstream_api_key or s.upstream_credentials:
             out = [(k, v) for k, v in out if k not in (b"authorization", b"api-key", b"x-api-key")]
-            if self.settings.upstream_api_key:
-                out.append((b"authorization", b"Bearer " + self.settings.upstream_api_key.encode()))
+            if s.upstream_api_key:
+                out.append((b"authorization", b"Bearer " + s.upstream_api_key.encode()))
+            elif s.upstream_credentials:  # user:password in SGLANG_API_BASE, as curl would send them
+                out.append((b"authorization", b"Basic " + base64.b64encode(s.upstream_credentials.encode())))
         return out
 
-    def request(self, method: str, url: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> httpx.Request:
+    def request(self, method: str, url: httpx.URL | str, body: bytes, headers: list[tuple[bytes, bytes]]) -> httpx.Request:
         assert self._client is not None
         return self._client.build_request(method, url, content=body, headers=headers)
 
@@ -2319,14 +2428,25 @@ async def read_upstream_body(response: httpx.Response) -> bytes:
     return b"".join(parts)
 
 
+def require_json(scope: dict) -> None:
+    """A POST to a proxied route must say its body is JSON (application/json, or a +json type). A web
+    page on another site can send a POST without asking first (a CORS preflight, which kimiproxy never
+    grants) only as a form, multipart or text/plain, or with no content type: none of them gets here,
+    so no page a user visits can spend the GPU through an anonymous kimiproxy on their machine."""
+    content_type = next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
+    media = content_type.split(b";", 1)[0].strip().lower()
+    if media != b"application/json" and not (media.startswith(b"application/") and media.endswith(b"+json")):
+        raise ClientError(f"Content-Type must be application/json, not {content_type.decode('latin-1')!r}", 415)
+
+
 def parse_chat_request(scope: dict, body: bytes) -> dict:
     """The request as JSON, with the checks that give a clear 4xx instead of an upstream 500."""
-    content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1").lower()
-    if content_type and "json" not in content_type:
-        raise ClientError(f"Content-Type must be application/json, not {content_type!r}", 415)
+    require_json(scope)
     for name, value in scope["headers"]:
         if name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
             raise ClientError("compressed request bodies are not supported", 415)
+    if body.count(b"{") + body.count(b"[") > MAX_REQUEST_CONTAINERS:
+        raise ClientError(f"request body holds more than {MAX_REQUEST_CONTAINERS} JSON objects and arrays", 413)
     try:
         request = json_loads(body)
     except (ValueError, RecursionError) as exc:
@@ -2335,6 +2455,8 @@ def parse_chat_request(scope: dict, body: bytes) -> dict:
         raise ClientError(f"request body must be a JSON object, not {type(request).__name__}")
     if not isinstance(request.get("messages"), list):
         raise ClientError("'messages' must be a list of messages")
+    if len(request["messages"]) > MAX_REQUEST_MESSAGES:
+        raise ClientError(f"request holds more than {MAX_REQUEST_MESSAGES} messages", 413)
     if "stream" in request and not isinstance(request["stream"], bool) and request["stream"] is not None:
         raise ClientError("'stream' must be true or false")
     if "tools" in request and not isinstance(request["tools"], (list, type(None))):
@@ -2367,6 +2489,8 @@ class Exchange:
         self._send = send
         self.id = _request_id(scope)
         self.method, self.path = scope["method"], scope["path"]
+        self.target = b""  # the raw path sent upstream, once checked_path let it through
+        self._held = 0  # bytes of request body this exchange holds, counted in Proxy.bodies_held
         self.started_at = time.monotonic()
         self.status = 0
         self.bytes = 0
@@ -2404,6 +2528,7 @@ class Exchange:
             if self.capture is not None and self.capture.reasons and self.proxy.captures is not None:
                 with trio.CancelScope(shield=True):
                     await self.proxy.captures.write(self.capture)
+            self.proxy.release_body(self._held)
             self._log_end()
             self.proxy.end()
             REQUEST_ID.reset(token)
@@ -2411,6 +2536,8 @@ class Exchange:
     async def _serve(self, chat: bool) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("headers %s", redact_headers(self.scope["headers"]))
+        self.target = checked_path(self.scope)
+        self.proxy.check_host(self.scope)
         self.key = self.proxy.authorise(self.scope)
         body = await self._read_body()
         assert self._nursery is not None
@@ -2428,34 +2555,33 @@ class Exchange:
         ctx = RepairContext.from_request(request, enabled=settings.repair)
         self.messages = request["messages"]
         changed = await self._restore_reasoning(request)
-        if settings.repair and canonicalize_history(request):
+        rewritten = canonicalize_history(request) if settings.repair else []
+        if rewritten:
             log.info("repair: rewrote non-canonical tool-call ids in the history for the upstream")
-            changed = True
-        if changed:
-            body = json_dumps_compact(request)
         stream = request.get("stream") is True
         # The usage chunk goes to the client if it asked for it; else kimiproxy asks for it (tokens per
         # key) and keeps it. A transparent proxy changes nothing.
         pass_usage = not settings.repair or _usage_asked(request)
-        if stream and not pass_usage:
-            body = _ask_usage(body, request)
+        members = _usage_option(request) if stream and not pass_usage else {}
+        if changed or rewritten or members:
+            body = rewrite_request(body, request, changed + rewritten, members)
         upstream = self.proxy.upstream
-        outgoing = upstream.request("POST", upstream.url(self.path, self.scope["query_string"]), body,
+        outgoing = upstream.request("POST", upstream.url(self.target, self.scope["query_string"]), body,
                                     upstream.headers(self.scope["headers"], relay_untouched=False))
         if stream:
             await self._stream(outgoing, ctx, pass_usage)
         else:
             await self._whole(outgoing, ctx)
 
-    async def _restore_reasoning(self, request: dict) -> bool:
+    async def _restore_reasoning(self, request: dict) -> list[dict]:
         """Put back the reasoning of the tool loop's assistant turns that came without it; never over
-        reasoning the client sent. Returns whether the request changed."""
+        reasoning the client sent. Returns the messages it changed."""
         store = self.proxy.reasoning
         missing = turns_without_reasoning(request) if store is not None else []
         keyed = [(message, turn_key(self._loop(), before, calls)) for message, before, calls in missing]
         turns = [(message, key) for message, key in keyed if key is not None]
         if not turns:
-            return False
+            return []
         assert store is not None
         found = await store.recall([key for _, key in turns])
         for message, key in turns:
@@ -2466,11 +2592,14 @@ class Exchange:
         metrics.inc("kimiproxy_reasoning_restored_total", restored)
         metrics.inc("kimiproxy_reasoning_missed_total", len(turns) - restored)
         log.info("reasoning: restored %d of %d assistant turns that came without it", restored, len(turns))
-        return restored > 0
+        return [message for message, key in turns if key in found]
 
     def _loop(self) -> str:
         if self._scope is None:
-            self._scope = loop_scope(self.key, self.messages)
+            who = self.key
+            if who == NO_KEY:  # no keys to tell users apart: the address a client comes from stands in
+                who += "@" + str((self.scope.get("client") or ("-",))[0])
+            self._scope = loop_scope(who, self.messages)
         return self._scope
 
     async def _remember(self, turns: Iterable[tuple[str, list]]) -> None:
@@ -2487,13 +2616,15 @@ class Exchange:
     # -- the client --------------------------------------------------------------------------------
 
     async def _read_body(self) -> bytes:
-        """The whole request body (kimiproxy parses it), or 413 past MAX_BODY_MB, 408 past BODY_TIMEOUT.
-        Past the limit the rest is read and dropped (up to MAX_DRAIN_BYTES) before answering: a client
-        still sending when the server answers and closes gets a connection reset instead of the 413."""
+        """The whole request body (kimiproxy parses it), or 413 past MAX_BODY_MB, 503 while the worker
+        holds MAX_BODIES_MB of bodies, 408 past BODY_TIMEOUT. A refused body is read and dropped (up
+        to MAX_DRAIN_BYTES) before answering: a client still sending when the server answers and
+        closes gets a connection reset instead of the error."""
         settings = self.proxy.settings
         limit = settings.max_body_bytes
         parts: list[bytes] = []
         size = 0
+        refused: ProxyError | None = None
         with trio.move_on_after(settings.body_timeout) as timer:
             while True:
                 message = await self._receive()
@@ -2502,16 +2633,24 @@ class Exchange:
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 more = message.get("more_body", False)
-                if size > limit:
-                    parts = []  # from here on the body is only drained
-                    if not more or size > limit + MAX_DRAIN_BYTES:
-                        raise ClientError(f"request body exceeds the {limit / 1048576:g} MiB limit (MAX_BODY_MB)", 413)
-                    continue
-                parts.append(chunk)
-                if not more:
+                if refused is None:
+                    try:
+                        if size > limit:
+                            raise ClientError(f"request body exceeds the {limit / 1048576:g} MiB limit "
+                                              "(MAX_BODY_MB)", 413)
+                        self.proxy.hold_body(len(chunk))
+                        self._held += len(chunk)
+                        parts.append(chunk)
+                    except ProxyError as err:  # from here on the body is only drained
+                        refused, parts = err, []
+                        self.proxy.release_body(self._held)
+                        self._held = 0
+                if not more or (refused is not None and size > limit + MAX_DRAIN_BYTES):
                     break
         if timer.cancelled_caught:
             raise ClientError(f"request body not received within {settings.body_timeout:g} s (BODY_TIMEOUT)", 408)
+        if refused is not None:
+            raise refused
         return b"".join(parts)
 
     async def _watch_client(self) -> None:
@@ -2548,10 +2687,10 @@ class Exchange:
         except Exception as exc:  # Hypercorn refuses writes once the connection is gone
             raise _ClientGone() from exc
 
-    async def _send_json(self, status: int, payload: Any) -> None:
+    async def _send_json(self, status: int, payload: Any, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
         body = json_dumps_compact(payload)
         await self._start(status, [(b"content-type", b"application/json"),
-                                   (b"content-length", str(len(body)).encode())])
+                                   (b"content-length", str(len(body)).encode()), *headers])
         await self._body(body, more=False)
 
     async def _fail(self, err: ProxyError) -> None:
@@ -2560,7 +2699,7 @@ class Exchange:
         self._count_failure(err)
         try:
             if not self.started:
-                await self._send_json(err.status, err.body())
+                await self._send_json(err.status, err.body(), err.headers)
             elif not self.ended:
                 await self._body(b"", more=False)
         except _ClientGone:
@@ -2569,8 +2708,9 @@ class Exchange:
     def _count_failure(self, err: ProxyError) -> None:
         if isinstance(err, UpstreamError):
             self.proxy.metrics.inc("kimiproxy_upstream_errors_total", kind=err.kind, status=str(err.status))
-        log.log(logging.WARNING if err.status < 500 else logging.ERROR, "%s %s failed after %.3fs: %d %s",
-                self.method, self.path, time.monotonic() - self.started_at, err.status, err.message)
+        log.log(logging.WARNING if err.status < 500 else logging.ERROR, "%s %s failed after %.3fs: %d %s%s",
+                self.method, self.path, time.monotonic() - self.started_at, err.status, err.message,
+                f" ({err.detail})" if err.detail else "")
 
     # -- the upstream ------------------------------------------------------------------------------
 
@@ -2613,7 +2753,8 @@ class Exchange:
             raise upstream_http_error(response.status_code, await read_upstream_body(response))
         if "text/event-stream" not in response.headers.get("content-type", ""):
             data = await read_upstream_body(response)
-            raise UpstreamError(f"upstream answered a streaming request without an event stream: {data[:200]!r}")
+            raise UpstreamError("upstream answered a streaming request without an event stream",
+                                detail=f"it sent {response.headers.get('content-type')!r}: {data[:200]!r}")
         decoder, repair = SSEDecoder(), StreamRepair(ctx, pass_usage=pass_usage)
         debug = log.isEnabledFor(logging.DEBUG)
         capture = self.capture
@@ -2686,7 +2827,7 @@ class Exchange:
         data = b"".join(i.data if isinstance(i, _Last) else i for i in items if isinstance(i, (bytes, _Last)))
         if isinstance(end, ProxyError) and not self.started:
             self._count_failure(end)
-            await self._send_json(end.status, end.body())
+            await self._send_json(end.status, end.body(), end.headers)
             return True
         if not self.started:
             await self._start(200, list(SSE_HEADERS))
@@ -2736,9 +2877,11 @@ class Exchange:
         """Any other /v1 route (models, completions, embeddings...), relayed untouched both ways,
         streaming or not, errors included."""
         log.info("%s %s (pass-through, %d bytes)", self.method, self.path, len(body))
+        if self.method == "POST":
+            require_json(self.scope)
         upstream = self.proxy.upstream
         response = await self._open(upstream.request(
-            self.method, upstream.url(self.path, self.scope["query_string"]), body,
+            self.method, upstream.url(self.target, self.scope["query_string"]), body,
             upstream.headers(self.scope["headers"], relay_untouched=True)))
         await self._start(response.status_code,
                           end_to_end_headers(response.headers.raw, RESPONSE_HEADERS_DROPPED, True))
@@ -2816,19 +2959,91 @@ def _usage_asked(request: dict) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def _ask_usage(body: bytes, request: dict) -> bytes:
-    """The request asking for the stream's usage chunk (tokens are counted per key); the client, which
-    did not ask, does not get it. Spliced into the body when it has no stream_options: a multi-MB
-    request is not written anew for it."""
+def _usage_option(request: dict) -> dict:
+    """The top-level member that asks the upstream for the stream's usage chunk (tokens are counted per
+    key); the client, which did not ask, does not get it. None when stream_options is not an object:
+    SGLang says what is wrong with it."""
     options = request.get("stream_options", None)
-    start = len(body) - len(body.lstrip())
-    if options is None and "stream_options" not in request and body[start:start + 1] == b"{":
-        start += 1  # an object with "messages" in it: never empty, so the comma is right
-        return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
-    if isinstance(options, dict) or options is None:  # also a body in UTF-16/32, written anew in UTF-8
-        request["stream_options"] = {**(options or {}), "include_usage": True}
+    if isinstance(options, dict) or options is None:
+        return {"stream_options": {**(options or {}), "include_usage": True}}
+    return {}
+
+
+def _ask_usage(body: bytes, request: dict) -> bytes:
+    return rewrite_request(body, request, (), _usage_option(request))
+
+
+_JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
+_scan_value = json.JSONDecoder().scan_once  # (text, index) -> (value, end): the stdlib's own C scanner
+
+
+def _members(text: str, i: int, inner: str | None = None) -> tuple[list[tuple[Any, int, int]], list]:
+    """The (key, start, end) of each member of the JSON object at text[i], or (index, start, end) of
+    each element of the array there; with ``inner``, the elements of that member's array too (walked
+    once, not scanned twice). ValueError or IndexError where the text is not what it should be."""
+    closing = {"{": "}", "[": "]"}[text[i]]
+    found: list[tuple[Any, int, int]] = []
+    items: list = []
+    i = _JSON_SPACE_RE.match(text, i + 1).end()
+    while text[i] != closing:
+        if found:
+            if text[i] != ",":
+                raise ValueError("no ',' between members")
+            i = _JSON_SPACE_RE.match(text, i + 1).end()
+        key: Any = len(found)
+        if closing == "}":
+            if text[i] != '"':
+                raise ValueError("not a JSON object key")
+            key, i = json.decoder.scanstring(text, i + 1)
+            i = _JSON_SPACE_RE.match(text, i).end()
+            if text[i] != ":":
+                raise ValueError("no ':' after a key")
+            i = _JSON_SPACE_RE.match(text, i + 1).end()
+        if key == inner and text[i] == "[":
+            items, _ = _members(text, i)
+            end = _JSON_SPACE_RE.match(text, items[-1][2] if items else i + 1).end() + 1
+        else:
+            _, end = _scan_value(text, i)
+        found.append((key, i, end))
+        i = _JSON_SPACE_RE.match(text, end).end()
+    return found, items
+
+
+def rewrite_request(body: bytes, request: dict, messages: Iterable[dict], members: dict[str, Any]) -> bytes:
+    """The body for the upstream with what kimiproxy changed, and only that, written anew: the
+    ``messages`` it changed in place (restored reasoning, history ids) and the top-level ``members``
+    it sets, replaced where the body has them, else added first. Every other byte is the client's,
+    so what kimiproxy does not mean to change arrives as sent (a 30-digit seed, 1e999, deep nesting
+    elsewhere), and a multi-MB request is not written anew. A body the scanner cannot walk (UTF-16,
+    say) is written anew whole."""
+    changed = {id(message) for message in messages}
+    try:
+        text = body.decode("utf-8")
+        start = _JSON_SPACE_RE.match(text).end()
+        found, items = _members(text, start, "messages" if changed else None)
+        top = {key: (a, b) for key, a, b in found}  # the last of a repeated key is the one parsed
+        edits = []  # (start, end, new text): ascending, none overlapping
+        if changed:
+            if len(items) != len(request["messages"]):  # items: the elements of the last "messages", as parsed
+                raise ValueError("the messages moved")
+            edits += [(a, b, json_dumps_compact(message).decode("utf-8"))
+                      for (_, a, b), message in zip(items, request["messages"]) if id(message) in changed]
+        for key, value in members.items():
+            new = json_dumps_compact(value).decode("utf-8")
+            if key in top:
+                edits.append((*top[key], new))
+            else:  # first: an object with "messages" in it is never empty, so the comma is right
+                edits.append((start + 1, start + 1, json.dumps(key) + ":" + new + ","))
+        edits.sort()
+    except (UnicodeError, ValueError, IndexError, KeyError, TypeError, RecursionError):
+        request.update(members)
         return json_dumps_compact(request)
-    return body  # not an object: SGLang answers that
+    out, pos = [], 0
+    for a, b, new in edits:
+        out += [text[pos:a], new]
+        pos = b
+    out.append(text[pos:])
+    return "".join(out).encode("utf-8")
 
 
 def _choices(completion: dict) -> Iterator[tuple[dict, dict]]:
@@ -2872,6 +3087,37 @@ def _describe_completion(completion: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # What the exchanges share, and the server process
 # ---------------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------------
+# Files only kimiproxy's user can touch: the reasoning store and the captures
+# ---------------------------------------------------------------------------------------------------
+
+def private_directory(path: Path) -> None:
+    """Make ``path`` a directory only this user can enter (0700), or check that it is one: a real
+    directory (lstat: not a symlink), this user's, with no group or other bits. Another local user who
+    could write into it could plant files (a store's -wal, a capture's name) that kimiproxy would then
+    use. ValueError says what is wrong."""
+    with contextlib.suppress(FileExistsError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} is not a directory (a symlink is not accepted)")
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ValueError(f"{path} must belong to this user and be open to it alone (chmod 700 {path})")
+
+
+def private_file(path: Path | str) -> bool:
+    """Whether ``path`` exists; if it does, it must be a regular file (lstat: not a symlink), this
+    user's, with no group or other bits, or ValueError."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ValueError(f"{path} must be a regular file of this user's, readable by it alone (chmod 600)")
+    return True
+
 
 # ---------------------------------------------------------------------------------------------------
 # Reasoning continuity: the tool loop's reasoning, put back for clients that drop it
@@ -2919,7 +3165,24 @@ def turns_without_reasoning(request: dict) -> list[tuple[dict, Any, list]]:
             break
         if not (message.get("reasoning_content") or message.get("reasoning")):
             turns.append((message, messages[i - 1], _call_tuples(calls)))
+            if len(turns) == MAX_RESTORED_TURNS:  # what one request may cost in keys and look-ups
+                break
     return turns
+
+
+STORE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the files of one SQLite database
+
+
+def default_store(settings: Settings) -> str:
+    """REASONING_STORE's default: in this user's cache directory (never the shared temp directory), one
+    file per upstream and key set, so two kimiproxy instances of one user share nothing unless they are
+    told to share a store."""
+    try:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no home directory: a private directory of our own in the temp directory
+        cache = Path(tempfile.gettempdir()) / f"kimiproxy-{os.getuid()}"
+    instance = hashlib.sha256(json.dumps([settings.upstream, settings.api_keys]).encode()).hexdigest()[:12]
+    return str(cache / "kimiproxy" / f"reasoning-{instance}.sqlite3")
 
 
 class ReasoningStore:
@@ -2932,8 +3195,7 @@ class ReasoningStore:
     the lock past STORE_BUSY_TIMEOUT) is skipped, with a warning; the proxy goes on either way."""
 
     def __init__(self, settings: Settings, prune_every: int = STORE_PRUNE_EVERY, clock: Any = time.time) -> None:
-        self.path = settings.reasoning_store or str(
-            Path(tempfile.gettempdir()) / f"kimiproxy-reasoning-{os.getuid()}.sqlite3")
+        self.path = settings.reasoning_store or default_store(settings)
         self.max_entries = settings.reasoning_max_entries
         self.max_bytes = int(settings.reasoning_max_mb * 1024 * 1024)
         self.max_age = settings.reasoning_max_hours * 3600
@@ -2984,16 +3246,18 @@ class ReasoningStore:
                 return None
 
     def _open(self) -> sqlite3.Connection:
-        # Created its owner's alone; an existing file (or a symlink) someone else could read is refused.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            stat = os.fstat(fd)
-        finally:
-            os.close(fd)
-        if stat.st_uid != os.getuid() or stat.st_mode & 0o077:
-            raise ValueError("the file must belong to this user and be readable by it alone (chmod 600)")
+        # In a directory only this user can enter, and every file SQLite uses (the database, its WAL,
+        # shared memory and journal) this user's alone: a -wal planted by someone else would let them
+        # read every turn and forge the reasoning restored into another user's request.
+        private_directory(Path(self.path).parent)
+        for suffix in STORE_FILE_SUFFIXES:
+            private_file(self.path + suffix)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        private_file(self.path)
         db = sqlite3.connect(self.path, timeout=STORE_BUSY_TIMEOUT, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
+        for suffix in STORE_FILE_SUFFIXES:  # as SQLite made them: with the database's own mode
+            private_file(self.path + suffix)
         db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last turns: they are a cache
         db.execute("CREATE TABLE IF NOT EXISTS reasoning (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
                    "bytes INTEGER NOT NULL, created REAL NOT NULL)")
@@ -3095,39 +3359,55 @@ class CaptureDir:
         self.path = Path(settings.capture_dir)
         self.max_files = settings.capture_max_files
         self.max_bytes = int(settings.capture_max_mb * 1024 * 1024)
+        self._refused: str | None = None  # why CAPTURE_DIR cannot be used, once found: captures are off
 
     async def write(self, capture: Capture) -> None:
         await trio.to_thread.run_sync(self._write, capture)
 
     def _write(self, capture: Capture) -> None:
-        name = f"{CAPTURE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{capture.id}.json"
+        if self._refused is not None:
+            return
         try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_directory(self.path)  # like the store's: nobody else can plant or read a capture
+        except (OSError, ValueError) as exc:
+            self._refused = str(exc)
+            log.warning("CAPTURE_DIR cannot be used, captures are off in this worker: %s", exc)
+            return
+        # A name nobody can guess (the request id shows in every response): nothing can be planted there.
+        name = f"{CAPTURE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{capture.id}-{secrets.token_hex(8)}.json"
+        try:
             data = json.dumps(capture.document(), indent=1).encode()
             partial = self.path / (name + ".partial")
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with open(fd, "wb") as f:
                 f.write(data)
             partial.replace(self.path / name)  # a reader never sees half a capture
-            self._prune()
         except Exception as exc:  # a full disk, an odd request: the exchange is not the worse for it
             log.warning("capture %s not written: %s", name, exc)
             return
+        self._prune()
         log.info("captured (%s) in %s", ", ".join(sorted(capture.reasons)), self.path / name)
 
     def _prune(self) -> None:
+        """The oldest of kimiproxy's own captures go (regular files of this user's named like one, whatever
+        else is there), each on its own: one that cannot be removed does not keep the rest."""
         files = []
-        for file in self.path.glob(CAPTURE_PREFIX + "*.json"):  # its own files only, whatever else is there
-            with contextlib.suppress(FileNotFoundError):  # another worker's prune got there first
-                stat = file.stat()
-                files.append((stat.st_mtime, file.name, stat.st_size, file))
+        for file in self.path.glob(CAPTURE_PREFIX + "*.json"):
+            with contextlib.suppress(OSError):  # another worker's prune got there first
+                st = os.lstat(file)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                    files.append((st.st_mtime, file.name, st.st_size, file))
         files.sort()
         total = sum(size for _, _, size, _ in files)
         for count, (_, _, size, file) in zip(range(len(files), 0, -1), files):
             if count <= self.max_files and total <= self.max_bytes:
                 break
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 file.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("capture %s not pruned: %s", file, exc)
             total -= size
 
 
@@ -3221,6 +3501,21 @@ class Proxy:
         self.reasoning = ReasoningStore(settings) if settings.restore_reasoning and settings.repair else None
         self.captures = CaptureDir(settings) if settings.capture_dir else None
         self._exposure_checked = False
+        self.bodies_held = 0  # bytes of request body the exchanges in flight hold (hold_body)
+        self._host_names = frozenset({socket.gethostname().lower(), *settings.allowed_hosts})  # see check_host
+
+    def hold_body(self, size: int) -> None:
+        """Count ``size`` more bytes of request body held by this worker, or refuse with a 503 past
+        MAX_BODIES_MB: a few clients each sending a maximal body at once must not take the box's memory."""
+        if self.bodies_held + size > self.settings.max_bodies_mb * 1024 * 1024:
+            err = ProxyError(f"kimiproxy is holding {self.settings.max_bodies_mb:g} MiB of request bodies "
+                             "(MAX_BODIES_MB): retry shortly", 503)
+            err.headers = ((b"retry-after", str(RETRY_AFTER_BUSY).encode()),)
+            raise err
+        self.bodies_held += size
+
+    def release_body(self, size: int) -> None:
+        self.bodies_held -= size
 
     def begin(self) -> None:
         if self.collector is not None:
@@ -3229,6 +3524,28 @@ class Proxy:
     def end(self) -> None:
         if self.collector is not None:
             self.collector.end()
+
+    def check_host(self, scope: dict) -> None:
+        """Without PROXY_API_KEY, the Host a request names must be an IP address, localhost, this
+        machine's name or one in ALLOWED_HOSTS: a web page whose own name was made to resolve to
+        127.0.0.1 (DNS rebinding) names its own host, and is refused. With keys, such a page has none."""
+        if self.settings.api_keys or "*" in self.settings.allowed_hosts:
+            return
+        host = next((v for k, v in scope["headers"] if k == b"host"), None)
+        if host is None:
+            return  # HTTP/1.0 without Host: no browser sends that
+        name = host.decode("latin-1").strip().lower()
+        name = name[1:name.index("]")] if name.startswith("[") and "]" in name else name.rpartition(":")[0] or name
+        try:
+            ipaddress.ip_address(name)
+            return
+        except ValueError:
+            pass
+        if name == "localhost" or name.endswith(".localhost") or name in self._host_names:
+            return
+        raise ClientError(f"this kimiproxy has no PROXY_API_KEY and answers only to IP addresses, localhost and "
+                          f"its own host name, not {name[:64]!r}: set PROXY_API_KEY, or add the name to "
+                          f"ALLOWED_HOSTS", 403)
 
     def authorise(self, scope: dict) -> str:
         """With PROXY_API_KEY: ``Authorization: Bearer <one of the keys>``, compared in constant time
@@ -3446,6 +3763,14 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
         await proxy.upstream.aclose()
         if proxy.reasoning is not None:
             await proxy.reasoning.aclose()
+
+    @app.before_request
+    async def check_host() -> Any:
+        try:
+            proxy.check_host(request.scope)
+        except ClientError as err:
+            return jsonify(err.body()), err.status
+        return None
 
     @app.get("/health")
     async def health() -> Any:

@@ -656,15 +656,16 @@ def test_history_ids_rewritten_for_upstream() -> None:
                                                "function": {"name": "exec", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "toolu_9", "content": "found"},
         {"role": "tool", "tool_call_id": "functions.exec:0", "content": "again"}]}
-    assert kp.canonicalize_history(request) == 3
     msgs = request["messages"]
+    changed = kp.canonicalize_history(request)
+    assert [msgs.index(m) for m in changed] == [1, 2, 4, 5, 6]  # the ones written anew for the upstream
     assert [c["id"] for c in msgs[1]["tool_calls"]] == ["functions.exec:0", "functions.read_file:1"]
     assert msgs[2]["tool_call_id"] == "functions.exec:0"
     assert msgs[3]["tool_call_id"] == "functions.read_file:1"
     # a canonical id that an earlier call already holds is rewritten too: two calls never share one
     assert [c["id"] for c in msgs[4]["tool_calls"]] == ["functions.search:2", "functions.exec:3"]
     assert (msgs[5]["tool_call_id"], msgs[6]["tool_call_id"]) == ("functions.search:2", "functions.exec:3")
-    assert kp.canonicalize_history(request) == 0  # idempotent
+    assert kp.canonicalize_history(request) == []  # idempotent
 
 
 def test_surrogate_pair_split_across_events_and_lone_surrogates() -> None:
@@ -1779,7 +1780,7 @@ async def test_half_body_then_stall_is_408(nursery: trio.Nursery, upstream: Fake
     running = await start_proxy(nursery, upstream.url, BODY_TIMEOUT="0.5")
     host, port = running.base.removeprefix("http://").split(":")
     stream = await trio.open_tcp_stream(host, int(port))
-    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                           b"content-length: 1000\r\n\r\n{\"messages\": [")
     data = b""
     with trio.fail_after(10):
@@ -2151,7 +2152,10 @@ async def test_reasoning_store_refuses_files_others_could_read(tmp_path: Path,
 async def test_a_store_that_cannot_be_opened_leaves_the_proxy_serving(
         nursery: trio.Nursery, upstream: FakeSGLang, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     caplog.set_level(logging.WARNING, logger="kimiproxy")
-    running = await start_proxy(nursery, upstream.url, REASONING_STORE=str(tmp_path / "missing" / "r.sqlite3"))
+    shared = tmp_path / "shared"  # a directory anyone may write into, like /tmp
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    running = await start_proxy(nursery, upstream.url, REASONING_STORE=str(shared / "r.sqlite3"))
     running.upstream = upstream
     script, thought = _leaky_turn(0, stream=True)
     upstream.script(script)
