@@ -132,6 +132,7 @@ COLLECT_EVERY = 1000  # finished requests between full collections when the prox
 # new request, so after a burst of 500 streams a large pool makes every later request slower.
 IDLE_UPSTREAM_CONNECTIONS = 8
 UPSTREAM_CLOSE_TIMEOUT = 1.0  # seconds allowed to close the upstream connection on cancel
+FINAL_SEND_GRACE = 5.0  # seconds a Quart route's last write may take, shielded (_shield_final_send)
 LOG_PREVIEW_CHARS = 400  # characters of content/reasoning in INFO log lines
 DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_LOG_BACKUPS = 5
@@ -3729,12 +3730,30 @@ class KimiProxyApp(QuartTrio):
                 return await Exchange(self.proxy, scope, receive, send).run(chat=True)
             if path.startswith("/v1/"):
                 return await Exchange(self.proxy, scope, receive, send).run(chat=False)
+            send = _shield_final_send(send)
         elif kind == "lifespan" and sniffio.current_async_library() != "trio":
             # Under asyncio nothing here would work. Hypercorn would log a lifespan failure with a
             # traceback and still exit 0 from its supervisor, so the worker exits at once, non-zero.
             print(f"kimiproxy: {TRIO_REQUIRED}", file=sys.stderr, flush=True)
             os._exit(EXIT_WRONG_WORKER)
         await super().asgi_app(scope, receive, send)
+
+
+def _shield_final_send(send: Any) -> Any:
+    """For the routes Quart serves: Hypercorn closes the connection (Connection: close, HTTP/1.0), or
+    starts its keep-alive timer, inside the app's last ``send``, and hands the app http.disconnect on
+    the way; quart_trio cancels the request on that disconnect, so the rest of that ``send`` is
+    cancelled at its next checkpoint and the socket stays open until the client hangs up (Hypercorn's
+    behaviour, its issue #106 is the same family). Shielded, for at most FINAL_SEND_GRACE, the last
+    ``send`` finishes. The proxied routes send without a concurrent receiver and need none of this."""
+    async def shielded(message: Any) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + FINAL_SEND_GRACE
+                await send(message)
+        else:
+            await send(message)
+    return shielded
 
 
 def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyApp:

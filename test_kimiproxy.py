@@ -6,6 +6,7 @@ Run: python -m pytest -q
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import gc
@@ -1971,10 +1972,10 @@ async def test_usage_and_repairs_counted_per_key(nursery: trio.Nursery, upstream
     assert "key-alice-1" not in caplog.text and "key-bare-2" not in caplog.text
 
 
-def _turn(running: Running, messages: list, stream: bool) -> tuple[str, str, list[dict]]:
+def _turn(running: Running, messages: list, stream: bool, http: httpx.Client | None = None) -> tuple[str, str, list[dict]]:
     """One request of a tool loop through the OpenAI SDK: (content, reasoning, tool calls as the
-    client would send them back)."""
-    client = running.sdk()
+    client would send them back); ``http``: the SDK's HTTP client (one bound to another address)."""
+    client = running.sdk(**({"http_client": http} if http else {}))
     if not stream:
         message = client.chat.completions.create(model="m", messages=messages, tools=TOOLS).choices[0].message
         calls = [c.model_dump(include={"id", "type", "function"}) for c in message.tool_calls or ()]
@@ -2228,3 +2229,518 @@ def test_captured_exchanges_replay_as_they_were() -> None:
         assert now == then and any(m.get("tool_calls") for m in now), path.name
     replayed = replay_cli(*captures)
     assert replayed.returncode == 0 and replayed.stdout.count("same as what the client got then") == len(captures)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Security: what reaches the upstream, who can touch the files, what one request costs, the log
+# ---------------------------------------------------------------------------------------------------
+
+async def raw_exchange(base: str, data: bytes, local: str | None = None) -> bytes:
+    """One request written to a socket exactly as given (a client library would normalise the path),
+    and the whole response: read until its Content-Length is in, or the server closes."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = trio.socket.socket()
+    if local:
+        await sock.bind((local, 0))
+    await sock.connect((host, int(port)))
+    stream = trio.SocketStream(sock)
+    response = b""
+    with trio.fail_after(TEST_TIMEOUT / 2):
+        await stream.send_all(data)
+        while True:
+            head, sep, body = response.partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head) if sep else None
+            if length and len(body) >= int(length[1]):
+                break
+            piece = await stream.receive_some(65536)
+            if not piece:
+                break
+            response += piece
+    await stream.aclose()
+    return response
+
+
+def raw_request(method: str, target: str | bytes, headers: dict[str, str] = {}, body: bytes = b"") -> bytes:
+    target = target.encode() if isinstance(target, str) else target
+    lines = [method.encode() + b" " + target + b" HTTP/1.1", b"Host: 127.0.0.1"]
+    headers = {"Connection": "close", **headers}  # the response then ends where the connection does
+    lines += [f"{k}: {v}".encode("latin-1") for k, v in headers.items()]
+    if body or method == "POST":
+        lines.append(b"Content-Length: " + str(len(body)).encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def json_of(response: bytes) -> Any:
+    return json.loads(response.partition(b"\r\n\r\n")[2])
+
+
+# Dot segments in many spellings, with slashes and backslashes as they are written and encoded.
+DOTS = ["..", ".", "%2e%2e", "%2E%2E", ".%2e", "%2e.", "%2e", "%252e%252e/..", "..%00"]
+SEPARATORS = ["/", "%2f", "%2F", "%5c", "%5C", "\\", "//"]
+ESCAPES = [f"/v1/{dot}{sep}{route}" for dot in DOTS for sep in SEPARATORS for route in ("shutdown", "flush_cache")]
+ESCAPES += ["/v1//../../shutdown", "/v1/models/../../shutdown", "/v1/./../update_weights_from_disk",
+            "/v1/%2e%2e%2fshutdown", "/v1/..%2fflush_cache", "/v1/%2e%2e/flush_cache",
+            "/v1/chat%2fcompletions", "/v1/models%00", "/v1/models%0d%0aX:%20y", "/v1//models"]
+
+
+@pytest.mark.edge
+async def test_no_request_path_leaves_the_upstreams_v1(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    """Finding 1: every spelling of a way out of /v1 is refused before any upstream connection, in
+    OpenAI's error shape, with keys and without; ordinary paths go upstream exactly as written."""
+    anonymous = await start_proxy(nursery, upstream.url)
+    keyed = await start_proxy(nursery, upstream.url, PROXY_API_KEY="bob:key-bob", UPSTREAM_API_KEY="admin-key")
+    refused = 0
+    for running, auth in ((anonymous, {}), (keyed, {"Authorization": "Bearer key-bob"})):
+        for target in ESCAPES:
+            for method in ("GET", "POST"):
+                headers = {**auth, "Content-Type": "application/json"}
+                response = await raw_exchange(running.base, raw_request(method, target, headers, b'{"messages": []}'))
+                assert status_of(response) == 400, (target, response[:200])
+                assert json_of(response)["error"]["type"] == "invalid_request_error"
+                refused += 1
+    assert refused == 2 * 2 * len(ESCAPES) == 544 and upstream.seen == []
+    for target in ["/v1/models", "/v1/models/moonshotai/Kimi-K2-Thinking", "/v1/a%20b", "/v1/x?next=/../shutdown",
+                   "/v1/"]:
+        response = await raw_exchange(keyed.base, raw_request("GET", target, {"Authorization": "Bearer key-bob"}))
+        assert status_of(response) == 200, target
+        assert upstream.seen[-1].path == target  # exactly what was checked
+        assert upstream.seen[-1].headers["authorization"] == "Bearer admin-key"
+
+
+@pytest.mark.edge
+async def test_control_characters_never_forge_a_log_line(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 5: a path or a model name with CR, LF or ESC in it, with a key and without, never writes a
+    line of its own or reaches a terminal: every record stays one line, the characters escaped."""
+    caplog.set_level(logging.DEBUG, logger="kimiproxy")
+    keyed = await start_proxy(nursery, upstream.url, PROXY_API_KEY="bob:key-bob", LOG_LEVEL="DEBUG")
+    forged = "%0A2026-12-01 00:00:00,000 INFO    [-] GET /v1/models -> 200 in 0.001s (key bob)%1b[2J".replace(" ", "%20")
+    for target in (f"/v1/x{forged}", f"/v1/models%0d%0a{forged}"):
+        for auth in ({}, {"Authorization": "Bearer key-bob"}):
+            response = await raw_exchange(keyed.base, raw_request("GET", target, auth))
+            assert status_of(response) in (400, 401)
+    body = json.dumps({"model": "m\n2026-12-01 forged\x1b[31m", "messages": [{"role": "user", "content": "a\nb"}]})
+    async with httpx.AsyncClient(base_url=keyed.base) as client:
+        r = await client.post("/v1/chat/completions", content=body, headers={
+            "Authorization": "Bearer key-bob", "Content-Type": "application/json"})
+        assert r.status_code == 200
+    await logged(caplog, "-> 200")
+    records = [r for r in caplog.records if r.name == "kimiproxy"]
+    assert any("\\x0a2026-12-01" in r.getMessage() for r in records)
+    assert any("2026-12-01 forged" in r.getMessage() for r in records)  # the model name, escaped
+    for record in records:
+        assert not re.search(r"[\x00-\x1f\x7f-\x9f]", record.getMessage()), record.getMessage()
+    assert upstream.seen[-1].json()["model"] == "m\n2026-12-01 forged\x1b[31m"  # the request itself untouched
+
+
+@pytest.mark.edge
+async def test_hop_by_hop_and_cors_headers_stay_on_their_hop(proxy: Running) -> None:
+    """Finding 9 and 10: headers the Connection header names, Expect and HTTP2-Settings go no further, in
+    either direction, and an upstream's CORS headers never reach a client."""
+    hop = {"Connection": "keep-alive, X-Hop-Secret, Cookie", "X-Hop-Secret": "s1", "Cookie": "c=2",
+           "HTTP2-Settings": "AAMAAABkAAQAAP__", "X-Kept": "yes", "Content-Type": "application/json"}
+    up = [("connection", "x-up-secret"), ("x-up-secret", "u1"), ("access-control-allow-origin", "*"),
+          ("access-control-allow-credentials", "true"), ("x-up-kept", "yes")]
+    for target, script in (("/v1/chat/completions", Script(body=completion(), content_type="application/json",
+                                                              headers=up)),
+                           ("/v1/completions", Script(body={"choices": []}, content_type="application/json",
+                                                      headers=up))):
+        proxy.upstream.script(script)
+        response = await raw_exchange(proxy.base, raw_request("POST", target, hop, b'{"messages": [], "prompt": "p"}'))
+        assert status_of(response) == 200, response
+        seen = proxy.upstream.seen[-1].headers
+        assert seen["x-kept"] == "yes"
+        for name in ("x-hop-secret", "cookie", "http2-settings"):
+            assert name not in seen, (target, name)
+        head = response.partition(b"\r\n\r\n")[0].lower()
+        assert b"x-up-kept: yes" in head and b"x-up-secret" not in head and b"access-control-" not in head
+
+
+@pytest.mark.edge
+async def test_what_a_web_page_can_send_is_refused(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    """Finding 10: a POST a page on another site may send without a preflight (no content type, a form,
+    text/plain even with "json" in a parameter) is refused on every proxied route; an anonymous proxy
+    answers only to its own names (no DNS rebinding), unless ALLOWED_HOSTS or keys say otherwise."""
+    anonymous = await start_proxy(nursery, upstream.url)
+    body = b'{"messages": [], "prompt": "p"}'
+    for target in ("/v1/chat/completions", "/api/chat/completions", "/v1/completions"):
+        for content_type in (None, "text/plain; charset=json", "application/x-www-form-urlencoded",
+                             "multipart/form-data; boundary=json", "text/json"):
+            headers = {"Content-Type": content_type} if content_type else {}
+            response = await raw_exchange(anonymous.base, raw_request("POST", target, headers, body))
+            assert status_of(response) == 415, (target, content_type)
+            assert "error" in json_of(response)
+        for content_type in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+            response = await raw_exchange(anonymous.base, raw_request("POST", target, {"Content-Type": content_type},
+                                                                      body))
+            assert status_of(response) == 200, (target, content_type)
+    assert len(upstream.seen) == 9
+    rebound = raw_request("GET", "/v1/models").replace(b"Host: 127.0.0.1", b"Host: attacker.example:8000")
+    for target in (b"/v1/models", b"/", b"/health", b"/metrics"):
+        response = await raw_exchange(anonymous.base, rebound.replace(b"/v1/models", target, 1))
+        assert status_of(response) == 403 and "PROXY_API_KEY" in json_of(response)["error"]["message"], target
+    for host in (b"localhost:8000", b"[::1]:8000", b"10.1.2.3", socket.gethostname().encode()):
+        response = await raw_exchange(anonymous.base, rebound.replace(b"attacker.example:8000", host))
+        assert status_of(response) == 200, host
+    allowed = await start_proxy(nursery, upstream.url, ALLOWED_HOSTS="attacker.example")
+    keyed = await start_proxy(nursery, upstream.url, PROXY_API_KEY="k")
+    assert status_of(await raw_exchange(allowed.base, rebound)) == 200
+    assert status_of(await raw_exchange(keyed.base, rebound.replace(b"\r\n\r\n", b"\r\nAuthorization: Bearer k\r\n\r\n"))) == 200
+
+
+def test_a_key_setting_that_holds_no_key_stops_start_up() -> None:
+    """Finding 11: a PROXY_API_KEY that parses to no key would turn the check off."""
+    for raw in (" , ", ",", " ,, "):
+        with pytest.raises(kp.ConfigError, match="holds no key"):
+            kp.Settings.from_env({"PROXY_API_KEY": raw})
+    with pytest.raises(kp.ConfigError, match="'alice' has a name but no key"):
+        kp.Settings.from_env({"PROXY_API_KEY": "alice:, bob:key-b"})
+    assert kp.Settings.from_env({"PROXY_API_KEY": ""}).api_keys == ()
+    assert kp.Settings.from_env({"PROXY_API_KEY": " key-a , "}).api_keys[0][1] == "key-a"
+
+
+@pytest.mark.slow
+@pytest.mark.edge
+def test_a_key_setting_with_no_key_stops_the_process_with_one_line() -> None:
+    r = _run([sys.executable, "kimiproxy.py"], {"PROXY_API_KEY": " , "})
+    assert r.returncode == 1 and r.stderr.strip().startswith("kimiproxy: bad configuration: PROXY_API_KEY")
+
+
+@pytest.mark.edge
+async def test_upstream_credentials_are_sent_never_shown(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 7: a user and password in SGLANG_API_BASE go upstream as Basic auth, and nowhere else:
+    not on /, not in an error body, not in the log; no client-facing body names the upstream's address."""
+    caplog.set_level(logging.DEBUG, logger="kimiproxy")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    with_creds = await start_proxy(nursery, upstream.url.replace("http://", "http://admin:pa%40ss-w0rd@"))
+    down = await start_proxy(nursery, f"http://admin:pa%40ss-w0rd@127.0.0.1:{dead}/v1")
+    async with httpx.AsyncClient() as client:
+        r = await client.post(with_creds.base + "/v1/chat/completions", json={"messages": []})
+        assert r.status_code == 200
+        assert upstream.seen[-1].headers["authorization"] == "Basic " + base64.b64encode(b"admin:pa@ss-w0rd").decode()
+        pages = [(await client.get(with_creds.base + "/")).text, (await client.get(down.base + "/")).text]
+        for stream in (False, True):
+            r = await client.post(down.base + "/v1/chat/completions", json={"messages": [], "stream": stream})
+            assert r.status_code == 502
+            pages.append(r.text)
+        r = await client.get(down.base + "/v1/models")
+        assert r.status_code == 502
+        pages.append(r.text)
+    assert json.loads(pages[0])["upstream"] == upstream.url
+    for text in pages + [caplog.text, repr(with_creds.app.settings)]:
+        assert "pa%40ss" not in text and "pa@ss" not in text and "admin:" not in text
+    for text in pages[2:]:
+        assert str(dead) not in text and "127.0.0.1" not in text  # the address stays in the log
+    assert f"127.0.0.1:{dead}" in caplog.text
+    with pytest.raises(kp.ConfigError, match="one credential"):
+        kp.Settings.from_env({"SGLANG_API_BASE": "http://a:b@gpu:30000/v1", "UPSTREAM_API_KEY": "k"})
+
+
+@pytest.mark.edge
+async def test_upstream_protocol_errors_reach_the_client_as_a_generic_message(
+        nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 12: what a misbehaving upstream sent (here another response's bytes) goes to the log, and
+    the client gets a message of kimiproxy's own."""
+    caplog.set_level(logging.WARNING, logger="kimiproxy")
+    leaked = b"OTHER-USERS-ANSWER-1234"
+
+    async def garbage(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.receive_some(65536)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + leaked + b"\r\n\r\n")
+            await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, garbage, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    running = await start_proxy(nursery, f"http://127.0.0.1:{port}/v1")
+    nursery.start_soon(_deadline)
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        for stream in (False, True):
+            r = await client.post("/v1/chat/completions", json={"messages": [], "stream": stream})
+            assert r.status_code == 502 and leaked.decode() not in r.text
+            assert r.json()["error"]["message"] == "upstream connection failed"
+        r = await client.get("/v1/models")
+        assert r.status_code == 502 and leaked.decode() not in r.text
+    assert leaked.decode() in caplog.text
+
+
+@pytest.mark.edge
+async def test_a_rewritten_request_keeps_every_value_it_did_not_mean_to_change(proxy: Running) -> None:
+    """Finding 8: when kimiproxy rewrites a request (history ids here, and usage asked for a stream),
+    only what it changed is written anew: a 30-digit seed, 1e999 and a deep nesting arrive as sent."""
+    deep = "[" * 255 + "]" * 255
+    history = ('[{"role": "user", "content": "go"}, {"role": "assistant", "content": "", "tool_calls": '
+               '[{"id": "call_1", "type": "function", "function": {"name": "exec", "arguments": "{}"}}], '
+               f'"extra": {deep}}}, {{"role": "tool", "tool_call_id": "call_1", "content": "ok"}}]')
+    for stream in ("false", "true"):
+        body = (f'{{"model": "m", "seed": 123456789012345678901234567890, "temperature": 1e999, '
+                f'"logit_bias": {{"5": -1.50000000000000000001}}, "stream": {stream}, "messages": {history}}}').encode()
+        async with httpx.AsyncClient(base_url=proxy.base) as client:
+            r = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 200
+        sent = proxy.upstream.seen[-1].body
+        for kept in (b'"seed": 123456789012345678901234567890', b'"temperature": 1e999',
+                     b'{"5": -1.50000000000000000001}', b'{"role": "user", "content": "go"}', deep.encode()):
+            assert kept in sent, kept
+        messages = json.loads(sent)["messages"]
+        assert messages[1]["tool_calls"][0]["id"] == "functions.exec:0" == messages[2]["tool_call_id"]
+        assert (b'"stream_options":{"include_usage":true}' in sent) == (stream == "true")
+
+
+@pytest.mark.edge
+async def test_what_one_request_may_cost_is_bounded(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    """Finding 4: a body of millions of empty messages is refused before it is parsed (it took a worker to
+    2 GB and froze it for 13 s); more messages than a context could hold too; bodies held at once across
+    requests are capped (503 with Retry-After, the body drained first); and the proxy keeps serving."""
+    plain = await start_proxy(nursery, upstream.url)
+    running = await start_proxy(nursery, upstream.url, MAX_BODIES_MB="1")
+    empties = b'{"messages": [' + b",".join([b"{}"] * 21_000_000) + b"]}"  # 63 MB
+    many = json.dumps({"messages": [{"role": "user", "content": "x"}] * (kp.MAX_REQUEST_MESSAGES + 1)}).encode()
+    async with httpx.AsyncClient(base_url=plain.base, timeout=30) as client:
+        for body, words in ((empties, "JSON objects and arrays"), (many, "messages")):
+            r = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 413 and words in r.json()["error"]["message"]
+    assert upstream.seen == []
+    async with httpx.AsyncClient(base_url=running.base, timeout=30) as client:
+        host, port = running.base.removeprefix("http://").split(":")
+        first = await trio.open_tcp_stream(host, int(port))  # holds 0.6 MiB of a 0.9 MiB body
+        content = b'{"messages": [], "pad": "' + b"x" * (900 * 1024 - 27) + b'"}'
+        await first.send_all(raw_request("POST", "/v1/chat/completions", {"Content-Type": "application/json"},
+                                         content)[:-300 * 1024])
+        await trio.sleep(0.2)  # until the proxy has read what was sent (a wait for it, not a speed limit)
+        second = b'{"messages": [], "pad": "' + b"y" * (600 * 1024) + b'"}'
+        for _ in range(20):
+            r = await client.post("/v1/chat/completions", content=second, headers={"content-type": "application/json"})
+            if r.status_code == 503:
+                break
+            await trio.sleep(0.1)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "MAX_BODIES_MB" in r.text
+        await first.send_all(content[-300 * 1024:])
+        response = b""
+        with trio.fail_after(20):
+            while b"}" not in response.partition(b"\r\n\r\n")[2]:
+                response += await first.receive_some(65536)
+        await first.aclose()
+        assert status_of(response) == 200
+        r = await client.post("/v1/chat/completions", content=second, headers={"content-type": "application/json"})
+        assert r.status_code == 200  # what the first held was given back
+    with trio.fail_after(10):  # each exchange gives its bytes back as it ends, after its response
+        while running.app.proxy.bodies_held:
+            await trio.sleep(0.01)
+    turns = [{"role": "user", "content": "go"}] + [
+        m for i in range(3000) for m in ({"role": "assistant", "tool_calls": [{"id": f"functions.f:{i}", "type": "function",
+                                                                             "function": {"name": "f", "arguments": "{}"}}]},
+                                         {"role": "tool", "tool_call_id": f"functions.f:{i}", "content": "x"})]
+    assert len(kp.turns_without_reasoning({"messages": turns})) == kp.MAX_RESTORED_TURNS
+
+
+@pytest.mark.edge
+async def test_connection_close_closes_on_every_route(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    """Finding 13: the routes Quart serves closed the socket only when the client did (Hypercorn closes
+    inside the app's last send, which quart_trio cancels). With a keep-alive timeout far beyond the
+    test's own limit, only a real close ends these reads; keep-alive still serves a second request."""
+    app = kp.create_app(kp.Settings.from_env({"SGLANG_API_BASE": upstream.url, "REASONING_STORE": store_path()}))
+    config = HypercornConfig()
+    config.bind, config.accesslog, config.keep_alive_timeout = ["127.0.0.1:0"], None, 3600
+    base = (await nursery.start(serve, app, config))[0]
+    for target in ("/health", "/metrics", "/", "/nope", "/v1/models"):
+        for request in (raw_request("GET", target), b"GET " + target.encode() + b" HTTP/1.0\r\n\r\n"):
+            host, port = base.removeprefix("http://").split(":")
+            stream = await trio.open_tcp_stream(host, int(port))
+            await stream.send_all(request)
+            response = b""
+            with trio.fail_after(TEST_TIMEOUT / 4):
+                while piece := await stream.receive_some(65536):  # b"": the server closed
+                    response += piece
+            await stream.aclose()
+            assert status_of(response) in (200, 404), (target, response[:100])
+    host, port = base.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    for _ in range(2):  # keep-alive: both answered on one connection
+        await stream.send_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        response = b""
+        with trio.fail_after(TEST_TIMEOUT / 4):
+            while b'"ok"}' not in response:
+                response += await stream.receive_some(65536)
+        assert status_of(response) == 200
+    await stream.aclose()
+
+
+ANOTHER_UID = 65534  # "nobody": a second local user, for the files it plants
+
+
+def another_users(path: Path, mode: int) -> Path:
+    os.chown(path, ANOTHER_UID, ANOTHER_UID, follow_symlinks=False)
+    path.chmod(mode)
+    return path
+
+
+async def restored_after_one_turn(running: Running, local: str = "127.0.0.1") -> bool:
+    """A tool loop's first turn, then the client sends it back without its reasoning: was it put back?"""
+    script, thought = _leaky_turn(0, stream=True)
+    running.upstream.script(script, Script(body=completion("done"), content_type="application/json"))
+    http = httpx.Client(transport=httpx.HTTPTransport(local_address=local))
+    messages: list[dict] = [{"role": "user", "content": "fix the bug"}]
+    content, reasoning, calls = await sdk_call(lambda: _turn(running, messages, True, http))
+    assert reasoning == thought
+    messages += [{"role": "assistant", "content": content, "tool_calls": calls},
+                 {"role": "tool", "tool_call_id": calls[0]["id"], "content": "x"}]
+    await sdk_call(lambda: _turn(running, messages, False, http))
+    sent = [m.get("reasoning_content") for m in running.upstream.seen[-1].json()["messages"] if m["role"] == "assistant"]
+    return sent == [thought]
+
+
+@pytest.mark.edge
+async def test_a_store_another_user_could_touch_is_refused(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                           tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 2: the store's directory must be kimiproxy's own (0700, lstat), and the database, its WAL,
+    shared memory and journal files too. Planted by another user (a -wal and -shm of 0666 let them read
+    every turn and forge the reasoning restored into someone else's request), each is refused: continuity
+    off with one warning, the proxy serving, the planted file untouched. A private directory works."""
+    caplog.set_level(logging.WARNING, logger="kimiproxy")
+
+    def layout(name: str) -> Path:
+        directory = tmp_path / name
+        directory.mkdir(mode=0o700)
+        return directory
+
+    cases: list[tuple[str, Path]] = []
+    shared = layout("shared")
+    shared.chmod(0o777)
+    cases.append(("a directory anyone can write", shared / "r.sqlite3"))
+    real = layout("real")
+    (tmp_path / "link").symlink_to(real)
+    cases.append(("a symlinked directory", tmp_path / "link" / "r.sqlite3"))
+    loose = layout("loose")
+    (loose / "r.sqlite3").write_bytes(b"")
+    (loose / "r.sqlite3").chmod(0o644)
+    cases.append(("a database others can read", loose / "r.sqlite3"))
+    journal = layout("journal")
+    (journal / "r.sqlite3-journal").symlink_to(tmp_path / "elsewhere")
+    cases.append(("a journal that is a symlink", journal / "r.sqlite3"))
+    if os.getuid() == 0:  # a second user's files can be made only by root
+        for suffix in ("-wal", "-shm"):
+            planted = layout("planted" + suffix)
+            for planted_suffix in ("-wal", "-shm"):
+                (planted / ("r.sqlite3" + planted_suffix)).touch()
+                another_users(planted / ("r.sqlite3" + planted_suffix), 0o666)
+            cases.append((f"a planted {suffix} of another user's", planted / "r.sqlite3"))
+        owned = layout("owned")
+        (owned / "r.sqlite3").touch()
+        another_users(owned / "r.sqlite3", 0o600)
+        cases.append(("a database of another user's", owned / "r.sqlite3"))
+        theirs = another_users(layout("theirs"), 0o700)
+        cases.append(("a directory of another user's", theirs / "r.sqlite3"))
+    for why, path in cases:
+        caplog.clear()
+        before = {p: (p.lstat().st_size, p.lstat().st_uid) for p in path.parent.glob("*")}
+        running = await start_proxy(nursery, upstream.url, REASONING_STORE=str(path))
+        running.upstream = upstream
+        assert not await restored_after_one_turn(running), why
+        assert caplog.text.count("reasoning continuity is off") == 1, why
+        assert {p: (p.lstat().st_size, p.lstat().st_uid) for p in path.parent.glob("*")} == before, why
+    assert not (tmp_path / "elsewhere").exists()
+    running = await start_proxy(nursery, upstream.url, REASONING_STORE=str(tmp_path / "new" / "r.sqlite3"))
+    running.upstream = upstream
+    assert await restored_after_one_turn(running)  # a directory it made itself: 0700, the files 0600
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "new").iterdir())
+
+
+def test_the_default_store_is_private_and_per_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 2 and 6: by default the store is in the user's cache directory, not the shared temp
+    directory, one per upstream and key set: two instances of one user share nothing unless told to."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    one = kp.default_store(kp.Settings.from_env({"SGLANG_API_BASE": "http://127.0.0.1:30000/v1"}))
+    other = kp.default_store(kp.Settings.from_env({"SGLANG_API_BASE": "http://127.0.0.1:30001/v1"}))
+    keyed = kp.default_store(kp.Settings.from_env({"SGLANG_API_BASE": "http://127.0.0.1:30000/v1",
+                                                   "PROXY_API_KEY": "k"}))
+    assert len({one, other, keyed}) == 3 and all(p.startswith(str(tmp_path / "kimiproxy") + "/") for p in (one, other))
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert kp.default_store(kp.Settings()).startswith(str(tmp_path / "home" / ".cache" / "kimiproxy") + "/")
+    assert kp.ReasoningStore(kp.Settings()).path == kp.default_store(kp.Settings())
+
+
+@pytest.mark.edge
+async def test_anonymous_clients_from_other_addresses_get_no_reasoning_of_each_other(
+        nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    """Finding 6: without keys, a client that repeats another's task and call from another address gets
+    none of its reasoning; from the same address (the only thing that tells anonymous clients apart,
+    README) it is restored."""
+    running = await start_proxy(nursery, upstream.url)
+    running.upstream = upstream
+    script, thought = _leaky_turn(0, stream=True)
+    upstream.script(script)
+    messages: list[dict] = [{"role": "user", "content": "fix the bug"}]
+    content, reasoning, calls = await sdk_call(lambda: _turn(running, messages, True))
+    messages += [{"role": "assistant", "content": content, "tool_calls": calls},
+                 {"role": "tool", "tool_call_id": calls[0]["id"], "content": "x"}]
+    for local, restored in (("127.0.0.2", False), ("127.0.0.1", True)):
+        http = httpx.Client(transport=httpx.HTTPTransport(local_address=local))
+        upstream.script(Script(body=completion("done"), content_type="application/json"))
+        await sdk_call(lambda: _turn(running, messages, False, http))
+        sent = [m.get("reasoning_content") for m in upstream.seen[-1].json()["messages"] if m["role"] == "assistant"]
+        assert sent == ([thought] if restored else [None]), local
+
+
+@pytest.mark.edge
+async def test_captures_only_where_nobody_else_can_plant_or_read(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                                  tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 3: CAPTURE_DIR is checked like the store (a directory others can write, or a symlink, turns
+    captures off with one warning); capture names cannot be guessed from the request id; pruning touches
+    only kimiproxy's own regular files, so a planted huge file or a symlink is neither counted nor followed."""
+    caplog.set_level(logging.INFO, logger="kimiproxy")
+    leak = f"{S}{B}functions.read_file:0{A}{{\"path\": \"a.py\"}}{Z}{E}"
+
+    async def leaky_requests(running: Running, count: int) -> None:
+        for _ in range(count):
+            upstream.script(Script(steps=stream_of(reasoning=[leak])))
+        async with httpx.AsyncClient(base_url=running.base) as client:
+            for _ in range(count):
+                r = await client.post("/v1/chat/completions", headers={"X-Request-ID": "same-id"},
+                                      json={"messages": [{"role": "user", "content": "x"}], "stream": True, "tools": TOOLS})
+                assert r.status_code == 200 and "functions.read_file:0" in r.text
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "real").mkdir(mode=0o700)
+    for refused in (shared, tmp_path / "link"):
+        caplog.clear()
+        running = await start_proxy(nursery, upstream.url, CAPTURE_DIR=str(refused))
+        await leaky_requests(running, 2)
+        with trio.fail_after(10):
+            while "captures are off" not in caplog.text:
+                await trio.sleep(0.02)
+        assert caplog.text.count("captures are off") == 1 and list(refused.iterdir()) == []
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not a capture")
+    (private / "kimiproxy-capture-00000000-000000-link.json").symlink_to(outside)
+    planted = private / "kimiproxy-capture-00000000-000000-planted.json"
+    with open(planted, "wb") as f:
+        f.truncate(2 * 1024 ** 3)  # 2 GiB, sparse: past CAPTURE_MAX_MB on its own
+    os.utime(planted, (0, 0))
+    if os.getuid() == 0:
+        another_users(planted, 0o644)
+    caplog.clear()
+    running = await start_proxy(nursery, upstream.url, CAPTURE_DIR=str(private), CAPTURE_MAX_FILES="2")
+    await leaky_requests(running, 4)
+    with trio.fail_after(10):
+        while caplog.text.count("captured (") < 4:
+            await trio.sleep(0.02)
+    ours = sorted(p.name for p in private.iterdir() if not p.is_symlink() and p != planted)
+    assert len(ours) == 2, ours
+    assert all(re.fullmatch(r"kimiproxy-capture-\d{8}-\d{6}-same-id-[0-9a-f]{16}\.json", name) for name in ours)
+    assert planted.stat().st_size == 2 * 1024 ** 3 and outside.read_text() == "not a capture"
+    assert (private / "kimiproxy-capture-00000000-000000-link.json").is_symlink()
