@@ -559,7 +559,7 @@ def _arguments_cost(kimiproxy, ctx, kind: str, n: int) -> float:  # noqa: ANN001
 
 def _get(port: int, path: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nx-bench: n=1\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-bench: n=1\r\n\r\n".encode())
         data = b""
         while b"\r\n\r\n" not in data:
             data += s.recv(65536)
