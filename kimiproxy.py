@@ -1892,7 +1892,7 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()  # ALLOWED_HOSTS: host names an anonymous proxy answers to, * = any
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # SHUTDOWN_GRACE: seconds in-flight requests get
     restore_reasoning: bool = True  # RESTORE_REASONING: put back the reasoning a client dropped
-    reasoning_store: str = ""  # REASONING_STORE: the SQLite file the workers share ("" = in the temp dir)
+    reasoning_store: str = ""  # REASONING_STORE: the SQLite file the workers share ("" = default_store)
     reasoning_max_entries: int = DEFAULT_REASONING_MAX_ENTRIES  # REASONING_MAX_ENTRIES: turns remembered
     reasoning_max_mb: float = DEFAULT_REASONING_MAX_MB  # REASONING_MAX_MB: of reasoning text remembered
     reasoning_max_hours: float = DEFAULT_REASONING_MAX_HOURS  # REASONING_MAX_HOURS: then it is forgotten
@@ -2066,9 +2066,8 @@ class RequestIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
-        message = record.getMessage()
-        if _UNPRINTABLE_RE.search(message):
-            record.msg, record.args = printable(message), ()
+        message = record.getMessage()  # formatted once: the handlers then use it as it is
+        record.msg, record.args = printable(message) if _UNPRINTABLE_RE.search(message) else message, ()
         return True
 
 
@@ -2309,6 +2308,7 @@ class Upstream:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.parsers: dict[str, Any] | None = None  # {"tool_call_parser", "reasoning_parser"}, once known
+        self._base_path = httpx.URL(settings.upstream).raw_path.rstrip(b"/") + b"/"  # what url() appends to
         self._client: httpx.AsyncClient | None = None
         self._transport: httpx.AsyncHTTPTransport | None = None
 
@@ -2325,16 +2325,12 @@ class Upstream:
         if self._client is not None:
             await self._client.aclose()
 
-    def url(self, raw_path: bytes, query: bytes = b"") -> httpx.URL:
+    def url(self, raw_path: bytes, query: bytes = b"") -> tuple[str, bytes]:
         """/v1/models -> {SGLANG_API_BASE}/models; /api/chat/completions -> .../chat/completions, for a
-        path ``checked_path`` let through. The URL httpx makes of it must have exactly that path
-        under the upstream's base: anything else is refused."""
-        base = httpx.URL(self.settings.upstream)
-        path = base.raw_path.rstrip(b"/") + b"/" + raw_path.split(b"/", 2)[2]
-        url = base.copy_with(raw_path=path + (b"?" + query if query else b""))
-        if url.raw_path.partition(b"?")[0] != path:
-            raise ClientError("the request path cannot be sent upstream as it is", 400)
-        return url
+        path ``checked_path`` let through (ASCII): the URL, and the path it must arrive with."""
+        tail = raw_path.split(b"/", 2)[2]
+        url = self.settings.upstream + "/" + tail.decode("ascii")
+        return (url + "?" + query.decode("latin-1") if query else url), self._base_path + tail
 
     def headers(self, client: Iterable[tuple[bytes, bytes]], relay_untouched: bool) -> list[tuple[bytes, bytes]]:
         """The client's end-to-end headers for the upstream: not hop-by-hop ones, Host or Content-Length
@@ -2354,9 +2350,16 @@ class Upstream:
                 out.append((b"authorization", b"Basic " + base64.b64encode(s.upstream_credentials.encode())))
         return out
 
-    def request(self, method: str, url: httpx.URL | str, body: bytes, headers: list[tuple[bytes, bytes]]) -> httpx.Request:
+    def request(self, method: str, target: tuple[str, bytes], body: bytes,
+                headers: list[tuple[bytes, bytes]]) -> httpx.Request:
+        """The upstream request for a ``url()`` target: refused unless httpx made exactly the path that
+        was checked of it (it would resolve a dot segment, say)."""
         assert self._client is not None
-        return self._client.build_request(method, url, content=body, headers=headers)
+        url, path = target
+        request = self._client.build_request(method, url, content=body, headers=headers)
+        if request.url.raw_path.partition(b"?")[0] != path:
+            raise ClientError("the request path cannot be sent upstream as it is", 400)
+        return request
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """The response's headers (its body is read by the caller). Through the client's transport, not
@@ -3018,6 +3021,11 @@ def rewrite_request(body: bytes, request: dict, messages: Iterable[dict], member
     elsewhere), and a multi-MB request is not written anew. A body the scanner cannot walk (UTF-16,
     say) is written anew whole."""
     changed = {id(message) for message in messages}
+    start = len(body) - len(body.lstrip())
+    if not changed and not members.keys() & request.keys() and body[start:start + 1] == b"{" \
+            and body[start + 1:start + 2] != b"\x00":  # only new members, in UTF-8: no need to walk the body
+        added = b"".join(json_dumps_compact(key) + b":" + json_dumps_compact(value) + b"," for key, value in members.items())
+        return body[:start + 1] + added + body[start + 1:]
     try:
         text = body.decode("utf-8")
         start = _JSON_SPACE_RE.match(text).end()
@@ -3182,7 +3190,8 @@ def default_store(settings: Settings) -> str:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     except RuntimeError:  # no home directory: a private directory of our own in the temp directory
         cache = Path(tempfile.gettempdir()) / f"kimiproxy-{os.getuid()}"
-    instance = hashlib.sha256(json.dumps([settings.upstream, settings.api_keys]).encode()).hexdigest()[:12]
+    names = [name for name, _ in settings.api_keys]  # the users, not their keys: no key material in a name
+    instance = hashlib.sha256(json.dumps([settings.upstream, names]).encode()).hexdigest()[:12]
     return str(cache / "kimiproxy" / f"reasoning-{instance}.sqlite3")
 
 
