@@ -2745,10 +2745,10 @@ class Exchange:
                     try:
                         await self._relay(await self._open(request), ctx, pass_usage, send)
                     except ProxyError as err:
-                        await send.send(err)
+                        await _put(send, err)
                     except Exception as exc:
                         log.exception("%s %s: internal error", self.method, self.path)
-                        await send.send(ProxyError(f"internal proxy error: {type(exc).__name__}: {exc}"))
+                        await _put(send, ProxyError(f"internal proxy error: {type(exc).__name__}: {exc}"))
         finally:
             self.proxy.metrics.streams_in_flight -= 1
 
@@ -2808,22 +2808,25 @@ class Exchange:
         interval = self.proxy.settings.heartbeat_interval or math.inf
         wait = min(HEADER_GRACE, interval)
         async with frames:
-            while True:
-                with trio.move_on_after(wait) as silence:
-                    try:
-                        items = [await frames.receive()]
-                    except trio.EndOfChannel:
-                        items = [None]
-                wait = interval
-                if silence.cancelled_caught:
-                    if not self.started:
-                        await self._start(200, list(SSE_HEADERS))
-                    await self._body(HEARTBEAT_FRAME)
-                    continue
-                while type(items[-1]) is bytes and frames.statistics().current_buffer_used:
-                    items.append(frames.receive_nowait())
-                if await self._write_items(items):
-                    return
+            try:
+                while True:
+                    with trio.move_on_after(wait) as silence:
+                        try:
+                            items = [await frames.receive()]
+                        except trio.EndOfChannel:
+                            items = [None]
+                    wait = interval
+                    if silence.cancelled_caught:
+                        if not self.started:
+                            await self._start(200, list(SSE_HEADERS))
+                        await self._body(HEARTBEAT_FRAME)
+                        continue
+                    while type(items[-1]) is bytes and frames.statistics().current_buffer_used:
+                        items.append(frames.receive_nowait())
+                    if await self._write_items(items):
+                        return
+            except _ClientGone:  # a write showed it first: an ordinary disconnect, the relay cancelled with it
+                self.client_left()  # before the channel closes, so the relay never sees it broken uncancelled
 
     async def _write_items(self, items: list) -> bool:
         """What the writer took from the relay, in one write; returns whether that was the end."""
@@ -2956,6 +2959,8 @@ async def _put(frames: Any, item: Any) -> None:
         frames.send_nowait(item)
     except trio.WouldBlock:
         await frames.send(item)
+    except trio.BrokenResourceError:  # the writer left: the client has gone, and this task is cancelled
+        await trio.lowlevel.checkpoint()
 
 
 def _usage_asked(request: dict) -> bool:

@@ -1056,6 +1056,48 @@ async def test_disconnect_mid_stream_or_during_prefill_closes_upstream(proxy: Ru
     assert not proxy.upstream.seen[-1].completed
 
 
+@pytest.mark.edge
+@pytest.mark.parametrize("fails_at", [1, 3])  # the headers' write, or a write of the body under way
+async def test_a_write_to_a_client_that_has_gone_is_one_warning(proxy: Running, fails_at: int,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Hypercorn refuses a write once the client has gone (UnexpectedMessageError). When the stream's
+    writer task is the one to notice, that is still an ordinary disconnect: one WARNING, no traceback
+    and no internal error, counted as a disconnect, the upstream closed."""
+    caplog.set_level(logging.DEBUG, logger="kimiproxy")
+    proxy.upstream.script(Script(steps=[*stream_of(content=["a", "b", "c"])[:4], *([2.0] * 10)]))
+    body = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "http_version": "1.1", "scheme": "http"}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = []
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await trio.sleep_forever()  # the client never says it left: only the failing write shows it
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if len(sent) >= fails_at:
+            raise RuntimeError("Unexpected message")  # as hypercorn.utils.UnexpectedMessageError
+
+    with trio.fail_after(10):
+        await proxy.app.asgi_app(scope, receive, send)
+        while proxy.upstream.seen[-1].aborted_at is None:
+            await trio.sleep(0.02)
+    records = [r for r in caplog.records if r.name == "kimiproxy" and r.levelno >= logging.WARNING]
+    assert len(records) == 1 and re.fullmatch(r"POST /v1/chat/completions: client disconnected after [\d.]+s "
+                                              r"\(upstream closed, key anonymous\)", records[0].getMessage()), \
+        [r.getMessage() for r in records]
+    assert records[0].levelno == logging.WARNING
+    assert not any(r.exc_info for r in caplog.records)
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert metrics['kimiproxy_client_disconnects_total{upstream_closed="true"}'] == 1
+    assert metrics['kimiproxy_requests_total{route="/v1/chat/completions",status="499"}'] == 1
+
+
 @contextlib.contextmanager
 def full_collections() -> Any:
     """The times of the full (oldest-generation) garbage collections while the block runs."""
