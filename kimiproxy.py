@@ -2472,6 +2472,16 @@ def parse_chat_request(scope: dict, body: bytes) -> dict:
 # One exchange: a request from its first byte in to its last byte out
 # ---------------------------------------------------------------------------------------------------
 
+class Reply(enum.Enum):
+    """Where the response to the client stands: one value, written by ``_start``, ``_body`` and
+    ``client_left``, read by ``_fail`` to decide what an error can still be."""
+    PENDING = "pending"  # nothing sent: an error is still a status and a JSON body
+    BODY = "body"  # a response other than an event stream has begun: an error can only cut it short
+    STREAM = "stream"  # an event stream has begun: an error is an error event, then the end
+    DONE = "done"  # the whole response went out
+    GONE = "gone"  # the client left before the end
+
+
 @dataclasses.dataclass(slots=True)
 class _Last:
     """The last frames of a stream: the response ends with them."""
@@ -2498,9 +2508,8 @@ class Exchange:
         self.started_at = time.monotonic()
         self.status = 0
         self.bytes = 0
-        self.started = self.ended = False  # the response to the client
+        self.reply = Reply.PENDING  # the response to the client
         self.first_byte: float | None = None  # the upstream's headers, seconds after the start
-        self.client_gone = False
         self.upstream: httpx.Response | None = None
         self.upstream_closed = False
         self._nursery: trio.Nursery | None = None
@@ -2662,24 +2671,32 @@ class Exchange:
         means the client left. (Hypercorn also sends it after a complete response.)"""
         while (await self._receive())["type"] != "http.disconnect":
             pass
-        if not self.ended:
-            self.client_left()
+        self.client_left()
 
     def client_left(self) -> None:
-        """The one place that marks the client gone: everything serving it is cancelled, and the
-        upstream request is closed on the way out, so SGLang stops generating."""
-        self.client_gone = True
+        """The one place that marks the client gone (unless it had the whole response): everything
+        serving it is cancelled, and the upstream request is closed on the way out, so SGLang stops
+        generating. Whichever task notices first calls it. After the whole response it is no news
+        (Hypercorn says http.disconnect inside the last write, which must not be cancelled: it closes
+        the connection)."""
+        if self.reply is Reply.DONE:
+            return
+        self.reply = Reply.GONE
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    async def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """The one place a response starts."""
-        self.started, self.status = True, status
+    async def _start(self, status: int, headers: list[tuple[bytes, bytes]], stream: bool = False) -> None:
+        """The one place a response starts (``stream``: an event stream)."""
+        self.reply, self.status = Reply.STREAM if stream else Reply.BODY, status
         await self._asgi({"type": "http.response.start", "status": status,
                           "headers": headers + [(b"x-request-id", self.id.encode())]})
 
+    async def _start_stream(self) -> None:
+        await self._start(200, list(SSE_HEADERS), stream=True)
+
     async def _body(self, data: bytes, more: bool = True) -> None:
-        self.ended = not more
+        if not more:
+            self.reply = Reply.DONE
         self.bytes += len(data)
         if self.capture is not None:
             self.capture.client_data(data)
@@ -2697,17 +2714,22 @@ class Exchange:
                                    (b"content-length", str(len(body)).encode()), *headers])
         await self._body(body, more=False)
 
-    async def _fail(self, err: ProxyError) -> None:
-        """An error before a stream began: its status and JSON body, if nothing was sent yet; a body
-        already under way (a pass-through) can only be cut short."""
+    async def _fail(self, err: ProxyError, pending: bytes = b"") -> None:
+        """The one place an error reaches the client, whatever has been sent: before anything, its
+        status and JSON body (``pending`` frames not yet sent are dropped: the status says it all);
+        inside an event stream, the pending frames and an error event, which the SDKs raise, then the
+        end; inside another body (a pass-through), the body cut short; after the end, or with the
+        client gone, only the log and the metrics."""
         self._count_failure(err)
         try:
-            if not self.started:
+            if self.reply is Reply.PENDING:
                 await self._send_json(err.status, err.body(), err.headers)
-            elif not self.ended:
+            elif self.reply is Reply.STREAM:
+                await self._body(pending + b"data: " + json_dumps_compact(err.body()) + b"\n\n", more=False)
+            elif self.reply is Reply.BODY:
                 await self._body(b"", more=False)
         except _ClientGone:
-            self.client_gone = True
+            self.client_left()
 
     def _count_failure(self, err: ProxyError) -> None:
         if isinstance(err, UpstreamError):
@@ -2817,8 +2839,8 @@ class Exchange:
                             items = [None]
                     wait = interval
                     if silence.cancelled_caught:
-                        if not self.started:
-                            await self._start(200, list(SSE_HEADERS))
+                        if self.reply is Reply.PENDING:
+                            await self._start_stream()
                         await self._body(HEARTBEAT_FRAME)
                         continue
                     while type(items[-1]) is bytes and frames.statistics().current_buffer_used:
@@ -2832,16 +2854,12 @@ class Exchange:
         """What the writer took from the relay, in one write; returns whether that was the end."""
         end = items[-1]
         data = b"".join(i.data if isinstance(i, _Last) else i for i in items if isinstance(i, (bytes, _Last)))
-        if isinstance(end, ProxyError) and not self.started:
-            self._count_failure(end)
-            await self._send_json(end.status, end.body(), end.headers)
+        if isinstance(end, ProxyError):
+            await self._fail(end, pending=data)
             return True
-        if not self.started:
-            await self._start(200, list(SSE_HEADERS))
-        if isinstance(end, ProxyError):  # after the headers: an error event clients raise
-            self._count_failure(end)
-            data += b"data: " + json_dumps_compact(end.body()) + b"\n\n"
-        done = end is None or isinstance(end, (_Last, ProxyError))
+        if self.reply is Reply.PENDING:
+            await self._start_stream()
+        done = end is None or isinstance(end, _Last)
         if data or done:
             await self._body(data, more=not done)
         return done
@@ -2926,7 +2944,8 @@ class Exchange:
         """The exchange's one final log line, and its metrics."""
         elapsed = time.monotonic() - self.started_at
         metrics, route = self.proxy.metrics, route_label(self.path)
-        metrics.inc("kimiproxy_requests_total", route=route, status="499" if self.client_gone else str(self.status))
+        gone = self.reply is Reply.GONE
+        metrics.inc("kimiproxy_requests_total", route=route, status="499" if gone else str(self.status))
         metrics.observe("kimiproxy_request_duration_seconds", elapsed, route=route)
         metrics.inc("kimiproxy_key_requests_total", key=self.key)
         usage = self.usage if isinstance(self.usage, dict) else {}
@@ -2938,7 +2957,7 @@ class Exchange:
             metrics.inc("kimiproxy_key_repairs_total", self.repairs, key=self.key)
         if self.first_byte is not None:
             metrics.observe("kimiproxy_upstream_first_byte_seconds", self.first_byte)
-        if self.client_gone:
+        if gone:
             metrics.inc("kimiproxy_client_disconnects_total",
                         upstream_closed="true" if self.upstream_closed else "no_upstream")
             log.warning("%s %s: client disconnected after %.3fs (upstream %s, key %s)", self.method, self.path,
