@@ -1276,6 +1276,37 @@ class Call:
         return self.index < 0 and not self.dropped
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """A choice's final message as the client got it, streamed or whole: the one shape that the log
+    line, the capture's verdict, the reasoning store and replay read."""
+    content: str = ""
+    reasoning: str = ""
+    calls: tuple[tuple[Any, Any, Any], ...] = ()  # (id, name, arguments) of each call, in order
+    finish_reason: str | None = None
+    index: int = 0  # the choice's
+
+    @classmethod
+    def of_choice(cls, choice: dict, message: dict, index: int = 0) -> "Message":
+        """A whole completion's choice."""
+        content = message.get("content")
+        return cls(content if isinstance(content, str) else "", reasoning_of(message),
+                   tuple(_call_tuples(message.get("tool_calls"))), _str(choice.get("finish_reason")),
+                   choice.get("index", index) if type(choice.get("index", index)) is int else index)
+
+    def describe(self) -> str:
+        """For the log line: text cut to LOG_PREVIEW_CHARS, calls whole."""
+        return json.dumps({"content": _preview(self.content), "reasoning_content": _preview(self.reasoning),
+                           "tool_calls": [{"id": i, "name": n, "arguments": a} for i, n, a in self.calls],
+                           "finish_reason": self.finish_reason}, ensure_ascii=False)
+
+    def as_dict(self) -> dict:
+        """For replay's printout and its diff."""
+        return {"index": self.index, "content": self.content, "reasoning_content": self.reasoning,
+                "tool_calls": [{"id": i, "name": n, "arguments": a} for i, n, a in self.calls],
+                "finish_reason": self.finish_reason}
+
+
 class ChoiceRepair:
     """The repair of one choice (REPAIR.md 4.4-4.10): the model's text (reasoning, then content) through
     one parser, structured calls through another, and the calls they find resolved, numbered and sent
@@ -1356,9 +1387,10 @@ class ChoiceRepair:
             total["duplicate-call-dropped"] += self.dropped
         return total
 
-    def message(self) -> tuple[str, str, list[Call]]:
-        """The final message as the client got it: content, reasoning, calls."""
-        return "".join(self.texts["content"]), "".join(self.texts["reasoning"]), self.sent
+    def message(self, finish_reason: str | None = None, index: int = 0) -> Message:
+        """The final message as the client got it."""
+        return Message("".join(self.texts["content"]), "".join(self.texts["reasoning"]),
+                       tuple((c.id, c.name, c.arguments) for c in self.sent), finish_reason, index)
 
     # -- SGLang's channels back into one text --------------------------------------------------------
 
@@ -1588,7 +1620,8 @@ def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair
         if late:
             repair.feed(content=content_in)
         repair.finish()
-        content, reasoning, sent = repair.message()
+        final, sent = repair.message(), repair.sent
+        content, reasoning = final.content, final.reasoning
         if isinstance(content_in, (str, type(None))) and content != (content_in or ""):
             message["content"] = content or ("" if content_in is not None and not sent else None)
             changed = True
@@ -2517,7 +2550,7 @@ class Exchange:
         self.capture: Capture | None = None  # with CAPTURE_DIR: what happened, for a capture file
         self.usage: Any = None  # the upstream's token counts
         self.repairs = 0
-        self.delivered: list = []  # a stream's choices as the client got them: (reasoning, calls)
+        self.delivered: list[Message] = []  # a stream's choices as the client got them
         self.messages: list = []  # the chat request's, as the client sent them
         self._scope: str | None = None  # who and which task its turns' reasoning belongs to (loop_scope)
 
@@ -2615,14 +2648,14 @@ class Exchange:
             self._scope = loop_scope(who, self.messages)
         return self._scope
 
-    async def _remember(self, turns: Iterable[tuple[str, list]]) -> None:
-        """Remember the reasoning of turns (reasoning, calls as delivered) before the client has them:
-        its next request may come at once, to another worker."""
+    async def _remember(self, turns: Iterable[Message]) -> None:
+        """Remember the reasoning of turns with calls, as delivered, before the client has them: its
+        next request may come at once, to another worker."""
         store = self.proxy.reasoning
         if store is not None:
             before = self.messages[-1] if self.messages else None  # what the model answered
-            keyed = [(key, reasoning) for reasoning, calls in turns if reasoning and calls
-                     for key in [turn_key(self._loop(), before, calls)] if key is not None]
+            keyed = [(key, turn.reasoning) for turn in turns if turn.reasoning and turn.calls
+                     for key in [turn_key(self._loop(), before, turn.calls)] if key is not None]
             if keyed:
                 await store.remember(keyed)
 
@@ -2883,16 +2916,18 @@ class Exchange:
                 log.warning("upstream sent invalid JSON; relayed as it came")
         if isinstance(completion, dict):
             self.usage = completion.get("usage")
+            repairs: list[ChoiceRepair] = []
             if ctx.enabled:
                 repairs, changed = repair_completion(completion, ctx)
                 self.repairs += self.proxy.report_repairs(repairs)
-                if self.capture is not None:
-                    self.capture.judge((repair, repair.message()) for repair in repairs)
                 if changed:
                     data = json_dumps_compact(completion)
-                await self._remember((reasoning_of(m), _call_tuples(m.get("tool_calls"))) for _, m in _choices(completion))
-            if log.isEnabledFor(logging.INFO):
-                log.info("response %s", _describe_completion(completion))
+            finals = [Message.of_choice(choice, m, i) for i, (choice, m) in enumerate(_choices(completion))]
+            if self.capture is not None:
+                self.capture.judge(zip(repairs, finals))
+            if ctx.enabled:
+                await self._remember(finals)
+            self._log_finals(finals, completion.get("usage"))
         headers = [(k, v) for k, v in end_to_end_headers(response.headers.raw, RESPONSE_HEADERS_DROPPED, False)
                    if k != b"content-length"]
         await self._start(response.status_code, headers + [(b"content-length", str(len(data)).encode())])
@@ -2926,19 +2961,19 @@ class Exchange:
         self.usage = repair.usage
         # Each choice's final message, built once (if at all) for the log, the capture and the store.
         needed = log.isEnabledFor(logging.INFO) or self.capture is not None or self.proxy.reasoning is not None
-        finals = {index: choice.message() for index, choice in sorted(repair.choices.items())} if needed else {}
-        self.delivered = [(reasoning, [(c.id, c.name, c.arguments) for c in calls])
-                          for _, reasoning, calls in finals.values()]
+        choices = sorted(repair.choices.items())
+        self.delivered = [choice.message(repair.finish.get(index), index) for index, choice in choices] if needed else []
         if self.proxy.settings.repair:
-            self.repairs += self.proxy.report_repairs(list(repair.choices.values()))
+            self.repairs += self.proxy.report_repairs([choice for _, choice in choices])
             if self.capture is not None:
-                self.capture.judge((repair.choices[index], final) for index, final in finals.items())
+                self.capture.judge(zip((choice for _, choice in choices), self.delivered))
+        self._log_finals(self.delivered, repair.usage)
+
+    def _log_finals(self, finals: list[Message], usage: Any) -> None:
+        """One line per choice, the same for a streamed and a whole response with the same message."""
         if log.isEnabledFor(logging.INFO):
-            for index, (content, reasoning, calls) in finals.items():
-                log.info("stream final message %s usage=%s", _describe_message({
-                    "content": content, "reasoning_content": reasoning, "finish_reason": repair.finish.get(index),
-                    "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]}),
-                    json.dumps(repair.usage))
+            for final in finals:
+                log.info("final message %s usage=%s", final.describe(), json.dumps(usage))
 
     def _log_end(self) -> None:
         """The exchange's one final log line, and its metrics."""
@@ -3098,23 +3133,6 @@ def _request_id(scope: dict) -> str:
 
 _REQUEST_ID_PREFIX = os.urandom(4).hex()  # per process: ids stay unique across workers
 _REQUEST_COUNTER = itertools.count(1)
-
-
-def _describe_message(message: dict) -> str:
-    return json.dumps({
-        "content": _preview(message.get("content") or ""),
-        "reasoning_content": _preview(message.get("reasoning_content") or ""),
-        "tool_calls": message.get("tool_calls"),
-        "finish_reason": message.get("finish_reason"),
-    }, ensure_ascii=False)
-
-
-def _describe_completion(completion: dict) -> str:
-    parts = [_describe_message({"content": m.get("content") if isinstance(m.get("content"), str) else "",
-                                "reasoning_content": reasoning_of(m), "tool_calls": m.get("tool_calls"),
-                                "finish_reason": choice.get("finish_reason")})
-             for choice, m in _choices(completion)]
-    return " ".join(parts) + f" usage={json.dumps(completion.get('usage'))}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -3356,15 +3374,15 @@ class Capture:
         if self._room(data):
             self.client.append(data)
 
-    def judge(self, choices: Iterable[tuple["ChoiceRepair", tuple[str, str, list]]]) -> None:
+    def judge(self, choices: Iterable[tuple["ChoiceRepair", Message]]) -> None:
         """The reasons to keep this exchange: a repair, markup left in the text, arguments not JSON.
         ``choices``: each choice's repair and final message."""
-        for choice, (content, reasoning, calls) in choices:
-            if choice.repairs() or any(call.channel != "tool_calls" or call.rules for call in calls):
+        for choice, final in choices:
+            if choice.repairs() or any(call.channel != "tool_calls" or call.rules for call in choice.sent):
                 self.reasons.add("repaired")
-            if any("arguments-not-json" in call.rules for call in calls):
+            if any("arguments-not-json" in call.rules for call in choice.sent):
                 self.reasons.add("arguments-not-json")
-            if _MARKER_RE.search(content) or _MARKER_RE.search(reasoning):
+            if _MARKER_RE.search(final.content) or _MARKER_RE.search(final.reasoning):
                 self.reasons.add("markup-left")
 
     def _room(self, data: bytes) -> bool:
@@ -3485,8 +3503,9 @@ def replay_capture(capture: dict) -> tuple[list[dict], list[dict]]:
 
 
 def stream_messages(body: bytes) -> list[dict]:
-    """A streamed chat completion as a client reads it: each choice's final message, and any error event."""
-    messages: dict[int, dict] = {}
+    """A streamed chat completion as a client reads it: each choice's final message (``Message.as_dict``),
+    then any error event."""
+    texts: dict[int, dict] = {}
     errors = []
     decoder = SSEDecoder()
     for data in decoder.decode(body) + decoder.flush():
@@ -3499,28 +3518,24 @@ def stream_messages(body: bytes) -> list[dict]:
         if "error" in event:
             errors.append(event["error"])
         for choice in event.get("choices") or ():
-            m = messages.setdefault(choice.get("index", 0), {"content": "", "reasoning_content": "", "tool_calls": {},
-                                                             "finish_reason": None})
+            m = texts.setdefault(choice.get("index", 0), {"content": "", "reasoning": "", "calls": {}, "finish": None})
             delta = choice.get("delta") or {}
             m["content"] += delta.get("content") or ""
-            m["reasoning_content"] += delta.get("reasoning_content") or delta.get("reasoning") or ""
+            m["reasoning"] += delta.get("reasoning_content") or delta.get("reasoning") or ""
             for tc in delta.get("tool_calls") or ():
-                call = m["tool_calls"].setdefault(tc.get("index", 0), {"id": None, "name": None, "arguments": ""})
+                call = m["calls"].setdefault(tc.get("index", 0), [None, None, ""])
                 function = tc.get("function") or {}
-                call["id"] = tc.get("id") or call["id"]
-                call["name"] = function.get("name") or call["name"]
-                call["arguments"] += function.get("arguments") or ""
-            m["finish_reason"] = choice.get("finish_reason") or m["finish_reason"]
-    out = [dict(m, index=i, tool_calls=list(m["tool_calls"].values())) for i, m in sorted(messages.items())]
-    return out + [{"error": e} for e in errors]
+                call[0] = tc.get("id") or call[0]
+                call[1] = function.get("name") or call[1]
+                call[2] += function.get("arguments") or ""
+            m["finish"] = choice.get("finish_reason") or m["finish"]
+    finals = [Message(m["content"], m["reasoning"], tuple(map(tuple, m["calls"].values())), m["finish"], i)
+              for i, m in sorted(texts.items())]
+    return [final.as_dict() for final in finals] + [{"error": e} for e in errors]
 
 
 def completion_messages(completion: dict) -> list[dict]:
-    return [{"content": m.get("content") or "", "reasoning_content": reasoning_of(m),
-             "tool_calls": [{"id": call_id, "name": name, "arguments": arguments}
-                            for call_id, name, arguments in _call_tuples(m.get("tool_calls"))],
-             "finish_reason": choice.get("finish_reason"), "index": choice.get("index", i)}
-            for i, (choice, m) in enumerate(_choices(completion))]
+    return [Message.of_choice(choice, m, i).as_dict() for i, (choice, m) in enumerate(_choices(completion))]
 
 
 class Proxy:

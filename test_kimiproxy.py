@@ -772,8 +772,8 @@ def test_corner(name: str, content: str, calls: list, text: str) -> None:
         for piece in pieces:
             repair.feed(content=piece)
         repair.finish()
-        got_text, _, sent = repair.message()
-        assert [(c.id, c.name, c.arguments) for c in sent] == calls and got_text == text, len(pieces)
+        final = repair.message()
+        assert [list(c) for c in final.calls] == [list(c) for c in calls] and final.content == text, len(pieces)
 
 
 def test_hostile_requests_and_responses_never_raise() -> None:
@@ -1329,14 +1329,26 @@ async def test_headers_forwarded_and_secrets_never_logged(nursery: trio.Nursery,
 
 
 @pytest.mark.edge
-async def test_stream_final_message_logged(proxy: Running, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_streamed_and_a_whole_response_log_the_same_final_message(
+        proxy: Running, caplog: pytest.LogCaptureFixture) -> None:
+    """One line per choice, the same line for the same message whichever way it came: here a call leaked
+    into the reasoning, repaired in both."""
     caplog.set_level(logging.INFO, logger="kimiproxy")
-    proxy.upstream.script(Script(steps=stream_of(reasoning=["why"], content=["Hi"])))
+    leak = f'Let me look.{S}{B}functions.read_file:0{A}{{"path": "a.py"}}{Z}{E}'
+    proxy.upstream.script(Script(steps=stream_of(reasoning=[leak[:20], leak[20:]], content=["Hi"], finish="tool_calls")),
+                          Script(body=completion(content="Hi", reasoning=leak, finish="tool_calls"),
+                                 content_type="application/json"))
+    lines = []
     async with httpx.AsyncClient(base_url=proxy.base) as client:
-        await client.post("/v1/chat/completions", json={"messages": [], "stream": True})
-    final = [r.getMessage() for r in await logged(caplog, "stream final message")]
-    assert final and '"content": "Hi"' in final[0] and '"finish_reason": "stop"' in final[0]
-    assert '"total_tokens": 20' in final[0]
+        for stream in (True, False):
+            caplog.clear()
+            r = await client.post("/v1/chat/completions", json={"messages": [], "stream": stream, "tools": TOOLS})
+            assert r.status_code == 200
+            lines += [r.getMessage() for r in await logged(caplog, "final message")]
+    assert len(lines) == 2 and lines[0] == lines[1], lines
+    assert '"content": "Hi"' in lines[0] and '"finish_reason": "tool_calls"' in lines[0]
+    assert '"name": "read_file", "arguments": "{\\"path\\": \\"a.py\\"}"' in lines[0]
+    assert '"total_tokens": 20' in lines[0]
 
 
 # -- the repair through the running proxy, with the OpenAI SDK -------------------------------------------
