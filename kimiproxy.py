@@ -108,9 +108,11 @@ HEADER_GRACE = 0.5  # seconds
 DEFAULT_MAX_BODY_MB = 64  # agents send multi-MB contexts; Quart's own default is 16 MiB
 # What one request may cost the worker, whose event loop parses it (a thread would not help: the JSON
 # parsers hold the GIL). Kimi-K2's context is 256K tokens, about 1 MB of text: a request with more
-# objects and arrays than this could never be served, and parsing this many takes about 25 ms and
-# 50 MB. Counted before parsing as the body's "{" and "[" bytes, strings included (an upper bound).
-MAX_REQUEST_CONTAINERS = 500_000  # JSON objects and arrays in one request
+# JSON values than this could never be served, and parsing this many takes about 25-90 ms and 50 MB.
+# Counted before parsing, in a body longer than the bound, as its "{", "[" and "," bytes (each object,
+# array and element after the first has one; strings count too: an upper bound).
+MAX_REQUEST_VALUES = 500_000  # JSON values in one request
+_VALUE_BYTES = b"{[,"
 MAX_REQUEST_MESSAGES = 20_000  # messages in one request
 MAX_RESTORED_TURNS = 1000  # the tool loop's latest assistant turns whose reasoning may be restored
 DEFAULT_MAX_BODIES_MB = 256  # request bodies one worker holds at once, across its requests (GPU boxes
@@ -1187,25 +1189,25 @@ class RepairContext:
         return fits[0] if len(fits) == 1 else None
 
 
-def canonicalize_history(request: dict) -> list[dict]:
+def canonicalize_history(request: dict) -> list[tuple[tuple, Any]]:
     """REPAIR.md 4.13: tool-call ids in the history that are not canonical (``call_abc``, ``toolu_1``), or
     that an earlier call already holds, become ``functions.NAME:COUNTER`` with the dialog-wide counter,
     and the tool results' ``tool_call_id`` with them, so the model keeps seeing its own id format.
-    Returns the messages it changed (none: the request is untouched)."""
+    Returns the edits it made, each (its path in the request, the new value), for ``rewrite_request``
+    (none: the request is untouched)."""
     messages = request.get("messages")
     if not isinstance(messages, list):
         return []
     counter = 0
-    changed: list[dict] = []
+    edits: list[tuple[tuple, Any]] = []
     used: set[str] = set()
     mapping: dict[str, str] = {}  # the latest assistant turn's id for each id as sent
-    for message in messages:
+    for at, message in enumerate(messages):
         if not isinstance(message, dict):
             continue
         calls = message.get("tool_calls") if message.get("role") == "assistant" else None
         if isinstance(calls, list):
-            rewritten = False
-            for call in calls:
+            for position, call in enumerate(calls):
                 if not isinstance(call, dict):
                     continue
                 function = call.get("function") if isinstance(call.get("function"), dict) else {}
@@ -1218,21 +1220,17 @@ def canonicalize_history(request: dict) -> list[dict]:
                         counter += 1
                         new = f"functions.{name}:{counter}"
                     call["id"] = new
-                    rewritten = True
+                    edits.append((("messages", at, "tool_calls", position, "id"), new))
                 if isinstance(old, str):
                     mapping[old] = new
                 if isinstance(new, str):
                     used.add(new)
                 counter += 1
-            if rewritten:
-                changed.append(message)
         elif message.get("role") == "tool" and isinstance(message.get("tool_call_id"), str) \
-                and message["tool_call_id"] in mapping:
-            new = mapping[message["tool_call_id"]]
-            if new != message["tool_call_id"]:
-                message["tool_call_id"] = new
-                changed.append(message)
-    return changed
+                and mapping.get(message["tool_call_id"], message["tool_call_id"]) != message["tool_call_id"]:
+            message["tool_call_id"] = mapping[message["tool_call_id"]]
+            edits.append((("messages", at, "tool_call_id"), message["tool_call_id"]))
+    return edits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2041,6 +2039,8 @@ def parse_api_keys(raw: str) -> tuple[tuple[str, str], ...]:
         name, colon, key = entry.partition(":")
         if colon and not key.strip() and _KEY_NAME_RE.fullmatch(name.strip()):
             raise ConfigError(f"PROXY_API_KEY: the entry for {name.strip()!r} has a name but no key")
+        if colon and not key.strip() and not name.strip():
+            raise ConfigError("PROXY_API_KEY: an entry is a ':' alone")
         if colon and key.strip() and _KEY_NAME_RE.fullmatch(name.strip()):
             keys.append((name.strip(), key.strip()))
         elif entry:
@@ -2136,11 +2136,23 @@ def setup_logging(settings: Settings) -> None:
         log.addHandler(file_handler(settings))
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Log files created readable by their owner only (they hold previews of prompts and answers), and
+    never opened through a symlink someone planted where the log goes."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def file_handler(settings: Settings) -> logging.Handler:
     """LOG_FILE, rotated at LOG_MAX_BYTES with LOG_BACKUPS old files kept."""
-    handler = logging.handlers.RotatingFileHandler(
-        settings.log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups,
-        encoding="utf-8")
+    try:
+        handler = PrivateRotatingFileHandler(
+            settings.log_file, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups,
+            encoding="utf-8")
+    except OSError as exc:  # a symlink, a directory that is not there
+        raise ConfigError(f"LOG_FILE={settings.log_file!r} cannot be opened: {exc.strerror or exc}") from None
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(RequestIdFilter())
     return handler
@@ -2278,7 +2290,8 @@ def checked_path(scope: dict) -> bytes:
         raise refused
     for segment in raw.strip(b"/").split(b"/"):
         decoded = urllib.parse.unquote_to_bytes(segment)
-        if decoded in (b".", b"..") or _UNSAFE_SEGMENT_RE.search(decoded):
+        if decoded in (b".", b"..") or _UNSAFE_SEGMENT_RE.search(decoded) or \
+                _UNPRINTABLE_RE.search(decoded.decode("utf-8", "replace")):  # C1, U+2028 as UTF-8 too
             raise refused
     return raw
 
@@ -2482,8 +2495,8 @@ def parse_chat_request(scope: dict, body: bytes) -> dict:
     for name, value in scope["headers"]:
         if name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
             raise ClientError("compressed request bodies are not supported", 415)
-    if body.count(b"{") + body.count(b"[") > MAX_REQUEST_CONTAINERS:
-        raise ClientError(f"request body holds more than {MAX_REQUEST_CONTAINERS} JSON objects and arrays", 413)
+    if len(body) > MAX_REQUEST_VALUES and len(body) - len(body.translate(None, _VALUE_BYTES)) > MAX_REQUEST_VALUES:
+        raise ClientError(f"request body holds more than {MAX_REQUEST_VALUES} JSON values", 413)
     try:
         request = json_loads(body)
     except (ValueError, RecursionError) as exc:
@@ -2567,7 +2580,7 @@ class Exchange:
                     await self._fail(err)
                 except Exception as exc:  # the request boundary: the proxy keeps serving
                     log.exception("%s %s: internal error", self.method, self.path)
-                    await self._fail(ProxyError(f"internal proxy error: {type(exc).__name__}: {exc}"))
+                    await self._fail(ProxyError("internal proxy error", detail=f"{type(exc).__name__}: {exc}"))
                 self._nursery.cancel_scope.cancel()  # the watcher
         finally:
             await self._close_upstream()
@@ -2600,7 +2613,7 @@ class Exchange:
         settings = self.proxy.settings
         ctx = RepairContext.from_request(request, enabled=settings.repair)
         self.messages = request["messages"]
-        changed = await self._restore_reasoning(request)
+        edits = await self._restore_reasoning(request)
         rewritten = canonicalize_history(request) if settings.repair else []
         if rewritten:
             log.info("repair: rewrote non-canonical tool-call ids in the history for the upstream")
@@ -2608,9 +2621,9 @@ class Exchange:
         # The usage chunk goes to the client if it asked for it; else kimiproxy asks for it (tokens per
         # key) and keeps it. A transparent proxy changes nothing.
         pass_usage = not settings.repair or _usage_asked(request)
-        members = _usage_option(request) if stream and not pass_usage else {}
-        if changed or rewritten or members:
-            body = rewrite_request(body, request, changed + rewritten, members)
+        edits += rewritten + (_usage_option(request) if stream and not pass_usage else [])
+        if edits:
+            body = rewrite_request(body, request, edits)
         upstream = self.proxy.upstream
         outgoing = upstream.request("POST", upstream.url(self.target, self.scope["query_string"]), body,
                                     upstream.headers(self.scope["headers"], relay_untouched=False))
@@ -2619,32 +2632,36 @@ class Exchange:
         else:
             await self._whole(outgoing, ctx)
 
-    async def _restore_reasoning(self, request: dict) -> list[dict]:
+    async def _restore_reasoning(self, request: dict) -> list[tuple[tuple, Any]]:
         """Put back the reasoning of the tool loop's assistant turns that came without it; never over
-        reasoning the client sent. Returns the messages it changed."""
+        reasoning the client sent. Returns the edits, for ``rewrite_request``."""
         store = self.proxy.reasoning
         missing = turns_without_reasoning(request) if store is not None else []
-        keyed = [(message, turn_key(self._loop(), before, calls)) for message, before, calls in missing]
-        turns = [(message, key) for message, key in keyed if key is not None]
+        keyed = [(at, message, turn_key(self._loop(), before, calls)) for at, message, before, calls in missing]
+        turns = [(at, message, key) for at, message, key in keyed if key is not None]
         if not turns:
             return []
         assert store is not None
-        found = await store.recall([key for _, key in turns])
-        for message, key in turns:
+        found = await store.recall([key for _, _, key in turns])
+        edits = []
+        for at, message, key in turns:
             if key in found:
                 message["reasoning_content"] = found[key]
-        restored = sum(key in found for _, key in turns)
+                edits.append((("messages", at, "reasoning_content"), found[key]))
+        restored = len(edits)
         metrics = self.proxy.metrics
         metrics.inc("kimiproxy_reasoning_restored_total", restored)
         metrics.inc("kimiproxy_reasoning_missed_total", len(turns) - restored)
         log.info("reasoning: restored %d of %d assistant turns that came without it", restored, len(turns))
-        return [message for message, key in turns if key in found]
+        return edits
 
     def _loop(self) -> str:
         if self._scope is None:
             who = self.key
             if who == NO_KEY:  # no keys to tell users apart: the address a client comes from stands in
                 who += "@" + str((self.scope.get("client") or ("-",))[0])
+            if not self.proxy.settings.reasoning_store:  # the default store: each instance (port) its own
+                who += " port " + str((self.scope.get("server") or (None, None))[1])
             self._scope = loop_scope(who, self.messages)
         return self._scope
 
@@ -2803,7 +2820,7 @@ class Exchange:
                         await _put(send, err)
                     except Exception as exc:
                         log.exception("%s %s: internal error", self.method, self.path)
-                        await _put(send, ProxyError(f"internal proxy error: {type(exc).__name__}: {exc}"))
+                        await _put(send, ProxyError("internal proxy error", detail=f"{type(exc).__name__}: {exc}"))
         finally:
             self.proxy.metrics.streams_in_flight -= 1
 
@@ -3022,18 +3039,18 @@ def _usage_asked(request: dict) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def _usage_option(request: dict) -> dict:
-    """The top-level member that asks the upstream for the stream's usage chunk (tokens are counted per
-    key); the client, which did not ask, does not get it. None when stream_options is not an object:
-    SGLang says what is wrong with it."""
+def _usage_option(request: dict) -> list[tuple[tuple, Any]]:
+    """The edit that asks the upstream for the stream's usage chunk (tokens are counted per key); the
+    client, which did not ask, does not get it. None when stream_options is not an object: SGLang says
+    what is wrong with it."""
     options = request.get("stream_options", None)
     if isinstance(options, dict) or options is None:
-        return {"stream_options": {**(options or {}), "include_usage": True}}
-    return {}
+        return [(("stream_options",), {**(options or {}), "include_usage": True})]
+    return []
 
 
 def _ask_usage(body: bytes, request: dict) -> bytes:
-    return rewrite_request(body, request, (), _usage_option(request))
+    return rewrite_request(body, request, _usage_option(request))
 
 
 _JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
@@ -3072,46 +3089,67 @@ def _members(text: str, i: int, inner: str | None = None) -> tuple[list[tuple[An
     return found, items
 
 
-def rewrite_request(body: bytes, request: dict, messages: Iterable[dict], members: dict[str, Any]) -> bytes:
-    """The body for the upstream with what kimiproxy changed, and only that, written anew: the
-    ``messages`` it changed in place (restored reasoning, history ids) and the top-level ``members``
-    it sets, replaced where the body has them, else added first. Every other byte is the client's,
-    so what kimiproxy does not mean to change arrives as sent (a 30-digit seed, 1e999, deep nesting
-    elsewhere), and a multi-MB request is not written anew. A body the scanner cannot walk (UTF-16,
-    say) is written anew whole."""
-    changed = {id(message) for message in messages}
+class _Places:
+    """Where each value of a JSON text is, found as the edits need them: each container's members
+    are walked once."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.top = _JSON_SPACE_RE.match(text).end()
+        self._seen: dict[int, list] = {}
+
+    def _of(self, start: int) -> list[tuple[Any, int, int]]:
+        if start not in self._seen:
+            found, items = _members(self.text, start, "messages" if start == self.top else None)
+            self._seen[start] = found
+            messages = [a for key, a, _ in found if key == "messages"]
+            if messages and self.text[messages[-1]] == "[":  # walked on the way: the last one, as parsed
+                self._seen[messages[-1]] = items
+        return self._seen[start]
+
+    def edit(self, path: tuple, value: Any) -> tuple[int, int, str]:
+        """(start, end, new text) that gives the value at ``path`` the new value; a member missing from
+        its object is added first in it."""
+        start = self.top
+        for depth, step in enumerate(path):
+            members = self._of(start)
+            place = next((m for m in reversed(members) if m[0] == step), None)  # the last of a repeated key
+            if place is None:
+                if depth < len(path) - 1 or not isinstance(step, str) or self.text[start] != "{":
+                    raise KeyError(step)
+                new = json_dumps_compact(step).decode() + ":" + json_dumps_compact(value).decode()
+                return start + 1, start + 1, new + ("," if members else "")
+            start = place[1]
+        return place[1], place[2], json_dumps_compact(value).decode()
+
+
+def rewrite_request(body: bytes, request: dict, edits: list[tuple[tuple, Any]]) -> bytes:
+    """The body for the upstream with kimiproxy's edits (each a path from the top of the request and
+    its new value: a restored reasoning, a history id, the usage option) written in place, and nothing
+    else written anew: every other byte is the client's, so what kimiproxy does not mean to change
+    arrives as sent (a 30-digit seed, 1e999, any nesting), in the body's own encoding. A body that
+    cannot be walked (nested past what the stdlib's scanner reads) goes as it came, unedited."""
+    if not edits:
+        return body
     start = len(body) - len(body.lstrip())
-    if not changed and not members.keys() & request.keys() and body[start:start + 1] == b"{" \
-            and body[start + 1:start + 2] != b"\x00":  # only new members, in UTF-8: no need to walk the body
-        added = b"".join(json_dumps_compact(key) + b":" + json_dumps_compact(value) + b"," for key, value in members.items())
+    if all(len(path) == 1 and path[0] not in request for path, _ in edits) and body[start:start + 1] == b"{" \
+            and body[start + 1:start + 2] != b"\x00":  # new top-level members only, in UTF-8: no walk needed
+        added = b"".join(json_dumps_compact(path[0]) + b":" + json_dumps_compact(value) + b"," for path, value in edits)
         return body[:start + 1] + added + body[start + 1:]
     try:
-        text = body.decode("utf-8")
-        start = _JSON_SPACE_RE.match(text).end()
-        found, items = _members(text, start, "messages" if changed else None)
-        top = {key: (a, b) for key, a, b in found}  # the last of a repeated key is the one parsed
-        edits = []  # (start, end, new text): ascending, none overlapping
-        if changed:
-            if len(items) != len(request["messages"]):  # items: the elements of the last "messages", as parsed
-                raise ValueError("the messages moved")
-            edits += [(a, b, json_dumps_compact(message).decode("utf-8"))
-                      for (_, a, b), message in zip(items, request["messages"]) if id(message) in changed]
-        for key, value in members.items():
-            new = json_dumps_compact(value).decode("utf-8")
-            if key in top:
-                edits.append((*top[key], new))
-            else:  # first: an object with "messages" in it is never empty, so the comma is right
-                edits.append((start + 1, start + 1, json.dumps(key) + ":" + new + ","))
-        edits.sort()
-    except (UnicodeError, ValueError, IndexError, KeyError, TypeError, RecursionError):
-        request.update(members)
-        return json_dumps_compact(request)
+        encoding = json.detect_encoding(body)
+        text = body.decode(encoding)
+        places = _Places(text)
+        spliced = sorted(places.edit(path, value) for path, value in edits)
+    except (UnicodeError, ValueError, IndexError, KeyError, TypeError, RecursionError) as exc:
+        log.warning("request not rewritten (%s: %s): sent upstream as it came", type(exc).__name__, exc)
+        return body
     out, pos = [], 0
-    for a, b, new in edits:
+    for a, b, new in spliced:
         out += [text[pos:a], new]
         pos = b
     out.append(text[pos:])
-    return "".join(out).encode("utf-8")
+    return "".join(out).encode(encoding)
 
 
 def _choices(completion: dict) -> Iterator[tuple[dict, dict]]:
@@ -3200,9 +3238,9 @@ def loop_scope(key_name: str, messages: list) -> str:
     return key_name + "\n" + task
 
 
-def turns_without_reasoning(request: dict) -> list[tuple[dict, Any, list]]:
-    """The assistant turns with tool calls and no reasoning in the current tool loop: (the turn, the
-    message it answered, its calls). The loop is what follows the last assistant message without tool
+def turns_without_reasoning(request: dict) -> list[tuple[int, dict, Any, list]]:
+    """The assistant turns with tool calls and no reasoning in the current tool loop: (its position, the
+    turn, the message it answered, its calls). The loop is what follows the last assistant message without tool
     calls: Kimi-K2-Thinking's chat template shows the model its earlier reasoning there, and blanks it
     before."""
     turns = []
@@ -3215,7 +3253,7 @@ def turns_without_reasoning(request: dict) -> list[tuple[dict, Any, list]]:
         if not calls or not isinstance(calls, list):
             break
         if not (message.get("reasoning_content") or message.get("reasoning")):
-            turns.append((message, messages[i - 1], _call_tuples(calls)))
+            turns.append((i, message, messages[i - 1], _call_tuples(calls)))
             if len(turns) == MAX_RESTORED_TURNS:  # what one request may cost in keys and look-ups
                 break
     return turns
@@ -3224,17 +3262,15 @@ def turns_without_reasoning(request: dict) -> list[tuple[dict, Any, list]]:
 STORE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the files of one SQLite database
 
 
-def default_store(settings: Settings) -> str:
-    """REASONING_STORE's default: in this user's cache directory (never the shared temp directory), one
-    file per upstream and key set, so two kimiproxy instances of one user share nothing unless they are
-    told to share a store."""
+def default_store() -> str:
+    """REASONING_STORE's default: in this user's cache directory, never the shared temp directory. The
+    kimiproxy instances of one user all use it, each under its own port (``Exchange._loop``): they share
+    nothing unless they are given one REASONING_STORE."""
     try:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     except RuntimeError:  # no home directory: a private directory of our own in the temp directory
         cache = Path(tempfile.gettempdir()) / f"kimiproxy-{os.getuid()}"
-    names = [name for name, _ in settings.api_keys]  # the users, not their keys: no key material in a name
-    instance = hashlib.sha256(json.dumps([settings.upstream, names]).encode()).hexdigest()[:12]
-    return str(cache / "kimiproxy" / f"reasoning-{instance}.sqlite3")
+    return str(cache / "kimiproxy" / "reasoning.sqlite3")
 
 
 class ReasoningStore:
@@ -3247,7 +3283,7 @@ class ReasoningStore:
     the lock past STORE_BUSY_TIMEOUT) is skipped, with a warning; the proxy goes on either way."""
 
     def __init__(self, settings: Settings, prune_every: int = STORE_PRUNE_EVERY, clock: Any = time.time) -> None:
-        self.path = settings.reasoning_store or default_store(settings)
+        self.path = settings.reasoning_store or default_store()
         self.max_entries = settings.reasoning_max_entries
         self.max_bytes = int(settings.reasoning_max_mb * 1024 * 1024)
         self.max_age = settings.reasoning_max_hours * 3600
@@ -3258,6 +3294,11 @@ class ReasoningStore:
         self._clock = clock  # wall-clock seconds: the file outlives processes
         self._broken = False
         self._limiter = trio.CapacityLimiter(1)  # its own: waiting exchanges do not hold trio's thread pool
+
+    @property
+    def usable(self) -> bool:
+        """False once the store was refused (until then, it has not been tried or it works)."""
+        return not self._broken
 
     async def remember(self, turns: list[tuple[str, str]]) -> None:
         """(key, reasoning) pairs."""
@@ -3412,6 +3453,10 @@ class CaptureDir:
         self.max_files = settings.capture_max_files
         self.max_bytes = int(settings.capture_max_mb * 1024 * 1024)
         self._refused: str | None = None  # why CAPTURE_DIR cannot be used, once found: captures are off
+
+    @property
+    def usable(self) -> bool:
+        return self._refused is None
 
     async def write(self, capture: Capture) -> None:
         await trio.to_thread.run_sync(self._write, capture)
@@ -3815,7 +3860,11 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
     async def startup() -> None:
         log.setLevel(settings.log_level)
         if serving_process:
-            setup_logging(settings)
+            try:
+                setup_logging(settings)
+            except ConfigError as exc:  # as at import: one line, and the worker stops
+                print(f"kimiproxy: bad configuration: {exc}", file=sys.stderr, flush=True)
+                os._exit(1)
             tune_process()
             forward_sigterm_to_supervisor()
             proxy.collector = Collector()
@@ -3863,12 +3912,13 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
     async def index() -> Any:
         parsers = proxy.upstream.parsers
         return jsonify({
-            "name": "kimiproxy", "version": __version__, "upstream": settings.upstream,
+            "name": "kimiproxy", "version": __version__,  # not the upstream's address: it is nobody's business
             "upstream_parsers": parsers, "warning": parser_warning(parsers or {}),
             "repairs": {"tool_calls": settings.repair, "think_in_content": settings.repair,
                         "history_ids": settings.repair},
             "heartbeat_interval": settings.heartbeat_interval, "auth": bool(settings.api_keys),
-            "reasoning_continuity": proxy.reasoning is not None, "capture": bool(settings.capture_dir),
+            "reasoning_continuity": proxy.reasoning is not None and proxy.reasoning.usable,
+            "capture": proxy.captures is not None and proxy.captures.usable,
         })
 
     @app.errorhandler(404)
@@ -3925,7 +3975,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kimiproxy: bad configuration: {exc}", file=sys.stderr)
         return 1
-    setup_logging(settings)
+    try:
+        setup_logging(settings)
+    except ConfigError as exc:
+        print(f"kimiproxy: bad configuration: {exc}", file=sys.stderr)
+        return 1
     config = hypercorn.config.Config()
     config.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
     config.accesslog = None
