@@ -22,9 +22,12 @@ Rules the repair never breaks (REPAIR.md 4 has them all)
     3. Streamed and whole responses give the same message for the same upstream text.
     4. An upstream event that needs no repair goes out as the very bytes that came in.
 
-Layout (top to bottom): constants, errors, the repair core (pure: no I/O, no async, no logging), the SSE
-codec, configuration and logging, metrics, the upstream edge (httpx), one exchange (a request from its
-first byte in to its last byte out), what the exchanges share and the server process, the app, main().
+Layout (top to bottom, each part using only what stands above it): constants, errors, the SSE and JSON
+codecs, the repair core (pure: no I/O, no async, no logging), configuration, logging, metrics, the
+client edge (what a request must be, and what kimiproxy writes anew of it), the upstream edge (httpx),
+files only kimiproxy's user can touch, reasoning continuity, capture and replay, what the exchanges
+share, one exchange (a request from its first byte in to its last byte out), the server process, the
+app, main().
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ MAX_ROLE_WORD = 16  # characters between a leaked role marker and <|im_middle|>
 MAX_CALL_ARGUMENTS = 32 * 1024 * 1024  # characters
 
 # The edge.
+CHAT_PATHS = ("/v1/chat/completions", "/api/chat/completions")  # the routes that are repaired
 DEFAULT_UPSTREAM = "http://127.0.0.1:30000/v1"  # SGLang's own default port
 DEFAULT_PORT = 8000
 DEFAULT_FORWARD_TIMEOUT = 600.0  # seconds the upstream may stay silent (prefill of a long context)
@@ -109,8 +113,9 @@ DEFAULT_MAX_BODY_MB = 64  # agents send multi-MB contexts; Quart's own default i
 # What one request may cost the worker, whose event loop parses it (a thread would not help: the JSON
 # parsers hold the GIL). Kimi-K2's context is 256K tokens, about 1 MB of text: a request with more
 # JSON values than this could never be served, and parsing this many takes about 25-90 ms and 50 MB.
-# Counted before parsing, in a body longer than the bound, as its "{", "[" and "," bytes (each object,
-# array and element after the first has one; strings count too: an upper bound).
+# Counted before parsing, in a body that could hold more (a value takes 2 bytes at the least), as its
+# "{", "[" and "," bytes (each object, array and element after the first has one; strings count too:
+# an upper bound). The count is one pass over the body: about 1 ms per MB.
 MAX_REQUEST_VALUES = 500_000  # JSON values in one request
 _VALUE_BYTES = b"{[,"
 MAX_REQUEST_MESSAGES = 20_000  # messages in one request
@@ -224,6 +229,89 @@ class _ClientGone(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------
+# SSE and JSON codecs
+# ---------------------------------------------------------------------------------------------------
+
+def json_loads(data: bytes | str) -> Any:
+    """json.loads, by orjson when it is installed. Whatever orjson refuses (invalid JSON, but also
+    NaN or integers past 64 bits, which the stdlib accepts) is left to the stdlib, so the result
+    never depends on whether orjson is there."""
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
+def json_dumps_compact(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as SGLang writes its chunks."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(value)
+        except TypeError:  # integers past 64 bits, lone surrogates
+            pass
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate (a client cut a string mid-emoji): as an escape
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+class SSEDecoder:
+    """Bytes from the upstream in, the data of each complete event out (``decode``/``flush``).
+    Lines end in LF, as SGLang writes them, or CRLF; a lone CR (allowed by the SSE spec, used by no
+    OpenAI-compatible server we know) is not a line end here. A line longer than ``max_line`` bytes is
+    dropped whole (memory stays bounded) and counted in ``oversized``."""
+
+    def __init__(self, max_line: int = MAX_SSE_EVENT_BYTES) -> None:
+        self.max_line = max_line
+        self.oversized = 0
+        self._buffer = b""
+        self._data: list[bytes] = []
+        self._discarding = False  # inside an oversized line, until its end
+
+    def decode(self, chunk: bytes) -> list[bytes]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        lines = buffer.split(b"\n")
+        self._buffer = lines.pop()
+        events: list[bytes] = []
+        for line in lines:
+            if self._discarding:
+                self._discarding = False
+                continue
+            self._line(line, events)
+        if len(self._buffer) > self.max_line:
+            self._drop_oversized()
+        return events
+
+    def flush(self) -> list[bytes]:
+        events: list[bytes] = []
+        if self._buffer and not self._discarding:
+            self._line(self._buffer, events)
+        self._buffer = b""
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: list[bytes]) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            if self._data:
+                events.append(self._data[0] if len(self._data) == 1 else b"\n".join(self._data))
+                self._data = []
+        elif line.startswith(b"data:"):
+            self._data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+        # comments (":...") and other fields (event:, id:, retry:) carry nothing for us
+
+    def _drop_oversized(self) -> None:
+        self.oversized += 1
+        log.warning("upstream SSE line longer than %d bytes dropped", self.max_line)
+        self._buffer = b""
+        self._data = []
+        self._discarding = True
+
+
+# ---------------------------------------------------------------------------------------------------
 # Repair core: markers
 # ---------------------------------------------------------------------------------------------------
 
@@ -243,8 +331,12 @@ class Marker(enum.Enum):
     END = "end"  # of the text
 
 
-(SECTION_BEGIN, SECTION_END, CALL_BEGIN, ARGUMENT_BEGIN, CALL_END, IM_END, ROLE, IM_MIDDLE, THINK_OPEN,
- THINK_CLOSE, TRUNCATED, EOF) = Marker
+# Short names for the parser's code, each bound to its member by name.
+SECTION_BEGIN, SECTION_END = Marker.SECTION_BEGIN, Marker.SECTION_END
+CALL_BEGIN, ARGUMENT_BEGIN, CALL_END = Marker.CALL_BEGIN, Marker.ARGUMENT_BEGIN, Marker.CALL_END
+IM_END, ROLE, IM_MIDDLE = Marker.IM_END, Marker.ROLE, Marker.IM_MIDDLE
+THINK_OPEN, THINK_CLOSE = Marker.THINK_OPEN, Marker.THINK_CLOSE
+TRUNCATED, EOF = Marker.TRUNCATED, Marker.END
 MARKERS = {
     "<|tool_calls_section_begin|>": SECTION_BEGIN, "<|tool_call_section_begin|>": SECTION_BEGIN,
     "<|tool_calls_section_end|>": SECTION_END, "<|tool_call_section_end|>": SECTION_END,
@@ -268,7 +360,7 @@ _COUNTER_TAIL_RE = re.compile(r"[:.]\d*\Z")
 NEED = object()  # a parser has read all its input and waits for more
 
 
-def match_marker(buf: str, i: int, final: bool) -> tuple[str | None, int]:
+def match_marker(buf: str, i: int, final: bool) -> tuple[Marker | str | None, int]:
     """What starts at buf[i], a "<": (kind, end), ("partial", 0) while more text could still make it a
     marker, or (None, 0) for plain text. ``final``: no more text follows this buffer."""
     m = _MARKER_RE.match(buf, i)
@@ -304,6 +396,26 @@ _CUT_ESCAPE_RE = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?")  # all that is left of 
 _CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
 # Where ArgumentRepair stands in the JSON text.
 _START, _KEY, _KEY_STRING, _COLON, _VALUE, _STRING, _LITERAL, _AFTER, _DONE, _JUNK, _RAW = range(11)
+
+
+_JSON_DECODER = json.JSONDecoder(strict=False)
+
+
+def _load_lenient(text: str) -> Any:
+    """JSON with raw control characters allowed in strings, or None; never raises (deep nesting)."""
+    try:
+        return _JSON_DECODER.decode(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _decode_cut_string(text: str) -> str | None:
+    """A JSON string cut short: its text so far, an incomplete escape at its end dropped."""
+    for cut in range(6):
+        value = _load_lenient(text[:len(text) - cut] + '"')
+        if isinstance(value, str):
+            return value
+    return None
 
 
 class ArgumentRepair:
@@ -580,26 +692,6 @@ class ArgumentRepair:
         if value is None and self._state != _STRING:
             self._rule("arguments-not-json")
         return text
-
-
-_JSON_DECODER = json.JSONDecoder(strict=False)
-
-
-def _load_lenient(text: str) -> Any:
-    """JSON with raw control characters allowed in strings, or None; never raises (deep nesting)."""
-    try:
-        return _JSON_DECODER.decode(text)
-    except (ValueError, RecursionError):
-        return None
-
-
-def _decode_cut_string(text: str) -> str | None:
-    """A JSON string cut short: its text so far, an incomplete escape at its end dropped."""
-    for cut in range(6):
-        value = _load_lenient(text[:len(text) - cut] + '"')
-        if isinstance(value, str):
-            return value
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1274,6 +1366,40 @@ class Call:
         return self.index < 0 and not self.dropped
 
 
+def reasoning_field(message: dict) -> str:
+    """Where this server puts reasoning: ``reasoning_content`` (SGLang), or its alias ``reasoning``."""
+    return "reasoning" if "reasoning" in message and "reasoning_content" not in message else "reasoning_content"
+
+
+def reasoning_of(message: dict) -> str:
+    value = message.get(reasoning_field(message))
+    return value if isinstance(value, str) else ""
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _call_tuples(calls: Any) -> list:
+    out = []
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else {}
+        out.append((call.get("id") if isinstance(call, dict) else None, function.get("name"), function.get("arguments")))
+    return out
+
+
+def _choices(completion: dict) -> Iterator[tuple[dict, dict]]:
+    """A whole chat completion's (choice, message) pairs that are well-formed."""
+    choices = completion.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
+            yield choice, choice["message"]
+
+
+def _preview(text: str) -> str:
+    return text if len(text) <= LOG_PREVIEW_CHARS else text[:LOG_PREVIEW_CHARS] + f"...(+{len(text) - LOG_PREVIEW_CHARS})"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Message:
     """A choice's final message as the client got it, streamed or whole: the one shape that the log
@@ -1303,6 +1429,19 @@ class Message:
         return {"index": self.index, "content": self.content, "reasoning_content": self.reasoning,
                 "tool_calls": [{"id": i, "name": n, "arguments": a} for i, n, a in self.calls],
                 "finish_reason": self.finish_reason}
+
+
+def _canonical(arguments: str) -> str:
+    """Arguments in one form, to see whether two calls are the same."""
+    value = _load_lenient(arguments)
+    try:
+        return arguments if value is None else json.dumps(value, sort_keys=True)
+    except (ValueError, RecursionError):
+        return arguments
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 class ChoiceRepair:
@@ -1567,36 +1706,9 @@ class ChoiceRepair:
         out.append(ToolDelta(call.index, call.id, call.name, call.arguments))
 
 
-def _canonical(arguments: str) -> str:
-    """Arguments in one form, to see whether two calls are the same."""
-    value = _load_lenient(arguments)
-    try:
-        return arguments if value is None else json.dumps(value, sort_keys=True)
-    except (ValueError, RecursionError):
-        return arguments
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Repair core: whole responses and streams
 # ---------------------------------------------------------------------------------------------------
-
-def reasoning_field(message: dict) -> str:
-    """Where this server puts reasoning: ``reasoning_content`` (SGLang), or its alias ``reasoning``."""
-    return "reasoning" if "reasoning" in message and "reasoning_content" not in message else "reasoning_content"
-
-
-def reasoning_of(message: dict) -> str:
-    value = message.get(reasoning_field(message))
-    return value if isinstance(value, str) else ""
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
 
 def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair], bool]:
     """Repair a whole chat.completion in place: the same machinery as a stream, fed each field whole.
@@ -1639,12 +1751,45 @@ def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair
     return repairs, changed
 
 
-def _call_tuples(calls: Any) -> list:
-    out = []
-    for call in calls if isinstance(calls, list) else ():
-        function = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else {}
-        out.append((call.get("id") if isinstance(call, dict) else None, function.get("name"), function.get("arguments")))
-    return out
+def _unchanged(events: list, content: str | None, reasoning: str | None, calls: list | None) -> bool:
+    """Whether the events say exactly what the upstream delta said (text only: a delta with calls is
+    written anew, byte for byte the same when nothing changed)."""
+    if not events:
+        return not content and not reasoning and not calls
+    return len(events) == 1 and type(events[0]) is Text and not calls and not (content and reasoning) and \
+        events[0].text == (content if events[0].channel == "content" else reasoning)
+
+
+def _deltas(events: list, template: dict, key: str) -> list[dict]:
+    """Events as chunk deltas: one per run of events that a client may read in one delta (reasoning,
+    then content, then tool calls); the first keeps the upstream delta's other fields."""
+    deltas: list[dict] = []
+    current: dict = {}
+    rank = 3
+    for event in events:
+        r = (0 if event.channel == "reasoning" else 1) if type(event) is Text else 2
+        if r < rank or not deltas:
+            current = {}
+            deltas.append(current)
+        rank = r
+        if r == 0:
+            current[key] = current.get(key, "") + event.text
+        elif r == 1:
+            current["content"] = current.get("content", "") + event.text
+        else:
+            calls = current.setdefault("tool_calls", [])
+            if event.id is None and calls and calls[-1]["index"] == event.index:
+                calls[-1]["function"]["arguments"] += event.arguments
+            elif event.id is None:
+                calls.append({"index": event.index, "function": {"arguments": event.arguments}})
+            else:
+                calls.append({"index": event.index, "id": event.id, "type": "function",
+                              "function": {"name": event.name, "arguments": event.arguments}})
+    if deltas and template:
+        first = {k: (None if k in ("content", key, "tool_calls") else v) for k, v in template.items()}
+        first.update(deltas[0])
+        deltas[0] = first
+    return deltas
 
 
 class StreamRepair:
@@ -1770,138 +1915,51 @@ class StreamRepair:
         return b"data: " + json_dumps_compact(chunk) + b"\n\n"
 
 
-def _unchanged(events: list, content: str | None, reasoning: str | None, calls: list | None) -> bool:
-    """Whether the events say exactly what the upstream delta said (text only: a delta with calls is
-    written anew, byte for byte the same when nothing changed)."""
-    if not events:
-        return not content and not reasoning and not calls
-    return len(events) == 1 and type(events[0]) is Text and not calls and not (content and reasoning) and \
-        events[0].text == (content if events[0].channel == "content" else reasoning)
-
-
-def _deltas(events: list, template: dict, key: str) -> list[dict]:
-    """Events as chunk deltas: one per run of events that a client may read in one delta (reasoning,
-    then content, then tool calls); the first keeps the upstream delta's other fields."""
-    deltas: list[dict] = []
-    current: dict = {}
-    rank = 3
-    for event in events:
-        r = (0 if event.channel == "reasoning" else 1) if type(event) is Text else 2
-        if r < rank or not deltas:
-            current = {}
-            deltas.append(current)
-        rank = r
-        if r == 0:
-            current[key] = current.get(key, "") + event.text
-        elif r == 1:
-            current["content"] = current.get("content", "") + event.text
-        else:
-            calls = current.setdefault("tool_calls", [])
-            if event.id is None and calls and calls[-1]["index"] == event.index:
-                calls[-1]["function"]["arguments"] += event.arguments
-            elif event.id is None:
-                calls.append({"index": event.index, "function": {"arguments": event.arguments}})
-            else:
-                calls.append({"index": event.index, "id": event.id, "type": "function",
-                              "function": {"name": event.name, "arguments": event.arguments}})
-    if deltas and template:
-        first = {k: (None if k in ("content", key, "tool_calls") else v) for k, v in template.items()}
-        first.update(deltas[0])
-        deltas[0] = first
-    return deltas
-
-
-# ---------------------------------------------------------------------------------------------------
-# SSE and JSON codecs
-# ---------------------------------------------------------------------------------------------------
-
-def json_loads(data: bytes | str) -> Any:
-    """json.loads, by orjson when it is installed. Whatever orjson refuses (invalid JSON, but also
-    NaN or integers past 64 bits, which the stdlib accepts) is left to the stdlib, so the result
-    never depends on whether orjson is there."""
-    if orjson is not None:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(data)
-
-
-def json_dumps_compact(value: Any) -> bytes:
-    """Compact UTF-8 JSON, as SGLang writes its chunks."""
-    if orjson is not None:
-        try:
-            return orjson.dumps(value)
-        except TypeError:  # integers past 64 bits, lone surrogates
-            pass
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:  # a lone surrogate (a client cut a string mid-emoji): as an escape
-        return json.dumps(value, separators=(",", ":")).encode()
-
-
-class SSEDecoder:
-    """Bytes from the upstream in, the data of each complete event out (``decode``/``flush``).
-    Lines end in LF, as SGLang writes them, or CRLF; a lone CR (allowed by the SSE spec, used by no
-    OpenAI-compatible server we know) is not a line end here. A line longer than ``max_line`` bytes is
-    dropped whole (memory stays bounded) and counted in ``oversized``."""
-
-    def __init__(self, max_line: int = MAX_SSE_EVENT_BYTES) -> None:
-        self.max_line = max_line
-        self.oversized = 0
-        self._buffer = b""
-        self._data: list[bytes] = []
-        self._discarding = False  # inside an oversized line, until its end
-
-    def decode(self, chunk: bytes) -> list[bytes]:
-        buffer = self._buffer + chunk if self._buffer else chunk
-        lines = buffer.split(b"\n")
-        self._buffer = lines.pop()
-        events: list[bytes] = []
-        for line in lines:
-            if self._discarding:
-                self._discarding = False
-                continue
-            self._line(line, events)
-        if len(self._buffer) > self.max_line:
-            self._drop_oversized()
-        return events
-
-    def flush(self) -> list[bytes]:
-        events: list[bytes] = []
-        if self._buffer and not self._discarding:
-            self._line(self._buffer, events)
-        self._buffer = b""
-        self._line(b"", events)
-        return events
-
-    def _line(self, line: bytes, events: list[bytes]) -> None:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if not line:
-            if self._data:
-                events.append(self._data[0] if len(self._data) == 1 else b"\n".join(self._data))
-                self._data = []
-        elif line.startswith(b"data:"):
-            self._data.append(line[6:] if line.startswith(b"data: ") else line[5:])
-        # comments (":...") and other fields (event:, id:, retry:) carry nothing for us
-
-    def _drop_oversized(self) -> None:
-        self.oversized += 1
-        log.warning("upstream SSE line longer than %d bytes dropped", self.max_line)
-        self._buffer = b""
-        self._data = []
-        self._discarding = True
-
-
 # ---------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------
 
+def split_credentials(url: str) -> tuple[str, str]:
+    """(the URL without its userinfo, "user:password" percent-decoded): the URL is what kimiproxy
+    shows (on /, in the log), the credentials are only ever sent upstream."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not sep or not at:
+        return url, ""
+    user, colon, password = userinfo.partition(":")
+    return f"{scheme}://{host}{slash}{path}", f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+
+
+_KEY_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def parse_api_keys(raw: str) -> tuple[tuple[str, str], ...]:
+    """PROXY_API_KEY: keys separated by commas, each bare or with a name (``alice:KEY``). The name is what
+    the log and /metrics show; a bare key shows as a fingerprint of it (``key-1a2b3c4d``), never as itself.
+    So a key that itself holds a ':' needs a name."""
+    keys = []
+    for entry in raw.split(","):
+        entry = entry.strip()
+        name, colon, key = entry.partition(":")
+        if colon and not key.strip() and _KEY_NAME_RE.fullmatch(name.strip()):
+            raise ConfigError(f"PROXY_API_KEY: the entry for {name.strip()!r} has a name but no key")
+        if colon and not key.strip() and not name.strip():
+            raise ConfigError("PROXY_API_KEY: an entry is a ':' alone")
+        if colon and key.strip() and _KEY_NAME_RE.fullmatch(name.strip()):
+            keys.append((name.strip(), key.strip()))
+        elif entry:
+            keys.append(("key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry))
+    if raw.strip() and not keys:  # " , " would otherwise turn the check off
+        raise ConfigError("PROXY_API_KEY is set but holds no key: give at least one, or leave it empty to "
+                          "run without keys")
+    return tuple(keys)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every setting, with the environment variable that sets it. Names kept from the FastAPI proxy
-    that users already have in their .env: SGLANG_API_BASE, PROXY_HOST, PROXY_PORT, LOG_LEVEL,
+    """Every setting, with the environment variable that sets it. Names kept from the proxy kimiproxy
+    replaced, so the .env files users already have still work: SGLANG_API_BASE, PROXY_HOST, PROXY_PORT, LOG_LEVEL,
     LOG_FILE, ENABLE_FILE_LOGGING, FORWARD_TIMEOUT, ENABLE_STREAMING_TOOL_PARSER."""
     upstream: str = DEFAULT_UPSTREAM  # SGLANG_API_BASE: the upstream's /v1 base URL
     host: str = "127.0.0.1"  # PROXY_HOST (python kimiproxy.py only; hypercorn takes -b)
@@ -2014,43 +2072,6 @@ class Settings:
         )
 
 
-def split_credentials(url: str) -> tuple[str, str]:
-    """(the URL without its userinfo, "user:password" percent-decoded): the URL is what kimiproxy
-    shows (on /, in the log), the credentials are only ever sent upstream."""
-    scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if not sep or not at:
-        return url, ""
-    user, colon, password = userinfo.partition(":")
-    return f"{scheme}://{host}{slash}{path}", f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
-
-
-_KEY_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-
-
-def parse_api_keys(raw: str) -> tuple[tuple[str, str], ...]:
-    """PROXY_API_KEY: keys separated by commas, each bare or with a name (``alice:KEY``). The name is what
-    the log and /metrics show; a bare key shows as a fingerprint of it (``key-1a2b3c4d``), never as itself.
-    So a key that itself holds a ':' needs a name."""
-    keys = []
-    for entry in raw.split(","):
-        entry = entry.strip()
-        name, colon, key = entry.partition(":")
-        if colon and not key.strip() and _KEY_NAME_RE.fullmatch(name.strip()):
-            raise ConfigError(f"PROXY_API_KEY: the entry for {name.strip()!r} has a name but no key")
-        if colon and not key.strip() and not name.strip():
-            raise ConfigError("PROXY_API_KEY: an entry is a ':' alone")
-        if colon and key.strip() and _KEY_NAME_RE.fullmatch(name.strip()):
-            keys.append((name.strip(), key.strip()))
-        elif entry:
-            keys.append(("key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry))
-    if raw.strip() and not keys:  # " , " would otherwise turn the check off
-        raise ConfigError("PROXY_API_KEY is set but holds no key: give at least one, or leave it empty to "
-                          "run without keys")
-    return tuple(keys)
-
-
 def read_dotenv(paths: Iterable[Path]) -> dict[str, str]:
     """KEY=VALUE lines from the first .env file that exists (comments, quotes and "export " allowed).
     Variables already in the environment win, as with every dotenv tool."""
@@ -2120,22 +2141,6 @@ class ColorFormatter(logging.Formatter):
 LOG_FORMAT = "%(asctime)s %(levelname)-7s [%(request_id)s] %(message)s"
 
 
-def setup_logging(settings: Settings) -> None:
-    """Called by the entry points only (main(), or the app's start-up under hypercorn). Idempotent."""
-    log.setLevel(settings.log_level)
-    if getattr(log, "_kimiproxy_configured", False):
-        return
-    log._kimiproxy_configured = True  # type: ignore[attr-defined]
-    log.propagate = False
-    console = logging.StreamHandler(sys.stderr)
-    formatter = ColorFormatter if sys.stderr.isatty() else logging.Formatter
-    console.setFormatter(formatter(LOG_FORMAT))
-    console.addFilter(RequestIdFilter())  # also for records of child loggers
-    log.addHandler(console)
-    if settings.file_logging:
-        log.addHandler(file_handler(settings))
-
-
 class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """Log files created readable by their owner only (they hold previews of prompts and answers), and
     never opened through a symlink someone planted where the log goes."""
@@ -2158,6 +2163,22 @@ def file_handler(settings: Settings) -> logging.Handler:
     return handler
 
 
+def setup_logging(settings: Settings) -> None:
+    """Called by the entry points only (main(), or the app's start-up under hypercorn). Idempotent."""
+    log.setLevel(settings.log_level)
+    if getattr(log, "_kimiproxy_configured", False):
+        return
+    log._kimiproxy_configured = True  # type: ignore[attr-defined]
+    log.propagate = False
+    console = logging.StreamHandler(sys.stderr)
+    formatter = ColorFormatter if sys.stderr.isatty() else logging.Formatter
+    console.setFormatter(formatter(LOG_FORMAT))
+    console.addFilter(RequestIdFilter())  # also for records of child loggers
+    log.addHandler(console)
+    if settings.file_logging:
+        log.addHandler(file_handler(settings))
+
+
 def redact_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     out = {}
     for name, value in headers:
@@ -2173,10 +2194,6 @@ def summarize_request(request: dict, size: int) -> str:
     return (f"model={request.get('model')!r} stream={request.get('stream', False)} "
             f"messages={len(messages) if isinstance(messages, list) else '-'} "
             f"tools={tools} bytes={size}")
-
-
-def _preview(text: str) -> str:
-    return text if len(text) <= LOG_PREVIEW_CHARS else text[:LOG_PREVIEW_CHARS] + f"...(+{len(text) - LOG_PREVIEW_CHARS})"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2202,6 +2219,14 @@ METRICS_HELP = {
     "kimiproxy_upstream_first_byte_seconds": ("histogram", "Time from request to the upstream's response headers"),
     "kimiproxy_request_duration_seconds": ("histogram", "Time from request to the end of the response, by route"),
 }
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                     for k, v in labels)
+    return "{" + inner + "}"
 
 
 class Metrics:
@@ -2251,14 +2276,6 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _labels(labels: tuple[tuple[str, str], ...]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for k, v in labels)
-    return "{" + inner + "}"
-
-
 def route_label(path: str) -> str:
     """A bounded set of route labels: the known routes, else the first path segments."""
     if path in CHAT_PATHS or path in ("/v1/models", "/v1/completions", "/v1/embeddings"):
@@ -2267,10 +2284,9 @@ def route_label(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The upstream edge: SGLang over httpx
+# The client edge: what a request must be, and what kimiproxy writes anew of it
 # ---------------------------------------------------------------------------------------------------
 
-CHAT_PATHS = ("/v1/chat/completions", "/api/chat/completions")
 # A path segment as RFC 3986 allows it (pchar), percent-escapes included; one trailing slash allowed.
 _RAW_PATH_RE = re.compile(rb"(?:/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})+)+/?")
 _UNSAFE_SEGMENT_RE = re.compile(rb"[\x00-\x1f\x7f/\\]")  # in a segment once decoded
@@ -2282,7 +2298,7 @@ def checked_path(scope: dict) -> bytes:
     /abort_request...) beside /v1, and httpx resolves dot segments in a URL, so ``/v1/../shutdown``
     would reach them: a path with an empty segment, a "." or ".." segment in any spelling (``%2e``), a
     slash or backslash inside a segment (``%2f``, ``%5c``, ``\\``) or a control character is refused,
-    before any upstream connection. ``Upstream.url`` checks that httpx sends exactly this path."""
+    before any upstream connection. ``Upstream.request`` checks that httpx sends exactly this path."""
     raw = scope.get("raw_path") or urllib.parse.quote(scope["path"]).encode()
     refused = ClientError("the request path must not hold empty, '.' or '..' segments (in any spelling), "
                           "encoded slashes, backslashes or control characters", 400)
@@ -2295,6 +2311,160 @@ def checked_path(scope: dict) -> bytes:
             raise refused
     return raw
 
+
+def require_json(scope: dict) -> None:
+    """A POST to a proxied route must say its body is JSON (application/json, or a +json type). A web
+    page on another site can send a POST without asking first (a CORS preflight, which kimiproxy never
+    grants) only as a form, multipart or text/plain, or with no content type: none of them gets here,
+    so no page a user visits can spend the GPU through an anonymous kimiproxy on their machine."""
+    content_type = next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
+    media = content_type.split(b";", 1)[0].strip().lower()
+    if media != b"application/json" and not (media.startswith(b"application/") and media.endswith(b"+json")):
+        raise ClientError(f"Content-Type must be application/json, not {content_type.decode('latin-1')!r}", 415)
+
+
+def parse_chat_request(scope: dict, body: bytes) -> dict:
+    """The request as JSON, with the checks that give a clear 4xx instead of an upstream 500."""
+    require_json(scope)
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            raise ClientError("compressed request bodies are not supported", 415)
+    if len(body) > 2 * MAX_REQUEST_VALUES and len(body) - len(body.translate(None, _VALUE_BYTES)) > MAX_REQUEST_VALUES:
+        raise ClientError(f"request body holds more than {MAX_REQUEST_VALUES} JSON values", 413)
+    try:
+        request = json_loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ClientError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise ClientError(f"request body must be a JSON object, not {type(request).__name__}")
+    if not isinstance(request.get("messages"), list):
+        raise ClientError("'messages' must be a list of messages")
+    if len(request["messages"]) > MAX_REQUEST_MESSAGES:
+        raise ClientError(f"request holds more than {MAX_REQUEST_MESSAGES} messages", 413)
+    if "stream" in request and not isinstance(request["stream"], bool) and request["stream"] is not None:
+        raise ClientError("'stream' must be true or false")
+    if "tools" in request and not isinstance(request["tools"], (list, type(None))):
+        raise ClientError("'tools' must be a list")
+    return request
+
+
+def _usage_asked(request: dict) -> bool:
+    options = request.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _usage_option(request: dict) -> list[tuple[tuple, Any]]:
+    """The edit that asks the upstream for the stream's usage chunk (tokens are counted per key); the
+    client, which did not ask, does not get it. None when stream_options is not an object: SGLang says
+    what is wrong with it."""
+    options = request.get("stream_options", None)
+    if isinstance(options, dict) or options is None:
+        return [(("stream_options",), {**(options or {}), "include_usage": True})]
+    return []
+
+
+_JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
+_scan_value = json.JSONDecoder().scan_once  # (text, index) -> (value, end): the stdlib's own C scanner
+
+
+def _members(text: str, i: int, inner: str | None = None) -> tuple[list[tuple[Any, int, int]], list]:
+    """The (key, start, end) of each member of the JSON object at text[i], or (index, start, end) of
+    each element of the array there; with ``inner``, the elements of that member's array too (walked
+    once, not scanned twice). ValueError or IndexError where the text is not what it should be."""
+    closing = {"{": "}", "[": "]"}[text[i]]
+    found: list[tuple[Any, int, int]] = []
+    items: list = []
+    i = _JSON_SPACE_RE.match(text, i + 1).end()
+    while text[i] != closing:
+        if found:
+            if text[i] != ",":
+                raise ValueError("no ',' between members")
+            i = _JSON_SPACE_RE.match(text, i + 1).end()
+        key: Any = len(found)
+        if closing == "}":
+            if text[i] != '"':
+                raise ValueError("not a JSON object key")
+            key, i = json.decoder.scanstring(text, i + 1)
+            i = _JSON_SPACE_RE.match(text, i).end()
+            if text[i] != ":":
+                raise ValueError("no ':' after a key")
+            i = _JSON_SPACE_RE.match(text, i + 1).end()
+        if key == inner and text[i] == "[":
+            items, _ = _members(text, i)
+            end = _JSON_SPACE_RE.match(text, items[-1][2] if items else i + 1).end() + 1
+        else:
+            _, end = _scan_value(text, i)
+        found.append((key, i, end))
+        i = _JSON_SPACE_RE.match(text, end).end()
+    return found, items
+
+
+class _Places:
+    """Where each value of a JSON text is, found as the edits need them: each container's members
+    are walked once."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.top = _JSON_SPACE_RE.match(text).end()
+        self._seen: dict[int, list] = {}
+
+    def _of(self, start: int) -> list[tuple[Any, int, int]]:
+        if start not in self._seen:
+            found, items = _members(self.text, start, "messages" if start == self.top else None)
+            self._seen[start] = found
+            messages = [a for key, a, _ in found if key == "messages"]
+            if messages and self.text[messages[-1]] == "[":  # walked on the way: the last one, as parsed
+                self._seen[messages[-1]] = items
+        return self._seen[start]
+
+    def edit(self, path: tuple, value: Any) -> tuple[int, int, str]:
+        """(start, end, new text) that gives the value at ``path`` the new value; a member missing from
+        its object is added first in it."""
+        start = self.top
+        for depth, step in enumerate(path):
+            members = self._of(start)
+            place = next((m for m in reversed(members) if m[0] == step), None)  # the last of a repeated key
+            if place is None:
+                if depth < len(path) - 1 or not isinstance(step, str) or self.text[start] != "{":
+                    raise KeyError(step)
+                new = json_dumps_compact(step).decode() + ":" + json_dumps_compact(value).decode()
+                return start + 1, start + 1, new + ("," if members else "")
+            start = place[1]
+        return place[1], place[2], json_dumps_compact(value).decode()
+
+
+def rewrite_request(body: bytes, request: dict, edits: list[tuple[tuple, Any]]) -> bytes:
+    """The body for the upstream with kimiproxy's edits (each a path from the top of the request and
+    its new value: a restored reasoning, a history id, the usage option) written in place, and nothing
+    else written anew: every other byte is the client's, so what kimiproxy does not mean to change
+    arrives as sent (a 30-digit seed, 1e999, any nesting), in the body's own encoding. A body that
+    cannot be walked (nested past what the stdlib's scanner reads) goes as it came, unedited."""
+    if not edits:
+        return body
+    start = len(body) - len(body.lstrip())
+    if all(len(path) == 1 and path[0] not in request for path, _ in edits) and body[start:start + 1] == b"{" \
+            and body[start + 1:start + 2] != b"\x00":  # new top-level members only, in UTF-8: no walk needed
+        added = b"".join(json_dumps_compact(path[0]) + b":" + json_dumps_compact(value) + b"," for path, value in edits)
+        return body[:start + 1] + added + body[start + 1:]
+    try:
+        encoding = json.detect_encoding(body)
+        text = body.decode(encoding)
+        places = _Places(text)
+        spliced = sorted(places.edit(path, value) for path, value in edits)
+    except (UnicodeError, ValueError, IndexError, KeyError, TypeError, RecursionError) as exc:
+        log.warning("request not rewritten (%s: %s): sent upstream as it came", type(exc).__name__, exc)
+        return body
+    out, pos = [], 0
+    for a, b, new in spliced:
+        out += [text[pos:a], new]
+        pos = b
+    out.append(text[pos:])
+    return "".join(out).encode(encoding)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The upstream edge: SGLang over httpx
+# ---------------------------------------------------------------------------------------------------
 
 def upstream_failure(exc: httpx.HTTPError, url: Any) -> UpstreamError:
     """The one place where httpx's exceptions become ours. The client learns what kind of failure it
@@ -2345,6 +2515,14 @@ def end_to_end_headers(headers: Iterable[tuple[bytes, bytes]], dropped: frozense
             continue
         out.append((key, value))
     return out
+
+
+def parser_warning(parsers: dict[str, Any]) -> str | None:
+    if not parsers.get("tool_call_parser"):
+        return None
+    return (f"SGLang runs with --tool-call-parser {parsers['tool_call_parser']}: its parser drops the tool calls "
+            "it cannot parse before kimiproxy sees them. Restart SGLang without --tool-call-parser (keep "
+            "--reasoning-parser kimi_k2): kimiproxy then recovers every call from the model's own markup.")
 
 
 class Upstream:
@@ -2448,14 +2626,6 @@ class Upstream:
             await trio.sleep(PARSER_CHECK_INTERVAL)
 
 
-def parser_warning(parsers: dict[str, Any]) -> str | None:
-    if not parsers.get("tool_call_parser"):
-        return None
-    return (f"SGLang runs with --tool-call-parser {parsers['tool_call_parser']}: its parser drops the tool calls "
-            "it cannot parse before kimiproxy sees them. Restart SGLang without --tool-call-parser (keep "
-            "--reasoning-parser kimi_k2): kimiproxy then recovers every call from the model's own markup.")
-
-
 def body_chunks(response: httpx.Response) -> Any:
     """The response body as it arrives. kimiproxy asks for identity encoding where it reads bodies, so
     the raw bytes are the body and httpx's decoder layers can be skipped; an upstream that compresses
@@ -2478,40 +2648,573 @@ async def read_upstream_body(response: httpx.Response) -> bytes:
     return b"".join(parts)
 
 
-def require_json(scope: dict) -> None:
-    """A POST to a proxied route must say its body is JSON (application/json, or a +json type). A web
-    page on another site can send a POST without asking first (a CORS preflight, which kimiproxy never
-    grants) only as a form, multipart or text/plain, or with no content type: none of them gets here,
-    so no page a user visits can spend the GPU through an anonymous kimiproxy on their machine."""
-    content_type = next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
-    media = content_type.split(b";", 1)[0].strip().lower()
-    if media != b"application/json" and not (media.startswith(b"application/") and media.endswith(b"+json")):
-        raise ClientError(f"Content-Type must be application/json, not {content_type.decode('latin-1')!r}", 415)
+# ---------------------------------------------------------------------------------------------------
+# Files only kimiproxy's user can touch: the reasoning store and the captures
+# ---------------------------------------------------------------------------------------------------
+
+def private_directory(path: Path) -> None:
+    """Make ``path`` a directory only this user can enter (0700), or check that it is one: a real
+    directory (lstat: not a symlink), this user's, with no group or other bits. Another local user who
+    could write into it could plant files (a store's -wal, a capture's name) that kimiproxy would then
+    use. ValueError says what is wrong."""
+    with contextlib.suppress(FileExistsError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} is not a directory (a symlink is not accepted)")
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ValueError(f"{path} must belong to this user and be open to it alone (chmod 700 {path})")
 
 
-def parse_chat_request(scope: dict, body: bytes) -> dict:
-    """The request as JSON, with the checks that give a clear 4xx instead of an upstream 500."""
-    require_json(scope)
-    for name, value in scope["headers"]:
-        if name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
-            raise ClientError("compressed request bodies are not supported", 415)
-    if len(body) > MAX_REQUEST_VALUES and len(body) - len(body.translate(None, _VALUE_BYTES)) > MAX_REQUEST_VALUES:
-        raise ClientError(f"request body holds more than {MAX_REQUEST_VALUES} JSON values", 413)
+def private_file(path: Path | str) -> bool:
+    """Whether ``path`` exists; if it does, it must be a regular file (lstat: not a symlink), this
+    user's, with no group or other bits, or ValueError."""
     try:
-        request = json_loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise ClientError(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise ClientError(f"request body must be a JSON object, not {type(request).__name__}")
-    if not isinstance(request.get("messages"), list):
-        raise ClientError("'messages' must be a list of messages")
-    if len(request["messages"]) > MAX_REQUEST_MESSAGES:
-        raise ClientError(f"request holds more than {MAX_REQUEST_MESSAGES} messages", 413)
-    if "stream" in request and not isinstance(request["stream"], bool) and request["stream"] is not None:
-        raise ClientError("'stream' must be true or false")
-    if "tools" in request and not isinstance(request["tools"], (list, type(None))):
-        raise ClientError("'tools' must be a list")
-    return request
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ValueError(f"{path} must be a regular file of this user's, readable by it alone (chmod 600)")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reasoning continuity: the tool loop's reasoning, put back for clients that drop it
+# ---------------------------------------------------------------------------------------------------
+
+def turn_key(owner: str, before: Any, calls: Iterable[tuple[Any, Any, Any]]) -> str | None:
+    """An assistant turn as the client will send it back: who and which task (``owner``, see
+    ``loop_scope``), the message it answered (``before``: every tool loop's first call is
+    ``functions.NAME:0``, so two tasks opening with the same call differ there) and its calls' ids, names
+    and arguments, the arguments in one form (clients write them anew, compactly or in their own key
+    order). None for a turn too deeply nested to hash: it is neither remembered nor restored."""
+    answered = [before.get("role"), before.get("content")] if isinstance(before, dict) else None
+    parts = [owner, answered] + [[call_id, name, _canonical(arguments) if isinstance(arguments, str) else arguments]
+                                 for call_id, name, arguments in calls]
+    try:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()  # ASCII: escapes
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def loop_scope(key_name: str, messages: list) -> str:
+    """What a turn's reasoning belongs to: the access key it was delivered to (a user never gets another
+    user's reasoning) and the task, the conversation's first user message."""
+    first = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    try:
+        task = json.dumps(first, sort_keys=True)
+    except (ValueError, TypeError, RecursionError):
+        task = ""
+    return key_name + "\n" + task
+
+
+def turns_without_reasoning(request: dict) -> list[tuple[int, dict, Any, list]]:
+    """The assistant turns with tool calls and no reasoning in the current tool loop: (its position, the
+    turn, the message it answered, its calls). The loop is what follows the last assistant message without tool
+    calls: Kimi-K2-Thinking's chat template shows the model its earlier reasoning there, and blanks it
+    before."""
+    turns = []
+    messages = request["messages"]
+    for i in range(len(messages) - 1, 0, -1):
+        message = messages[i]
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            continue
+        calls = message.get("tool_calls")
+        if not calls or not isinstance(calls, list):
+            break
+        if not (message.get("reasoning_content") or message.get("reasoning")):
+            turns.append((i, message, messages[i - 1], _call_tuples(calls)))
+            if len(turns) == MAX_RESTORED_TURNS:  # what one request may cost in keys and look-ups
+                break
+    return turns
+
+
+STORE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the files of one SQLite database
+
+
+def default_store() -> str:
+    """REASONING_STORE's default: in this user's cache directory, never the shared temp directory. The
+    kimiproxy instances of one user all use it, each under its own port (``Exchange._loop``): they share
+    nothing unless they are given one REASONING_STORE."""
+    try:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no home directory: a private directory of our own in the temp directory
+        cache = Path(tempfile.gettempdir()) / f"kimiproxy-{os.getuid()}"
+    return str(cache / "kimiproxy" / "reasoning.sqlite3")
+
+
+class ReasoningStore:
+    """The reasoning of the assistant turns kimiproxy delivered with tool calls, by ``turn_key``, in a
+    SQLite file that every worker on the box shares (one writer at a time, WAL: readers never wait).
+    Bounded in entries, bytes and age; it outlives a restart (delete the file to forget), and nothing
+    else is kept. The file must be its owner's alone, and the text never reaches a log line. Its calls
+    block, so they run in a worker thread, one at a time per process. If the file cannot be opened,
+    continuity is off in this worker, with a warning; an operation that fails (another worker holding
+    the lock past STORE_BUSY_TIMEOUT) is skipped, with a warning; the proxy goes on either way."""
+
+    def __init__(self, settings: Settings, prune_every: int = STORE_PRUNE_EVERY, clock: Any = time.time) -> None:
+        self.path = settings.reasoning_store or default_store()
+        self.max_entries = settings.reasoning_max_entries
+        self.max_bytes = int(settings.reasoning_max_mb * 1024 * 1024)
+        self.max_age = settings.reasoning_max_hours * 3600
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._writes = 0
+        self._prune_every = prune_every
+        self._clock = clock  # wall-clock seconds: the file outlives processes
+        self._broken = False
+        self._limiter = trio.CapacityLimiter(1)  # its own: waiting exchanges do not hold trio's thread pool
+
+    @property
+    def usable(self) -> bool:
+        """False once the store was refused (until then, it has not been tried or it works)."""
+        return not self._broken
+
+    async def remember(self, turns: list[tuple[str, str]]) -> None:
+        """(key, reasoning) pairs."""
+        await trio.to_thread.run_sync(self._run, self._remember, turns, limiter=self._limiter)
+
+    async def recall(self, keys: list[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for start in range(0, len(keys), STORE_KEYS_PER_QUERY):
+            batch = keys[start:start + STORE_KEYS_PER_QUERY]
+            found.update(await trio.to_thread.run_sync(self._run, self._recall, batch, limiter=self._limiter) or {})
+        return found
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _run(self, operation: Any, *args: Any) -> Any:
+        with self._lock:
+            if self._broken:
+                return None
+            if self._db is None:
+                try:
+                    self._db = self._open()
+                except (sqlite3.Error, OSError, ValueError) as exc:
+                    self._broken = True
+                    log.warning("reasoning store %s cannot be used, reasoning continuity is off in this worker: "
+                                "%s", self.path, exc)
+                    return None
+            try:
+                return operation(self._db, *args)
+            except Exception as exc:  # busy past the timeout, a text SQLite refuses: this operation only
+                log.warning("reasoning store %s: %s skipped: %s", self.path, operation.__name__.strip("_"), exc)
+                return None
+
+    def _open(self) -> sqlite3.Connection:
+        # In a directory only this user can enter, and every file SQLite uses (the database, its WAL,
+        # shared memory and journal) this user's alone: a -wal planted by someone else would let them
+        # read every turn and forge the reasoning restored into another user's request.
+        private_directory(Path(self.path).parent)
+        for suffix in STORE_FILE_SUFFIXES:
+            private_file(self.path + suffix)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        private_file(self.path)
+        db = sqlite3.connect(self.path, timeout=STORE_BUSY_TIMEOUT, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        for suffix in STORE_FILE_SUFFIXES:  # as SQLite made them: with the database's own mode
+            private_file(self.path + suffix)
+        db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last turns: they are a cache
+        db.execute("CREATE TABLE IF NOT EXISTS reasoning (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
+                   "bytes INTEGER NOT NULL, created REAL NOT NULL)")
+        db.execute("CREATE INDEX IF NOT EXISTS reasoning_created ON reasoning (created)")
+        return db
+
+    def _remember(self, db: sqlite3.Connection, turns: list[tuple[str, str]]) -> None:
+        now = self._clock()
+        with db:
+            db.executemany("INSERT OR REPLACE INTO reasoning VALUES (?, ?, ?, ?)",
+                           [(key, text, len(text.encode("utf-8", "surrogatepass")), now) for key, text in turns])
+        if self._writes % self._prune_every == 0:
+            self._prune(db, now)
+        self._writes += 1
+
+    def _prune(self, db: sqlite3.Connection, now: float) -> None:
+        """The bounds, kept every ``prune_every`` writes (so passed by at most that many turns): the
+        too old go, then the oldest past the entry count, then the oldest past the bytes."""
+        with db:
+            db.execute("DELETE FROM reasoning WHERE created < ?", (now - self.max_age,))
+            db.execute("DELETE FROM reasoning WHERE key IN (SELECT key FROM reasoning ORDER BY created DESC "
+                       "LIMIT -1 OFFSET ?)", (self.max_entries,))
+            excess = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM reasoning").fetchone()[0] - self.max_bytes
+            if excess > 0:
+                db.execute("DELETE FROM reasoning WHERE key IN (SELECT key FROM (SELECT key, SUM(bytes) OVER "
+                           "(ORDER BY created, key) - bytes AS before FROM reasoning) WHERE before < ?)", (excess,))
+
+    def _recall(self, db: sqlite3.Connection, keys: list[str]) -> dict[str, str]:
+        marks = ",".join("?" * len(keys))
+        rows = db.execute(f"SELECT key, text FROM reasoning WHERE key IN ({marks}) AND created >= ?",
+                          (*keys, self._clock() - self.max_age))
+        return dict(rows.fetchall())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Capture and replay: every exchange that went wrong, as a file that replays offline
+# ---------------------------------------------------------------------------------------------------
+
+class Capture:
+    """One chat exchange as it happened: the request as the client sent it (secret headers redacted),
+    the upstream's events as they came (seconds after the request) and what the client got. It keeps
+    the bytes the exchange has anyway, up to CAPTURE_EXCHANGE_BYTES; it is written only with reasons."""
+
+    def __init__(self, exchange: "Exchange", body: bytes) -> None:
+        self.id, self.path, self.started_at = exchange.id, exchange.path, exchange.started_at
+        self.headers = redact_headers(exchange.scope["headers"])
+        self.body = body
+        self.stream = False
+        self.status: int | None = None  # the upstream's
+        self.upstream: list[tuple[float, bytes]] = []
+        self.client: list[bytes] = []
+        self.reasons: set[str] = set()
+        self.error: dict | None = None  # the error event a stream that broke off ended with
+        self.truncated = False
+        self._size = len(body)
+
+    def upstream_event(self, data: bytes) -> None:
+        if self._room(data):
+            self.upstream.append((time.monotonic() - self.started_at, data))
+
+    def client_data(self, data: bytes) -> None:
+        if self._room(data):
+            self.client.append(data)
+
+    def judge(self, choices: Iterable[tuple["ChoiceRepair", Message]]) -> None:
+        """The reasons to keep this exchange: a repair, markup left in the text, arguments not JSON.
+        ``choices``: each choice's repair and final message."""
+        for choice, final in choices:
+            if choice.repairs() or any(call.channel != "tool_calls" or call.rules for call in choice.sent):
+                self.reasons.add("repaired")
+            if any("arguments-not-json" in call.rules for call in choice.sent):
+                self.reasons.add("arguments-not-json")
+            if _MARKER_RE.search(final.content) or _MARKER_RE.search(final.reasoning):
+                self.reasons.add("markup-left")
+
+    def _room(self, data: bytes) -> bool:
+        self._size += len(data) + CAPTURE_EVENT_OVERHEAD
+        self.truncated |= self._size > CAPTURE_EXCHANGE_BYTES
+        return not self.truncated
+
+    def document(self) -> dict:
+        text = functools.partial(str, encoding="utf-8", errors="replace")
+        try:
+            request: Any = json_loads(self.body)
+        except (ValueError, RecursionError):
+            request = text(self.body)
+        return {"kimiproxy": __version__, "id": self.id, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "reasons": sorted(self.reasons), "path": self.path, "headers": self.headers, "request": request,
+                "stream": self.stream, "upstream_status": self.status,
+                "upstream_events": [[round(t, 4), text(data)] for t, data in self.upstream],
+                "upstream_broke_off": self.error, "client": text(b"".join(self.client)), "truncated": self.truncated}
+
+
+class CaptureDir:
+    """CAPTURE_DIR: one JSON file per kept exchange, readable by its owner only; past CAPTURE_MAX_FILES
+    or CAPTURE_MAX_MB the oldest go. Several workers may write and prune it at once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = Path(settings.capture_dir)
+        self.max_files = settings.capture_max_files
+        self.max_bytes = int(settings.capture_max_mb * 1024 * 1024)
+        self._refused: str | None = None  # why CAPTURE_DIR cannot be used, once found: captures are off
+
+    @property
+    def usable(self) -> bool:
+        return self._refused is None
+
+    async def write(self, capture: Capture) -> None:
+        await trio.to_thread.run_sync(self._write, capture)
+
+    def _write(self, capture: Capture) -> None:
+        if self._refused is not None:
+            return
+        try:
+            private_directory(self.path)  # like the store's: nobody else can plant or read a capture
+        except (OSError, ValueError) as exc:
+            self._refused = str(exc)
+            log.warning("CAPTURE_DIR cannot be used, captures are off in this worker: %s", exc)
+            return
+        # A name nobody can guess (the request id shows in every response): nothing can be planted there.
+        name = f"{CAPTURE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{capture.id}-{secrets.token_hex(8)}.json"
+        try:
+            data = json.dumps(capture.document(), indent=1).encode()
+            partial = self.path / (name + ".partial")
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with open(fd, "wb") as f:
+                f.write(data)
+            partial.replace(self.path / name)  # a reader never sees half a capture
+        except Exception as exc:  # a full disk, an odd request: the exchange is not the worse for it
+            log.warning("capture %s not written: %s", name, exc)
+            return
+        self._prune()
+        log.info("captured (%s) in %s", ", ".join(sorted(capture.reasons)), self.path / name)
+
+    def _prune(self) -> None:
+        """The oldest of kimiproxy's own captures go (regular files of this user's named like one, whatever
+        else is there), each on its own: one that cannot be removed does not keep the rest."""
+        files = []
+        for file in self.path.glob(CAPTURE_PREFIX + "*.json"):
+            with contextlib.suppress(OSError):  # another worker's prune got there first
+                st = os.lstat(file)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                    files.append((st.st_mtime, file.name, st.st_size, file))
+        files.sort()
+        total = sum(size for _, _, size, _ in files)
+        for count, (_, _, size, file) in zip(range(len(files), 0, -1), files):
+            if count <= self.max_files and total <= self.max_bytes:
+                break
+            try:
+                file.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("capture %s not pruned: %s", file, exc)
+            total -= size
+
+
+def stream_messages(body: bytes) -> list[dict]:
+    """A streamed chat completion as a client reads it: each choice's final message (``Message.as_dict``),
+    then any error event."""
+    texts: dict[int, dict] = {}
+    errors = []
+    decoder = SSEDecoder()
+    for data in decoder.decode(body) + decoder.flush():
+        try:
+            event = json_loads(data) if data != b"[DONE]" else {}
+        except ValueError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        if "error" in event:
+            errors.append(event["error"])
+        for choice in event.get("choices") or ():
+            m = texts.setdefault(choice.get("index", 0), {"content": "", "reasoning": "", "calls": {}, "finish": None})
+            delta = choice.get("delta") or {}
+            m["content"] += delta.get("content") or ""
+            m["reasoning"] += delta.get("reasoning_content") or delta.get("reasoning") or ""
+            for tc in delta.get("tool_calls") or ():
+                call = m["calls"].setdefault(tc.get("index", 0), [None, None, ""])
+                function = tc.get("function") or {}
+                call[0] = tc.get("id") or call[0]
+                call[1] = function.get("name") or call[1]
+                call[2] += function.get("arguments") or ""
+            m["finish"] = choice.get("finish_reason") or m["finish"]
+    finals = [Message(m["content"], m["reasoning"], tuple(map(tuple, m["calls"].values())), m["finish"], i)
+              for i, m in sorted(texts.items())]
+    return [final.as_dict() for final in finals] + [{"error": e} for e in errors]
+
+
+def completion_messages(completion: dict) -> list[dict]:
+    return [Message.of_choice(choice, m, i).as_dict() for i, (choice, m) in enumerate(_choices(completion))]
+
+
+def replay_capture(capture: dict) -> tuple[list[dict], list[dict]]:
+    """(what the client got then, what it gets now), as each choice's final message."""
+    if capture.get("truncated"):
+        raise ValueError("the capture is truncated (CAPTURE_EXCHANGE_BYTES): it cannot be replayed")
+    request = capture["request"]
+    ctx = RepairContext.from_request(request if isinstance(request, dict) else {"messages": []})
+    events = [data.encode() for _, data in capture["upstream_events"]]
+    if capture["stream"]:
+        repair = StreamRepair(ctx)
+        frames = [frame for data in events for frame in repair.feed(data)] + repair.close()
+        error = capture.get("upstream_broke_off")  # the stream ended with this error event, not [DONE]
+        now = stream_messages(b"".join(frames)) + ([{"error": error}] if error else [])
+        return stream_messages(capture["client"].encode()), now
+    completion = json_loads(events[0])
+    repair_completion(completion, ctx)
+    return completion_messages(json_loads(capture["client"])), completion_messages(completion)
+
+
+def replay(paths: list[str]) -> int:
+    """``python kimiproxy.py replay FILE...``: today's repair over each capture's upstream events,
+    offline; prints what a client gets now and, where it differs, the difference from what it got then.
+    Exit status 1 when any differs, 2 when a file is not a capture."""
+    status = 0
+    for path in paths:
+        try:
+            then, now = replay_capture(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            print(f"{path}: not a kimiproxy capture, or a truncated one: {type(exc).__name__}: {exc}")
+            status = 2
+            continue
+        old, new = (json.dumps(m, indent=2, ensure_ascii=False).splitlines() for m in (then, now))
+        print(f"{path}: {'same as' if old == new else 'differs from'} what the client got then")
+        print("\n".join(new))
+        if old != new:
+            status = status or 1
+            print("\n".join(difflib.unified_diff(old, new, "then", "now", lineterm="")))
+    return status
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the exchanges share
+# ---------------------------------------------------------------------------------------------------
+
+NO_KEY = "anonymous"  # the key name of every request when PROXY_API_KEY is not set
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.") or host.startswith("::ffff:127.")
+
+
+class Collector:
+    """Full garbage collections: once the proxy has been idle for ``idle_after`` seconds, or after
+    ``every`` finished requests when it never is.
+
+    Each connection leaves about 80 objects in reference cycles (Hypercorn's protocol objects, h11's
+    connection, trio's tasks and cancel scopes). A stream lives long enough for them to reach the
+    oldest generation, which CPython collects only after millions of allocations (GC_THRESHOLD makes
+    that rarer still): left to it, the worker's memory grows with every burst. Collecting when
+    nothing is in flight pauses no request; under constant load one pause per ``every`` requests
+    bounds the garbage (measured: about 1 ms after small requests, 50-75 ms with 500 streams open)."""
+
+    def __init__(self, idle_after: float = IDLE_COLLECT_AFTER, every: int = COLLECT_EVERY,
+                 collect: Any = gc.collect) -> None:
+        self.idle_after, self.every, self.collect = idle_after, every, collect
+        self.in_flight = 0
+        self.finished = 0  # since the last collection
+        self._due = trio.Event()
+
+    def begin(self) -> None:
+        self.in_flight += 1
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        self.finished += 1
+        if not self.in_flight or self.finished >= self.every:
+            self._due.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._due.wait()
+            self._due = trio.Event()
+            if self.finished < self.every:  # the proxy went idle: is it staying so?
+                await trio.sleep(self.idle_after)
+                if self.in_flight or self._due.is_set():
+                    continue
+            self.finished = 0
+            self.collect()
+
+
+class Proxy:
+    """What every exchange shares: the settings, the upstream, the metrics, the access keys, and the
+    count of requests in flight (the garbage collector's clock, in a serving process)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.upstream = Upstream(settings)
+        self.metrics = Metrics()
+        self.collector: Collector | None = None
+        self.reasoning = ReasoningStore(settings) if settings.restore_reasoning and settings.repair else None
+        self.captures = CaptureDir(settings) if settings.capture_dir else None
+        self._exposure_checked = False
+        self.bodies_held = 0  # bytes of request body the exchanges in flight hold (hold_body)
+        self._host_names = frozenset({socket.gethostname().lower(), *settings.allowed_hosts})  # see check_host
+
+    def hold_body(self, size: int) -> None:
+        """Count ``size`` more bytes of request body held by this worker, or refuse with a 503 past
+        MAX_BODIES_MB: a few clients each sending a maximal body at once must not take the box's memory."""
+        if self.bodies_held + size > self.settings.max_bodies_mb * 1024 * 1024:
+            err = ProxyError(f"kimiproxy is holding {self.settings.max_bodies_mb:g} MiB of request bodies "
+                             "(MAX_BODIES_MB): retry shortly", 503)
+            err.headers = ((b"retry-after", str(RETRY_AFTER_BUSY).encode()),)
+            raise err
+        self.bodies_held += size
+
+    def release_body(self, size: int) -> None:
+        self.bodies_held -= size
+
+    def begin(self) -> None:
+        if self.collector is not None:
+            self.collector.begin()
+
+    def end(self) -> None:
+        if self.collector is not None:
+            self.collector.end()
+
+    def check_host(self, scope: dict) -> None:
+        """Without PROXY_API_KEY, the Host a request names must be an IP address, localhost, this
+        machine's name or one in ALLOWED_HOSTS: a web page whose own name was made to resolve to
+        127.0.0.1 (DNS rebinding) names its own host, and is refused. With keys, such a page has none."""
+        if self.settings.api_keys or "*" in self.settings.allowed_hosts:
+            return
+        host = next((v for k, v in scope["headers"] if k == b"host"), None)
+        if host is None:
+            return  # HTTP/1.0 without Host: no browser sends that
+        name = host.decode("latin-1").strip().lower()
+        name = name[1:name.index("]")] if name.startswith("[") and "]" in name else name.rpartition(":")[0] or name
+        try:
+            ipaddress.ip_address(name)
+            return
+        except ValueError:
+            pass
+        if name == "localhost" or name.endswith(".localhost") or name in self._host_names:
+            return
+        raise ClientError(f"this kimiproxy has no PROXY_API_KEY and answers only to IP addresses, localhost and "
+                          f"its own host name, not {name[:64]!r}: set PROXY_API_KEY, or add the name to "
+                          f"ALLOWED_HOSTS", 403)
+
+    def authorise(self, scope: dict) -> str:
+        """With PROXY_API_KEY: ``Authorization: Bearer <one of the keys>``, compared in constant time
+        with every key, or a 401; returns the key's name. Without it, a warning once if the proxy answers
+        on a non-loopback address: anyone there can use the GPU."""
+        keys = self.settings.api_keys
+        if not keys:
+            if not self._exposure_checked:
+                self._exposure_checked = True
+                host = (scope.get("server") or ("", 0))[0]
+                if not _is_loopback(host):
+                    log.warning("kimiproxy is reachable on %s without PROXY_API_KEY: anyone on the network can "
+                                "use the GPU. Set PROXY_API_KEY, or bind to 127.0.0.1.", host)
+            return NO_KEY
+        presented = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        token = presented[7:].strip() if presented[:7].lower() == b"bearer " else b""
+        matched = None
+        for name, key in keys:
+            if hmac.compare_digest(token, key.encode()):
+                matched = name
+        if matched is None:
+            err = ClientError("invalid or missing API key: send Authorization: Bearer <PROXY_API_KEY>", 401)
+            err.error_type = "authentication_error"
+            raise err
+        return matched
+
+    def report_repairs(self, repairs: list[ChoiceRepair]) -> int:
+        """One log line per call that needed a repair (what, from where, by which rules), one for the
+        text-level repairs, and the metrics. Returns the number of repairs."""
+        metrics = self.metrics
+        total = 0
+        for repair in repairs:
+            for call in repair.sent:
+                if call.channel == "tool_calls" and not call.rules:
+                    continue  # a structured call that needed nothing
+                channel = CHANNEL_FIELDS[call.channel]
+                log.info("repair: %s tool call %s (%s) from %s by rules [%s]",
+                         "repaired" if call.channel == "tool_calls" else "recovered", call.id, call.name, channel,
+                         ", ".join(call.rules) or "markup")
+                if "arguments-not-json" in call.rules:
+                    log.warning("repair: arguments of %s are not JSON and could not be repaired; passed on "
+                                "as written", call.id)
+                if call.channel != "tool_calls":
+                    metrics.inc("kimiproxy_tool_calls_recovered_total", channel=channel)
+                for rule in call.rules:
+                    metrics.inc("kimiproxy_repairs_total", rule=rule)
+                total += len(call.rules) or 1
+            text_repairs = repair.repairs()
+            if text_repairs:
+                log.info("repair: text %s", ", ".join(f"{k}={v}" for k, v in sorted(text_repairs.items())))
+            for rule, count in text_repairs.items():
+                metrics.inc("kimiproxy_repairs_total", count, rule=rule)
+                total += count
+        return total
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2532,6 +3235,34 @@ class Reply(enum.Enum):
 class _Last:
     """The last frames of a stream: the response ends with them."""
     data: bytes
+
+
+async def _put(frames: Any, item: Any) -> None:
+    """To the writer, without a checkpoint while there is room: httpx yields the events of one socket
+    read one by one without one either, so a burst piles up and goes out in one write, not one per
+    event (3x less CPU per event, benchmark); a paced event goes out at once, the writer wakes as the
+    relay waits for the upstream."""
+    try:
+        frames.send_nowait(item)
+    except trio.WouldBlock:
+        await frames.send(item)
+    except trio.BrokenResourceError:  # the writer left: the client has gone, and this task is cancelled
+        await trio.lowlevel.checkpoint()
+
+
+_REQUEST_ID_PREFIX = os.urandom(4).hex()  # per process: ids stay unique across workers
+
+
+_REQUEST_COUNTER = itertools.count(1)
+
+
+def _request_id(scope: dict) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1").strip()
+            if re.fullmatch(r"[\w.\-:]{1,128}", candidate):
+                return candidate
+    return f"{_REQUEST_ID_PREFIX}-{next(_REQUEST_COUNTER):06x}"
 
 
 class Exchange:
@@ -2559,13 +3290,13 @@ class Exchange:
         self.upstream: httpx.Response | None = None
         self.upstream_closed = False
         self._nursery: trio.Nursery | None = None
-        self.key = "-"  # the access key's name, once authorised
+        self.key_name = "-"  # the access key's name, once authorised
         self.capture: Capture | None = None  # with CAPTURE_DIR: what happened, for a capture file
         self.usage: Any = None  # the upstream's token counts
         self.repairs = 0
         self.delivered: list[Message] = []  # a stream's choices as the client got them
         self.messages: list = []  # the chat request's, as the client sent them
-        self._scope: str | None = None  # who and which task its turns' reasoning belongs to (loop_scope)
+        self._owner: str | None = None  # whose turns, of which task: the reasoning store's scope (loop_scope)
 
     async def run(self, chat: bool) -> None:
         token = REQUEST_ID.set(self.id)
@@ -2597,7 +3328,7 @@ class Exchange:
             log.debug("headers %s", redact_headers(self.scope["headers"]))
         self.target = checked_path(self.scope)
         self.proxy.check_host(self.scope)
-        self.key = self.proxy.authorise(self.scope)
+        self.key_name = self.proxy.authorise(self.scope)
         body = await self._read_body()
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_client)
@@ -2656,14 +3387,15 @@ class Exchange:
         return edits
 
     def _loop(self) -> str:
-        if self._scope is None:
-            who = self.key
+        """Whose turns these are, of which task (loop_scope): what every turn_key of this exchange starts with."""
+        if self._owner is None:
+            who = self.key_name
             if who == NO_KEY:  # no keys to tell users apart: the address a client comes from stands in
                 who += "@" + str((self.scope.get("client") or ("-",))[0])
             if not self.proxy.settings.reasoning_store:  # the default store: each instance (port) its own
                 who += " port " + str((self.scope.get("server") or (None, None))[1])
-            self._scope = loop_scope(who, self.messages)
-        return self._scope
+            self._owner = loop_scope(who, self.messages)
+        return self._owner
 
     async def _remember(self, turns: Iterable[Message]) -> None:
         """Remember the reasoning of turns with calls, as delivered, before the client has them: its
@@ -2999,748 +3731,31 @@ class Exchange:
         gone = self.reply is Reply.GONE
         metrics.inc("kimiproxy_requests_total", route=route, status="499" if gone else str(self.status))
         metrics.observe("kimiproxy_request_duration_seconds", elapsed, route=route)
-        metrics.inc("kimiproxy_key_requests_total", key=self.key)
+        metrics.inc("kimiproxy_key_requests_total", key=self.key_name)
         usage = self.usage if isinstance(self.usage, dict) else {}
         for kind in ("prompt", "completion"):
             tokens = usage.get(f"{kind}_tokens")
             if type(tokens) is int and tokens > 0:
-                metrics.inc("kimiproxy_key_tokens_total", tokens, key=self.key, type=kind)
+                metrics.inc("kimiproxy_key_tokens_total", tokens, key=self.key_name, type=kind)
         if self.repairs:
-            metrics.inc("kimiproxy_key_repairs_total", self.repairs, key=self.key)
+            metrics.inc("kimiproxy_key_repairs_total", self.repairs, key=self.key_name)
         if self.first_byte is not None:
             metrics.observe("kimiproxy_upstream_first_byte_seconds", self.first_byte)
         if gone:
             metrics.inc("kimiproxy_client_disconnects_total",
                         upstream_closed="true" if self.upstream_closed else "no_upstream")
             log.warning("%s %s: client disconnected after %.3fs (upstream %s, key %s)", self.method, self.path,
-                        elapsed, "closed" if self.upstream_closed else "not open", self.key)
+                        elapsed, "closed" if self.upstream_closed else "not open", self.key_name)
         else:
             first = f"{self.first_byte:.3f}s" if self.first_byte is not None else "-"
             tokens = f", tokens {usage.get('prompt_tokens')}+{usage.get('completion_tokens')}" if usage else ""
             log.info("%s %s -> %s in %.3fs (upstream first byte %s, %d bytes out%s, key %s)", self.method,
-                     self.path, self.status or "-", elapsed, first, self.bytes, tokens, self.key)
-
-
-async def _put(frames: Any, item: Any) -> None:
-    """To the writer, without a checkpoint while there is room: httpx yields the events of one socket
-    read one by one without one either, so a burst piles up and goes out in one write, not one per
-    event (3x less CPU per event, benchmark); a paced event goes out at once, the writer wakes as the
-    relay waits for the upstream."""
-    try:
-        frames.send_nowait(item)
-    except trio.WouldBlock:
-        await frames.send(item)
-    except trio.BrokenResourceError:  # the writer left: the client has gone, and this task is cancelled
-        await trio.lowlevel.checkpoint()
-
-
-def _usage_asked(request: dict) -> bool:
-    options = request.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
-def _usage_option(request: dict) -> list[tuple[tuple, Any]]:
-    """The edit that asks the upstream for the stream's usage chunk (tokens are counted per key); the
-    client, which did not ask, does not get it. None when stream_options is not an object: SGLang says
-    what is wrong with it."""
-    options = request.get("stream_options", None)
-    if isinstance(options, dict) or options is None:
-        return [(("stream_options",), {**(options or {}), "include_usage": True})]
-    return []
-
-
-def _ask_usage(body: bytes, request: dict) -> bytes:
-    return rewrite_request(body, request, _usage_option(request))
-
-
-_JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
-_scan_value = json.JSONDecoder().scan_once  # (text, index) -> (value, end): the stdlib's own C scanner
-
-
-def _members(text: str, i: int, inner: str | None = None) -> tuple[list[tuple[Any, int, int]], list]:
-    """The (key, start, end) of each member of the JSON object at text[i], or (index, start, end) of
-    each element of the array there; with ``inner``, the elements of that member's array too (walked
-    once, not scanned twice). ValueError or IndexError where the text is not what it should be."""
-    closing = {"{": "}", "[": "]"}[text[i]]
-    found: list[tuple[Any, int, int]] = []
-    items: list = []
-    i = _JSON_SPACE_RE.match(text, i + 1).end()
-    while text[i] != closing:
-        if found:
-            if text[i] != ",":
-                raise ValueError("no ',' between members")
-            i = _JSON_SPACE_RE.match(text, i + 1).end()
-        key: Any = len(found)
-        if closing == "}":
-            if text[i] != '"':
-                raise ValueError("not a JSON object key")
-            key, i = json.decoder.scanstring(text, i + 1)
-            i = _JSON_SPACE_RE.match(text, i).end()
-            if text[i] != ":":
-                raise ValueError("no ':' after a key")
-            i = _JSON_SPACE_RE.match(text, i + 1).end()
-        if key == inner and text[i] == "[":
-            items, _ = _members(text, i)
-            end = _JSON_SPACE_RE.match(text, items[-1][2] if items else i + 1).end() + 1
-        else:
-            _, end = _scan_value(text, i)
-        found.append((key, i, end))
-        i = _JSON_SPACE_RE.match(text, end).end()
-    return found, items
-
-
-class _Places:
-    """Where each value of a JSON text is, found as the edits need them: each container's members
-    are walked once."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.top = _JSON_SPACE_RE.match(text).end()
-        self._seen: dict[int, list] = {}
-
-    def _of(self, start: int) -> list[tuple[Any, int, int]]:
-        if start not in self._seen:
-            found, items = _members(self.text, start, "messages" if start == self.top else None)
-            self._seen[start] = found
-            messages = [a for key, a, _ in found if key == "messages"]
-            if messages and self.text[messages[-1]] == "[":  # walked on the way: the last one, as parsed
-                self._seen[messages[-1]] = items
-        return self._seen[start]
-
-    def edit(self, path: tuple, value: Any) -> tuple[int, int, str]:
-        """(start, end, new text) that gives the value at ``path`` the new value; a member missing from
-        its object is added first in it."""
-        start = self.top
-        for depth, step in enumerate(path):
-            members = self._of(start)
-            place = next((m for m in reversed(members) if m[0] == step), None)  # the last of a repeated key
-            if place is None:
-                if depth < len(path) - 1 or not isinstance(step, str) or self.text[start] != "{":
-                    raise KeyError(step)
-                new = json_dumps_compact(step).decode() + ":" + json_dumps_compact(value).decode()
-                return start + 1, start + 1, new + ("," if members else "")
-            start = place[1]
-        return place[1], place[2], json_dumps_compact(value).decode()
-
-
-def rewrite_request(body: bytes, request: dict, edits: list[tuple[tuple, Any]]) -> bytes:
-    """The body for the upstream with kimiproxy's edits (each a path from the top of the request and
-    its new value: a restored reasoning, a history id, the usage option) written in place, and nothing
-    else written anew: every other byte is the client's, so what kimiproxy does not mean to change
-    arrives as sent (a 30-digit seed, 1e999, any nesting), in the body's own encoding. A body that
-    cannot be walked (nested past what the stdlib's scanner reads) goes as it came, unedited."""
-    if not edits:
-        return body
-    start = len(body) - len(body.lstrip())
-    if all(len(path) == 1 and path[0] not in request for path, _ in edits) and body[start:start + 1] == b"{" \
-            and body[start + 1:start + 2] != b"\x00":  # new top-level members only, in UTF-8: no walk needed
-        added = b"".join(json_dumps_compact(path[0]) + b":" + json_dumps_compact(value) + b"," for path, value in edits)
-        return body[:start + 1] + added + body[start + 1:]
-    try:
-        encoding = json.detect_encoding(body)
-        text = body.decode(encoding)
-        places = _Places(text)
-        spliced = sorted(places.edit(path, value) for path, value in edits)
-    except (UnicodeError, ValueError, IndexError, KeyError, TypeError, RecursionError) as exc:
-        log.warning("request not rewritten (%s: %s): sent upstream as it came", type(exc).__name__, exc)
-        return body
-    out, pos = [], 0
-    for a, b, new in spliced:
-        out += [text[pos:a], new]
-        pos = b
-    out.append(text[pos:])
-    return "".join(out).encode(encoding)
-
-
-def _choices(completion: dict) -> Iterator[tuple[dict, dict]]:
-    """A whole chat completion's (choice, message) pairs that are well-formed."""
-    choices = completion.get("choices")
-    for choice in choices if isinstance(choices, list) else ():
-        if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
-            yield choice, choice["message"]
-
-
-def _request_id(scope: dict) -> str:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            candidate = value.decode("latin-1").strip()
-            if re.fullmatch(r"[\w.\-:]{1,128}", candidate):
-                return candidate
-    return f"{_REQUEST_ID_PREFIX}-{next(_REQUEST_COUNTER):06x}"
-
-
-_REQUEST_ID_PREFIX = os.urandom(4).hex()  # per process: ids stay unique across workers
-_REQUEST_COUNTER = itertools.count(1)
+                     self.path, self.status or "-", elapsed, first, self.bytes, tokens, self.key_name)
 
 
 # ---------------------------------------------------------------------------------------------------
-# What the exchanges share, and the server process
+# The server process: what a process that exists to serve does at start
 # ---------------------------------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------------------------------
-# Files only kimiproxy's user can touch: the reasoning store and the captures
-# ---------------------------------------------------------------------------------------------------
-
-def private_directory(path: Path) -> None:
-    """Make ``path`` a directory only this user can enter (0700), or check that it is one: a real
-    directory (lstat: not a symlink), this user's, with no group or other bits. Another local user who
-    could write into it could plant files (a store's -wal, a capture's name) that kimiproxy would then
-    use. ValueError says what is wrong."""
-    with contextlib.suppress(FileExistsError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir(mode=0o700)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"{path} is not a directory (a symlink is not accepted)")
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise ValueError(f"{path} must belong to this user and be open to it alone (chmod 700 {path})")
-
-
-def private_file(path: Path | str) -> bool:
-    """Whether ``path`` exists; if it does, it must be a regular file (lstat: not a symlink), this
-    user's, with no group or other bits, or ValueError."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise ValueError(f"{path} must be a regular file of this user's, readable by it alone (chmod 600)")
-    return True
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reasoning continuity: the tool loop's reasoning, put back for clients that drop it
-# ---------------------------------------------------------------------------------------------------
-
-def turn_key(scope: str, before: Any, calls: Iterable[tuple[Any, Any, Any]]) -> str | None:
-    """An assistant turn as the client will send it back: who and which task (``scope``, see
-    ``loop_scope``), the message it answered (``before``: every tool loop's first call is
-    ``functions.NAME:0``, so two tasks opening with the same call differ there) and its calls' ids, names
-    and arguments, the arguments in one form (clients write them anew, compactly or in their own key
-    order). None for a turn too deeply nested to hash: it is neither remembered nor restored."""
-    answered = [before.get("role"), before.get("content")] if isinstance(before, dict) else None
-    parts = [scope, answered] + [[call_id, name, _canonical(arguments) if isinstance(arguments, str) else arguments]
-                                 for call_id, name, arguments in calls]
-    try:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()  # ASCII: escapes
-    except (ValueError, TypeError, RecursionError):
-        return None
-
-
-def loop_scope(key_name: str, messages: list) -> str:
-    """What a turn's reasoning belongs to: the access key it was delivered to (a user never gets another
-    user's reasoning) and the task, the conversation's first user message."""
-    first = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
-    try:
-        task = json.dumps(first, sort_keys=True)
-    except (ValueError, TypeError, RecursionError):
-        task = ""
-    return key_name + "\n" + task
-
-
-def turns_without_reasoning(request: dict) -> list[tuple[int, dict, Any, list]]:
-    """The assistant turns with tool calls and no reasoning in the current tool loop: (its position, the
-    turn, the message it answered, its calls). The loop is what follows the last assistant message without tool
-    calls: Kimi-K2-Thinking's chat template shows the model its earlier reasoning there, and blanks it
-    before."""
-    turns = []
-    messages = request["messages"]
-    for i in range(len(messages) - 1, 0, -1):
-        message = messages[i]
-        if not isinstance(message, dict) or message.get("role") != "assistant":
-            continue
-        calls = message.get("tool_calls")
-        if not calls or not isinstance(calls, list):
-            break
-        if not (message.get("reasoning_content") or message.get("reasoning")):
-            turns.append((i, message, messages[i - 1], _call_tuples(calls)))
-            if len(turns) == MAX_RESTORED_TURNS:  # what one request may cost in keys and look-ups
-                break
-    return turns
-
-
-STORE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the files of one SQLite database
-
-
-def default_store() -> str:
-    """REASONING_STORE's default: in this user's cache directory, never the shared temp directory. The
-    kimiproxy instances of one user all use it, each under its own port (``Exchange._loop``): they share
-    nothing unless they are given one REASONING_STORE."""
-    try:
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    except RuntimeError:  # no home directory: a private directory of our own in the temp directory
-        cache = Path(tempfile.gettempdir()) / f"kimiproxy-{os.getuid()}"
-    return str(cache / "kimiproxy" / "reasoning.sqlite3")
-
-
-class ReasoningStore:
-    """The reasoning of the assistant turns kimiproxy delivered with tool calls, by ``turn_key``, in a
-    SQLite file that every worker on the box shares (one writer at a time, WAL: readers never wait).
-    Bounded in entries, bytes and age; it outlives a restart (delete the file to forget), and nothing
-    else is kept. The file must be its owner's alone, and the text never reaches a log line. Its calls
-    block, so they run in a worker thread, one at a time per process. If the file cannot be opened,
-    continuity is off in this worker, with a warning; an operation that fails (another worker holding
-    the lock past STORE_BUSY_TIMEOUT) is skipped, with a warning; the proxy goes on either way."""
-
-    def __init__(self, settings: Settings, prune_every: int = STORE_PRUNE_EVERY, clock: Any = time.time) -> None:
-        self.path = settings.reasoning_store or default_store()
-        self.max_entries = settings.reasoning_max_entries
-        self.max_bytes = int(settings.reasoning_max_mb * 1024 * 1024)
-        self.max_age = settings.reasoning_max_hours * 3600
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-        self._writes = 0
-        self._prune_every = prune_every
-        self._clock = clock  # wall-clock seconds: the file outlives processes
-        self._broken = False
-        self._limiter = trio.CapacityLimiter(1)  # its own: waiting exchanges do not hold trio's thread pool
-
-    @property
-    def usable(self) -> bool:
-        """False once the store was refused (until then, it has not been tried or it works)."""
-        return not self._broken
-
-    async def remember(self, turns: list[tuple[str, str]]) -> None:
-        """(key, reasoning) pairs."""
-        await trio.to_thread.run_sync(self._run, self._remember, turns, limiter=self._limiter)
-
-    async def recall(self, keys: list[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for start in range(0, len(keys), STORE_KEYS_PER_QUERY):
-            batch = keys[start:start + STORE_KEYS_PER_QUERY]
-            found.update(await trio.to_thread.run_sync(self._run, self._recall, batch, limiter=self._limiter) or {})
-        return found
-
-    async def aclose(self) -> None:
-        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
-
-    def _close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-    def _run(self, operation: Any, *args: Any) -> Any:
-        with self._lock:
-            if self._broken:
-                return None
-            if self._db is None:
-                try:
-                    self._db = self._open()
-                except (sqlite3.Error, OSError, ValueError) as exc:
-                    self._broken = True
-                    log.warning("reasoning store %s cannot be used, reasoning continuity is off in this worker: "
-                                "%s", self.path, exc)
-                    return None
-            try:
-                return operation(self._db, *args)
-            except Exception as exc:  # busy past the timeout, a text SQLite refuses: this operation only
-                log.warning("reasoning store %s: %s skipped: %s", self.path, operation.__name__.strip("_"), exc)
-                return None
-
-    def _open(self) -> sqlite3.Connection:
-        # In a directory only this user can enter, and every file SQLite uses (the database, its WAL,
-        # shared memory and journal) this user's alone: a -wal planted by someone else would let them
-        # read every turn and forge the reasoning restored into another user's request.
-        private_directory(Path(self.path).parent)
-        for suffix in STORE_FILE_SUFFIXES:
-            private_file(self.path + suffix)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-        private_file(self.path)
-        db = sqlite3.connect(self.path, timeout=STORE_BUSY_TIMEOUT, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        for suffix in STORE_FILE_SUFFIXES:  # as SQLite made them: with the database's own mode
-            private_file(self.path + suffix)
-        db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last turns: they are a cache
-        db.execute("CREATE TABLE IF NOT EXISTS reasoning (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
-                   "bytes INTEGER NOT NULL, created REAL NOT NULL)")
-        db.execute("CREATE INDEX IF NOT EXISTS reasoning_created ON reasoning (created)")
-        return db
-
-    def _remember(self, db: sqlite3.Connection, turns: list[tuple[str, str]]) -> None:
-        now = self._clock()
-        with db:
-            db.executemany("INSERT OR REPLACE INTO reasoning VALUES (?, ?, ?, ?)",
-                           [(key, text, len(text.encode("utf-8", "surrogatepass")), now) for key, text in turns])
-        if self._writes % self._prune_every == 0:
-            self._prune(db, now)
-        self._writes += 1
-
-    def _prune(self, db: sqlite3.Connection, now: float) -> None:
-        """The bounds, kept every ``prune_every`` writes (so passed by at most that many turns): the
-        too old go, then the oldest past the entry count, then the oldest past the bytes."""
-        with db:
-            db.execute("DELETE FROM reasoning WHERE created < ?", (now - self.max_age,))
-            db.execute("DELETE FROM reasoning WHERE key IN (SELECT key FROM reasoning ORDER BY created DESC "
-                       "LIMIT -1 OFFSET ?)", (self.max_entries,))
-            excess = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM reasoning").fetchone()[0] - self.max_bytes
-            if excess > 0:
-                db.execute("DELETE FROM reasoning WHERE key IN (SELECT key FROM (SELECT key, SUM(bytes) OVER "
-                           "(ORDER BY created, key) - bytes AS before FROM reasoning) WHERE before < ?)", (excess,))
-
-    def _recall(self, db: sqlite3.Connection, keys: list[str]) -> dict[str, str]:
-        marks = ",".join("?" * len(keys))
-        rows = db.execute(f"SELECT key, text FROM reasoning WHERE key IN ({marks}) AND created >= ?",
-                          (*keys, self._clock() - self.max_age))
-        return dict(rows.fetchall())
-
-
-# ---------------------------------------------------------------------------------------------------
-# Capture and replay: every exchange that went wrong, as a file that replays offline
-# ---------------------------------------------------------------------------------------------------
-
-class Capture:
-    """One chat exchange as it happened: the request as the client sent it (secret headers redacted),
-    the upstream's events as they came (seconds after the request) and what the client got. It keeps
-    the bytes the exchange has anyway, up to CAPTURE_EXCHANGE_BYTES; it is written only with reasons."""
-
-    def __init__(self, exchange: "Exchange", body: bytes) -> None:
-        self.id, self.path, self.started_at = exchange.id, exchange.path, exchange.started_at
-        self.headers = redact_headers(exchange.scope["headers"])
-        self.body = body
-        self.stream = False
-        self.status: int | None = None  # the upstream's
-        self.upstream: list[tuple[float, bytes]] = []
-        self.client: list[bytes] = []
-        self.reasons: set[str] = set()
-        self.error: dict | None = None  # the error event a stream that broke off ended with
-        self.truncated = False
-        self._size = len(body)
-
-    def upstream_event(self, data: bytes) -> None:
-        if self._room(data):
-            self.upstream.append((time.monotonic() - self.started_at, data))
-
-    def client_data(self, data: bytes) -> None:
-        if self._room(data):
-            self.client.append(data)
-
-    def judge(self, choices: Iterable[tuple["ChoiceRepair", Message]]) -> None:
-        """The reasons to keep this exchange: a repair, markup left in the text, arguments not JSON.
-        ``choices``: each choice's repair and final message."""
-        for choice, final in choices:
-            if choice.repairs() or any(call.channel != "tool_calls" or call.rules for call in choice.sent):
-                self.reasons.add("repaired")
-            if any("arguments-not-json" in call.rules for call in choice.sent):
-                self.reasons.add("arguments-not-json")
-            if _MARKER_RE.search(final.content) or _MARKER_RE.search(final.reasoning):
-                self.reasons.add("markup-left")
-
-    def _room(self, data: bytes) -> bool:
-        self._size += len(data) + CAPTURE_EVENT_OVERHEAD
-        self.truncated |= self._size > CAPTURE_EXCHANGE_BYTES
-        return not self.truncated
-
-    def document(self) -> dict:
-        text = functools.partial(str, encoding="utf-8", errors="replace")
-        try:
-            request: Any = json_loads(self.body)
-        except (ValueError, RecursionError):
-            request = text(self.body)
-        return {"kimiproxy": __version__, "id": self.id, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "reasons": sorted(self.reasons), "path": self.path, "headers": self.headers, "request": request,
-                "stream": self.stream, "upstream_status": self.status,
-                "upstream_events": [[round(t, 4), text(data)] for t, data in self.upstream],
-                "upstream_broke_off": self.error, "client": text(b"".join(self.client)), "truncated": self.truncated}
-
-
-class CaptureDir:
-    """CAPTURE_DIR: one JSON file per kept exchange, readable by its owner only; past CAPTURE_MAX_FILES
-    or CAPTURE_MAX_MB the oldest go. Several workers may write and prune it at once."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.path = Path(settings.capture_dir)
-        self.max_files = settings.capture_max_files
-        self.max_bytes = int(settings.capture_max_mb * 1024 * 1024)
-        self._refused: str | None = None  # why CAPTURE_DIR cannot be used, once found: captures are off
-
-    @property
-    def usable(self) -> bool:
-        return self._refused is None
-
-    async def write(self, capture: Capture) -> None:
-        await trio.to_thread.run_sync(self._write, capture)
-
-    def _write(self, capture: Capture) -> None:
-        if self._refused is not None:
-            return
-        try:
-            private_directory(self.path)  # like the store's: nobody else can plant or read a capture
-        except (OSError, ValueError) as exc:
-            self._refused = str(exc)
-            log.warning("CAPTURE_DIR cannot be used, captures are off in this worker: %s", exc)
-            return
-        # A name nobody can guess (the request id shows in every response): nothing can be planted there.
-        name = f"{CAPTURE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{capture.id}-{secrets.token_hex(8)}.json"
-        try:
-            data = json.dumps(capture.document(), indent=1).encode()
-            partial = self.path / (name + ".partial")
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with open(fd, "wb") as f:
-                f.write(data)
-            partial.replace(self.path / name)  # a reader never sees half a capture
-        except Exception as exc:  # a full disk, an odd request: the exchange is not the worse for it
-            log.warning("capture %s not written: %s", name, exc)
-            return
-        self._prune()
-        log.info("captured (%s) in %s", ", ".join(sorted(capture.reasons)), self.path / name)
-
-    def _prune(self) -> None:
-        """The oldest of kimiproxy's own captures go (regular files of this user's named like one, whatever
-        else is there), each on its own: one that cannot be removed does not keep the rest."""
-        files = []
-        for file in self.path.glob(CAPTURE_PREFIX + "*.json"):
-            with contextlib.suppress(OSError):  # another worker's prune got there first
-                st = os.lstat(file)
-                if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
-                    files.append((st.st_mtime, file.name, st.st_size, file))
-        files.sort()
-        total = sum(size for _, _, size, _ in files)
-        for count, (_, _, size, file) in zip(range(len(files), 0, -1), files):
-            if count <= self.max_files and total <= self.max_bytes:
-                break
-            try:
-                file.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("capture %s not pruned: %s", file, exc)
-            total -= size
-
-
-def replay(paths: list[str]) -> int:
-    """``python kimiproxy.py replay FILE...``: today's repair over each capture's upstream events,
-    offline; prints what a client gets now and, where it differs, the difference from what it got then.
-    Exit status 1 when any differs, 2 when a file is not a capture."""
-    status = 0
-    for path in paths:
-        try:
-            then, now = replay_capture(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            print(f"{path}: not a kimiproxy capture, or a truncated one: {type(exc).__name__}: {exc}")
-            status = 2
-            continue
-        old, new = (json.dumps(m, indent=2, ensure_ascii=False).splitlines() for m in (then, now))
-        print(f"{path}: {'same as' if old == new else 'differs from'} what the client got then")
-        print("\n".join(new))
-        if old != new:
-            status = status or 1
-            print("\n".join(difflib.unified_diff(old, new, "then", "now", lineterm="")))
-    return status
-
-
-def replay_capture(capture: dict) -> tuple[list[dict], list[dict]]:
-    """(what the client got then, what it gets now), as each choice's final message."""
-    if capture.get("truncated"):
-        raise ValueError("the capture is truncated (CAPTURE_EXCHANGE_BYTES): it cannot be replayed")
-    request = capture["request"]
-    ctx = RepairContext.from_request(request if isinstance(request, dict) else {"messages": []})
-    events = [data.encode() for _, data in capture["upstream_events"]]
-    if capture["stream"]:
-        repair = StreamRepair(ctx)
-        frames = [frame for data in events for frame in repair.feed(data)] + repair.close()
-        error = capture.get("upstream_broke_off")  # the stream ended with this error event, not [DONE]
-        now = stream_messages(b"".join(frames)) + ([{"error": error}] if error else [])
-        return stream_messages(capture["client"].encode()), now
-    completion = json_loads(events[0])
-    repair_completion(completion, ctx)
-    return completion_messages(json_loads(capture["client"])), completion_messages(completion)
-
-
-def stream_messages(body: bytes) -> list[dict]:
-    """A streamed chat completion as a client reads it: each choice's final message (``Message.as_dict``),
-    then any error event."""
-    texts: dict[int, dict] = {}
-    errors = []
-    decoder = SSEDecoder()
-    for data in decoder.decode(body) + decoder.flush():
-        try:
-            event = json_loads(data) if data != b"[DONE]" else {}
-        except ValueError:
-            continue
-        if not isinstance(event, dict):
-            continue
-        if "error" in event:
-            errors.append(event["error"])
-        for choice in event.get("choices") or ():
-            m = texts.setdefault(choice.get("index", 0), {"content": "", "reasoning": "", "calls": {}, "finish": None})
-            delta = choice.get("delta") or {}
-            m["content"] += delta.get("content") or ""
-            m["reasoning"] += delta.get("reasoning_content") or delta.get("reasoning") or ""
-            for tc in delta.get("tool_calls") or ():
-                call = m["calls"].setdefault(tc.get("index", 0), [None, None, ""])
-                function = tc.get("function") or {}
-                call[0] = tc.get("id") or call[0]
-                call[1] = function.get("name") or call[1]
-                call[2] += function.get("arguments") or ""
-            m["finish"] = choice.get("finish_reason") or m["finish"]
-    finals = [Message(m["content"], m["reasoning"], tuple(map(tuple, m["calls"].values())), m["finish"], i)
-              for i, m in sorted(texts.items())]
-    return [final.as_dict() for final in finals] + [{"error": e} for e in errors]
-
-
-def completion_messages(completion: dict) -> list[dict]:
-    return [Message.of_choice(choice, m, i).as_dict() for i, (choice, m) in enumerate(_choices(completion))]
-
-
-class Proxy:
-    """What every exchange shares: the settings, the upstream, the metrics, the access keys, and the
-    count of requests in flight (the garbage collector's clock, in a serving process)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.upstream = Upstream(settings)
-        self.metrics = Metrics()
-        self.collector: Collector | None = None
-        self.reasoning = ReasoningStore(settings) if settings.restore_reasoning and settings.repair else None
-        self.captures = CaptureDir(settings) if settings.capture_dir else None
-        self._exposure_checked = False
-        self.bodies_held = 0  # bytes of request body the exchanges in flight hold (hold_body)
-        self._host_names = frozenset({socket.gethostname().lower(), *settings.allowed_hosts})  # see check_host
-
-    def hold_body(self, size: int) -> None:
-        """Count ``size`` more bytes of request body held by this worker, or refuse with a 503 past
-        MAX_BODIES_MB: a few clients each sending a maximal body at once must not take the box's memory."""
-        if self.bodies_held + size > self.settings.max_bodies_mb * 1024 * 1024:
-            err = ProxyError(f"kimiproxy is holding {self.settings.max_bodies_mb:g} MiB of request bodies "
-                             "(MAX_BODIES_MB): retry shortly", 503)
-            err.headers = ((b"retry-after", str(RETRY_AFTER_BUSY).encode()),)
-            raise err
-        self.bodies_held += size
-
-    def release_body(self, size: int) -> None:
-        self.bodies_held -= size
-
-    def begin(self) -> None:
-        if self.collector is not None:
-            self.collector.begin()
-
-    def end(self) -> None:
-        if self.collector is not None:
-            self.collector.end()
-
-    def check_host(self, scope: dict) -> None:
-        """Without PROXY_API_KEY, the Host a request names must be an IP address, localhost, this
-        machine's name or one in ALLOWED_HOSTS: a web page whose own name was made to resolve to
-        127.0.0.1 (DNS rebinding) names its own host, and is refused. With keys, such a page has none."""
-        if self.settings.api_keys or "*" in self.settings.allowed_hosts:
-            return
-        host = next((v for k, v in scope["headers"] if k == b"host"), None)
-        if host is None:
-            return  # HTTP/1.0 without Host: no browser sends that
-        name = host.decode("latin-1").strip().lower()
-        name = name[1:name.index("]")] if name.startswith("[") and "]" in name else name.rpartition(":")[0] or name
-        try:
-            ipaddress.ip_address(name)
-            return
-        except ValueError:
-            pass
-        if name == "localhost" or name.endswith(".localhost") or name in self._host_names:
-            return
-        raise ClientError(f"this kimiproxy has no PROXY_API_KEY and answers only to IP addresses, localhost and "
-                          f"its own host name, not {name[:64]!r}: set PROXY_API_KEY, or add the name to "
-                          f"ALLOWED_HOSTS", 403)
-
-    def authorise(self, scope: dict) -> str:
-        """With PROXY_API_KEY: ``Authorization: Bearer <one of the keys>``, compared in constant time
-        with every key, or a 401; returns the key's name. Without it, a warning once if the proxy answers
-        on a non-loopback address: anyone there can use the GPU."""
-        keys = self.settings.api_keys
-        if not keys:
-            if not self._exposure_checked:
-                self._exposure_checked = True
-                host = (scope.get("server") or ("", 0))[0]
-                if not _is_loopback(host):
-                    log.warning("kimiproxy is reachable on %s without PROXY_API_KEY: anyone on the network can "
-                                "use the GPU. Set PROXY_API_KEY, or bind to 127.0.0.1.", host)
-            return NO_KEY
-        presented = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        token = presented[7:].strip() if presented[:7].lower() == b"bearer " else b""
-        matched = None
-        for name, key in keys:
-            if hmac.compare_digest(token, key.encode()):
-                matched = name
-        if matched is None:
-            err = ClientError("invalid or missing API key: send Authorization: Bearer <PROXY_API_KEY>", 401)
-            err.error_type = "authentication_error"
-            raise err
-        return matched
-
-    def report_repairs(self, repairs: list[ChoiceRepair]) -> int:
-        """One log line per call that needed a repair (what, from where, by which rules), one for the
-        text-level repairs, and the metrics. Returns the number of repairs."""
-        metrics = self.metrics
-        total = 0
-        for repair in repairs:
-            for call in repair.sent:
-                if call.channel == "tool_calls" and not call.rules:
-                    continue  # a structured call that needed nothing
-                channel = CHANNEL_FIELDS[call.channel]
-                log.info("repair: %s tool call %s (%s) from %s by rules [%s]",
-                         "repaired" if call.channel == "tool_calls" else "recovered", call.id, call.name, channel,
-                         ", ".join(call.rules) or "markup")
-                if "arguments-not-json" in call.rules:
-                    log.warning("repair: arguments of %s are not JSON and could not be repaired; passed on "
-                                "as written", call.id)
-                if call.channel != "tool_calls":
-                    metrics.inc("kimiproxy_tool_calls_recovered_total", channel=channel)
-                for rule in call.rules:
-                    metrics.inc("kimiproxy_repairs_total", rule=rule)
-                total += len(call.rules) or 1
-            text_repairs = repair.repairs()
-            if text_repairs:
-                log.info("repair: text %s", ", ".join(f"{k}={v}" for k, v in sorted(text_repairs.items())))
-            for rule, count in text_repairs.items():
-                metrics.inc("kimiproxy_repairs_total", count, rule=rule)
-                total += count
-        return total
-
-
-NO_KEY = "anonymous"  # the key name of every request when PROXY_API_KEY is not set
-
-
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.") or host.startswith("::ffff:127.")
-
-
-class Collector:
-    """Full garbage collections: once the proxy has been idle for ``idle_after`` seconds, or after
-    ``every`` finished requests when it never is.
-
-    Each connection leaves about 80 objects in reference cycles (Hypercorn's protocol objects, h11's
-    connection, trio's tasks and cancel scopes). A stream lives long enough for them to reach the
-    oldest generation, which CPython collects only after millions of allocations (GC_THRESHOLD makes
-    that rarer still): left to it, the worker's memory grows with every burst. Collecting when
-    nothing is in flight pauses no request; under constant load one pause per ``every`` requests
-    bounds the garbage (measured: about 1 ms after small requests, 50-75 ms with 500 streams open)."""
-
-    def __init__(self, idle_after: float = IDLE_COLLECT_AFTER, every: int = COLLECT_EVERY,
-                 collect: Any = gc.collect) -> None:
-        self.idle_after, self.every, self.collect = idle_after, every, collect
-        self.in_flight = 0
-        self.finished = 0  # since the last collection
-        self._due = trio.Event()
-
-    def begin(self) -> None:
-        self.in_flight += 1
-
-    def end(self) -> None:
-        self.in_flight -= 1
-        self.finished += 1
-        if not self.in_flight or self.finished >= self.every:
-            self._due.set()
-
-    async def run(self) -> None:
-        while True:
-            await self._due.wait()
-            self._due = trio.Event()
-            if self.finished < self.every:  # the proxy went idle: is it staying so?
-                await trio.sleep(self.idle_after)
-                if self.in_flight or self._due.is_set():
-                    continue
-            self.finished = 0
-            self.collect()
-
 
 def tune_process() -> None:
     """Process-wide settings for a serving process (called where the server starts, never on import).
@@ -3799,6 +3814,23 @@ TRIO_REQUIRED = ("kimiproxy needs Hypercorn's trio worker: run `hypercorn kimipr
                  "(or `python kimiproxy.py`)")
 
 
+def _shield_final_send(send: Any) -> Any:
+    """For the routes Quart serves: Hypercorn closes the connection (Connection: close, HTTP/1.0), or
+    starts its keep-alive timer, inside the app's last ``send``, and hands the app http.disconnect on
+    the way; quart_trio cancels the request on that disconnect, so the rest of that ``send`` is
+    cancelled at its next checkpoint and the socket stays open until the client hangs up (Hypercorn's
+    behaviour, its issue #106 is the same family). Shielded, for at most FINAL_SEND_GRACE, the last
+    ``send`` finishes. The proxied routes send without a concurrent receiver and need none of this."""
+    async def shielded(message: Any) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + FINAL_SEND_GRACE
+                await send(message)
+        else:
+            await send(message)
+    return shielded
+
+
 class KimiProxyApp(QuartTrio):
     """A Quart-Trio app. The proxied routes (/v1/*, /api/chat/completions) are served as raw ASGI by an
     ``Exchange`` each: no framework buffering, time limit or size limit between client and upstream,
@@ -3830,23 +3862,6 @@ class KimiProxyApp(QuartTrio):
             print(f"kimiproxy: {TRIO_REQUIRED}", file=sys.stderr, flush=True)
             os._exit(EXIT_WRONG_WORKER)
         await super().asgi_app(scope, receive, send)
-
-
-def _shield_final_send(send: Any) -> Any:
-    """For the routes Quart serves: Hypercorn closes the connection (Connection: close, HTTP/1.0), or
-    starts its keep-alive timer, inside the app's last ``send``, and hands the app http.disconnect on
-    the way; quart_trio cancels the request on that disconnect, so the rest of that ``send`` is
-    cancelled at its next checkpoint and the socket stays open until the client hangs up (Hypercorn's
-    behaviour, its issue #106 is the same family). Shielded, for at most FINAL_SEND_GRACE, the last
-    ``send`` finishes. The proxied routes send without a concurrent receiver and need none of this."""
-    async def shielded(message: Any) -> None:
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + FINAL_SEND_GRACE
-                await send(message)
-        else:
-            await send(message)
-    return shielded
 
 
 def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyApp:
@@ -3946,6 +3961,23 @@ app = _module_app()  # what `hypercorn kimiproxy:app` serves; importing it start
 # main(): python kimiproxy.py
 # ---------------------------------------------------------------------------------------------------
 
+async def _serve(app: KimiProxyApp, config: Any) -> None:
+    """Hypercorn's trio server until SIGTERM or SIGINT; then it stops accepting, lets in-flight requests
+    finish for config.graceful_timeout (SHUTDOWN_GRACE) seconds and cancels the rest, which closes
+    their upstream requests. One process: a signal to it or to its process group is the same."""
+    import hypercorn.trio
+
+    async def shutdown_trigger() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: no new connections; in-flight requests have %gs to finish",
+                         signal.Signals(signum).name, config.graceful_timeout)
+                return
+
+    await hypercorn.trio.serve(app, config, shutdown_trigger=shutdown_trigger)
+    log.info("kimiproxy stopped")
+
+
 def main(argv: list[str] | None = None) -> int:
     import hypercorn.config
 
@@ -3989,23 +4021,6 @@ def main(argv: list[str] | None = None) -> int:
     trio.run(_serve, create_app(settings, serving_process=True), config)
     logging.shutdown()  # flush the log files
     return 0
-
-
-async def _serve(app: KimiProxyApp, config: Any) -> None:
-    """Hypercorn's trio server until SIGTERM or SIGINT; then it stops accepting, lets in-flight requests
-    finish for config.graceful_timeout (SHUTDOWN_GRACE) seconds and cancels the rest, which closes
-    their upstream requests. One process: a signal to it or to its process group is the same."""
-    import hypercorn.trio
-
-    async def shutdown_trigger() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("%s: no new connections; in-flight requests have %gs to finish",
-                         signal.Signals(signum).name, config.graceful_timeout)
-                return
-
-    await hypercorn.trio.serve(app, config, shutdown_trigger=shutdown_trigger)
-    log.info("kimiproxy stopped")
 
 
 if __name__ == "__main__":

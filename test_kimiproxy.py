@@ -2025,14 +2025,18 @@ def test_property_hostile_upstream_chunks_never_raise(chunks: list) -> None:
 # Usage per key, and reasoning continuity for clients that drop it
 # ---------------------------------------------------------------------------------------------------
 
+def ask_usage(body: bytes, request: dict) -> bytes:
+    return kp.rewrite_request(body, request, kp._usage_option(request))
+
+
 def test_usage_asked_of_the_upstream() -> None:
     """Spliced into a body without stream_options; written anew when it has some (other options kept),
     or when the body is not UTF-8 JSON starting with the object (a splice would break it)."""
     def ask(body: bytes) -> dict:
-        return json.loads(kp._ask_usage(body, kp.json_loads(body)))
+        return json.loads(ask_usage(body, kp.json_loads(body)))
 
     plain = b' {"messages": [], "stream": true}'
-    assert kp._ask_usage(plain, json.loads(plain)).startswith(b' {"stream_options":{"include_usage":true},')
+    assert ask_usage(plain, json.loads(plain)).startswith(b' {"stream_options":{"include_usage":true},')
     assert ask(plain) == {"messages": [], "stream": True, "stream_options": {"include_usage": True}}
     assert ask(b'{"messages": [], "stream_options": {"include_usage": false, "x": 1}}')["stream_options"] == \
         {"include_usage": True, "x": 1}
@@ -2040,7 +2044,7 @@ def test_usage_asked_of_the_upstream() -> None:
     utf16 = json.dumps({"messages": [], "stream": True}).encode("utf-16")
     assert ask(utf16)["stream_options"] == {"include_usage": True}
     odd = b'{"messages": [], "stream_options": "yes"}'
-    assert kp._ask_usage(odd, json.loads(odd)) == odd  # SGLang says what is wrong with it
+    assert ask_usage(odd, json.loads(odd)) == odd  # SGLang says what is wrong with it
 
 
 def test_api_key_names() -> None:
