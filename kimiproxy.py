@@ -738,6 +738,88 @@ _ENDING_RULES = {SECTION_END: "section-end-as-call-end", CALL_BEGIN: "no-call-en
                  THINK_CLOSE: "ended-by-think-close", ROLE: "ended-by-role-marker"}
 
 
+class ParserInput:
+    """What a MarkupParser has yet to read, as email.feedparser's BufferedSubFile is for its parser:
+    the text fed and not read yet (``text`` from ``pos``), then what came after it, in order (more text,
+    and tokens injected between texts), whether the end has come, and a token read ahead and put back
+    (``back``). ``token()`` is the tokenizer: text and markers, holding back only a possible marker prefix."""
+
+    __slots__ = ("text", "pos", "queue", "eof", "back")
+
+    def __init__(self) -> None:
+        self.text, self.pos = "", 0
+        self.queue: deque = deque()
+        self.eof = False
+        self.back: Any = None
+
+    def push(self, text: str) -> None:
+        if self.queue:
+            self.queue.append(text)
+        else:
+            self.text = self.text[self.pos:] + text if self.pos < len(self.text) else text
+            self.pos = 0
+
+    def inject(self, token: Any) -> None:
+        self.queue.append(token)
+
+    def close(self) -> None:
+        self.eof = True
+
+    @property
+    def drained(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def final(self) -> bool:
+        """Whether no more text can follow ``text``: the end, or an injected token is next."""
+        while self.queue and isinstance(self.queue[0], str):
+            self.text = self.text[self.pos:] + self.queue.popleft()
+            self.pos = 0
+        return self.eof or bool(self.queue)
+
+    def unread(self, text: str) -> None:
+        self.text = text + self.text[self.pos:]
+        self.pos = 0
+
+    def restart(self, text: str) -> None:
+        """Read ``text`` next, and what follows it (a rewind: REPAIR.md 4.3)."""
+        self.text, self.pos = text, 0
+
+    def marker_at_start(self, final: bool) -> Any:
+        kind, end = match_marker(self.text, 0, final)
+        self.pos = end
+        return kind
+
+    def after_text(self) -> Any:
+        """Once the text is read: the next injected token, EOF at the end, else NEED."""
+        if self.queue:
+            return self.queue.popleft()
+        return EOF if self.eof else NEED
+
+    def token(self) -> Any:
+        """The next token: text (a str), a Marker, a StructuredCall, EOF, or NEED while more input must
+        come first."""
+        if self.back is not None:
+            token, self.back = self.back, None
+            return token
+        final = self.final()
+        buf, pos = self.text, self.pos
+        if pos < len(buf):
+            i = buf.find("<", pos)
+            if i != pos:
+                self.pos = len(buf) if i < 0 else i
+                return buf[pos:self.pos]
+            kind, end = match_marker(buf, i, final)
+            if kind is None:
+                j = buf.find("<", i + 1)
+                self.pos = len(buf) if j < 0 else j
+                return buf[i:self.pos]
+            if kind == "partial":
+                return NEED
+            self.pos = end
+            return kind
+        return self.after_text()
+
+
 class MarkupParser:
     """The parser of what the model wrote: ``feed(text)`` and ``close()`` return events (REPAIR.md 4.2-4.8).
 
@@ -759,11 +841,7 @@ class MarkupParser:
         self.rules: Counter[str] = Counter()  # text-level repairs
         self.answered = False  # answer text went out
         self._keys = keys  # call keys and group ids, unique within the choice
-        self._buf = ""
-        self._pos = 0
-        self._queue: deque = deque()  # after the buffer: text and injected tokens
-        self._eof = False
-        self._back: Any = None  # a token read ahead and put back
+        self._input = ParserInput()
         self._reasoning = False  # the text comes from SGLang's reasoning channel
         self._think = NONE
         self._maybe: list[str] = []  # MAYBE: thinking if a </think> follows, else the answer
@@ -788,19 +866,15 @@ class MarkupParser:
                 self._think = OPEN
         if self._plain and "<" not in text and "\n" not in text:  # nothing in it can be markup
             return self._release(text) if not events else events + self._release(text)
-        if self._queue:
-            self._queue.append(text)
-        else:
-            self._buf = self._buf[self._pos:] + text if self._pos < len(self._buf) else text
-            self._pos = 0
+        self._input.push(text)
         return events + self._run()
 
     def inject(self, token: Any) -> list:
-        self._queue.append(token)
+        self._input.inject(token)
         return self._run()
 
     def close(self) -> list:
-        self._eof = True
+        self._input.close()
         return self._run()
 
     def _run(self) -> list:
@@ -827,45 +901,13 @@ class MarkupParser:
 
     # -- the tokenizer -----------------------------------------------------------------------------
 
-    def _final(self) -> bool:
-        """Whether no more text can follow the buffer: the end, or an injected token is next."""
-        while self._queue and isinstance(self._queue[0], str):
-            self._buf = self._buf[self._pos:] + self._queue.popleft()
-            self._pos = 0
-        return self._eof or bool(self._queue)
-
-    def _unread(self, text: str) -> None:
-        self._buf = text + self._buf[self._pos:]
-        self._pos = 0
-
     def _token(self):
-        """The next token: text (a str), a Marker, a StructuredCall, or EOF."""
-        while True:
-            if self._back is not None:
-                token, self._back = self._back, None
-                return token
-            final = self._final()
-            buf, pos = self._buf, self._pos
-            if pos < len(buf):
-                i = buf.find("<", pos)
-                if i != pos:
-                    self._pos = len(buf) if i < 0 else i
-                    return buf[pos:self._pos]
-                kind, end = match_marker(buf, i, final)
-                if kind is None:
-                    j = buf.find("<", i + 1)
-                    self._pos = len(buf) if j < 0 else j
-                    return buf[i:self._pos]
-                if kind != "partial":
-                    self._pos = end
-                    return kind
-            elif self._queue:
-                return self._queue.popleft()
-            elif self._eof:
-                return EOF
+        """The next token (ParserInput.token), waiting for input while there is none."""
+        while (token := self._input.token()) is NEED:
             self._plain = self._top and not self._lead and not self._line_start and self._think != MAYBE \
-                and pos >= len(buf)
+                and self._input.drained
             yield NEED
+        return token
 
     # -- the parser: where it stands in this code is its state -------------------------------------
 
@@ -892,7 +934,7 @@ class MarkupParser:
                 self.rules["think-moved-to-reasoning"] += 1
             self._think = OPEN
             return
-        self._back = token
+        self._input.back = token
         if space:
             yield from self._text(space)
 
@@ -934,7 +976,7 @@ class MarkupParser:
             self._count_removed(token)
             token = None
         if token not in (None, CALL_END, SECTION_END, TRUNCATED):
-            self._back = token  # what ended a call or section, for the top level to read
+            self._input.back = token  # what ended a call or section, for the top level to read
 
     def _count_removed(self, token: Any) -> None:
         """<|im_end|>, <|im_middle|>, stray end markers, a marker cut off at the end: removed."""
@@ -955,7 +997,7 @@ class MarkupParser:
         self.interrupt()
         token = yield from self._calls(header, ["no-call-begin", "no-section-wrapper"], next(self._keys))
         if token not in (None, CALL_END, SECTION_END, TRUNCATED):
-            self._back = token
+            self._input.back = token
 
     def _text(self, text: str):
         """Text. A word at the start of a line that may still become a call's id (``functions...``, or
@@ -1046,7 +1088,7 @@ class MarkupParser:
                 noise += token
                 brace = noise.find("{")
                 if brace >= 0 and _ID_RE.fullmatch(noise[:brace].strip()):  # "functions.x:0 {": no markers
-                    self._unread(noise[brace:])
+                    self._input.unread(noise[brace:])
                     token = yield from self._calls(noise[:brace].strip(), ["no-call-begin", "no-argument-marker"],
                                                    group)
                     noise = ""
@@ -1118,19 +1160,20 @@ class MarkupParser:
     def _arguments(self, key: int, rules: list[str]):
         """A call's arguments, through ArgumentRepair, up to the token that ends them."""
         args = ArgumentRepair()
+        text = self._input
         next_header = None
         while True:
-            final = self._final()
-            buf, pos = self._buf, self._pos
+            final = text.final()
+            buf, pos = text.text, text.pos
             if pos < len(buf):
                 i = args.scan(buf, pos, final)
-                self._pos = i
+                text.pos = i
                 out = args.take()
                 if out:
                     yield CallText(key, out)
                 if args.rewind_now:  # a marker inside a string ended the call after all
-                    self._buf, self._pos = args.rewind() + buf[i:], 0
-                    token = self._marker_at_start(final)
+                    text.restart(args.rewind() + buf[i:])
+                    token = text.marker_at_start(final)
                     break
                 if args.consumed >= MAX_CALL_ARGUMENTS:  # the rest of the text is read as text
                     rules.append("arguments-overflow")
@@ -1142,7 +1185,7 @@ class MarkupParser:
                 if kind == "partial":
                     yield NEED
                     continue
-                self._pos = end
+                text.pos = end
                 if kind is ARGUMENT_BEGIN:  # the arguments ran into the next call's id (REPAIR.md 4.6)
                     junk = args.take_junk().strip()
                     if _ID_RE.fullmatch(junk):
@@ -1152,26 +1195,18 @@ class MarkupParser:
                     continue
                 token = kind
                 break
-            if self._queue:
-                token = self._queue.popleft()
-                break
-            if self._eof:
-                if args.must_rewind:
-                    self._buf, self._pos = args.rewind(), 0
-                    token = self._marker_at_start(True)
-                else:
-                    token = EOF
-                break
-            yield NEED
+            token = text.after_text()
+            if token is NEED:
+                yield NEED
+                continue
+            if token is EOF and args.must_rewind:
+                text.restart(args.rewind())
+                token = text.marker_at_start(True)
+            break
         tail = args.finish()
         if tail:
             yield CallText(key, tail)
         return token, next_header, rules + list(args.rules)
-
-    def _marker_at_start(self, final: bool) -> Any:
-        kind, end = match_marker(self._buf, 0, final)
-        self._pos = end
-        return kind
 
     def _header(self, rules: list[str]):
         """After <|tool_call_begin|>: the id, up to <|tool_call_argument_begin|>, or up to the JSON when
@@ -1184,11 +1219,11 @@ class MarkupParser:
                 header += token
                 brace = header.find("{", 0, MAX_CALL_HEADER + 1)
                 if brace >= 0:
-                    self._unread(header[brace:])
+                    self._input.unread(header[brace:])
                     rules.append("no-argument-marker")
                     return header[:brace].strip(), None
                 if len(header) > MAX_CALL_HEADER:  # not an id: read it as the arguments
-                    self._unread(header)
+                    self._input.unread(header)
                     rules.append("no-id")
                     return "", None
                 continue
