@@ -1401,14 +1401,22 @@ class Call:
         return self.index < 0 and not self.dropped
 
 
-def reasoning_field(message: dict) -> str:
-    """Where this server puts reasoning: ``reasoning_content`` (SGLang), or its alias ``reasoning``."""
-    return "reasoning" if "reasoning" in message and "reasoning_content" not in message else "reasoning_content"
+REASONING_KEYS = ("reasoning_content", "reasoning")  # SGLang's; vLLM's (since v0.11) and others'
+
+
+def reasoning_keys(fields: dict) -> tuple[str | None, tuple[str, ...]]:
+    """Where this server put the reasoning of a message or delta (REPAIR.md 4.1): (the text, every key
+    that holds it). Some send one key, some ``reasoning`` beside ``reasoning_content: null``, some the
+    same text under both (mlx-vlm): the text is the first one given, and each key holding it gets the
+    repaired text back. (None, ()) when there is none."""
+    text = next((v for k in REASONING_KEYS if type(v := fields.get(k)) is str and v), None)
+    if text is None:
+        return None, ()
+    return text, tuple(k for k in REASONING_KEYS if fields.get(k) == text)
 
 
 def reasoning_of(message: dict) -> str:
-    value = message.get(reasoning_field(message))
-    return value if isinstance(value, str) else ""
+    return reasoning_keys(message)[0] or ""
 
 
 def _str(value: Any) -> str | None:
@@ -1755,8 +1763,8 @@ def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair
         if not isinstance(message, dict):
             continue
         repair = ChoiceRepair(ctx)
-        key = reasoning_field(message)
-        content_in, reasoning_in, calls_in = message.get("content"), message.get(key), message.get("tool_calls")
+        reasoning_in, keys = reasoning_keys(message)
+        content_in, calls_in = message.get("content"), message.get("tool_calls")
         calls = calls_in if isinstance(calls_in, list) else None
         # A whole message does not say whether its content came before its structured calls or after.
         # Content with a </think> came after (thinking went on past a section; SGLang streams it so).
@@ -1770,8 +1778,9 @@ def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair
         if isinstance(content_in, (str, type(None))) and content != (content_in or ""):
             message["content"] = content or ("" if content_in is not None and not sent else None)
             changed = True
-        if isinstance(reasoning_in, (str, type(None))) and reasoning != (reasoning_in or ""):
-            message[key] = reasoning or None
+        if reasoning != (reasoning_in or ""):
+            for key in keys or REASONING_KEYS[:1]:
+                message[key] = reasoning or None
             changed = True
         entries = [{"id": c.id, "index": c.index, "type": "function",
                     "function": {"name": c.name, "arguments": c.arguments}} for c in sent]
@@ -1795,9 +1804,10 @@ def _unchanged(events: list, content: str | None, reasoning: str | None, calls: 
         events[0].text == (content if events[0].channel == "content" else reasoning)
 
 
-def _deltas(events: list, template: dict, key: str) -> list[dict]:
+def _deltas(events: list, template: dict, keys: tuple[str, ...]) -> list[dict]:
     """Events as chunk deltas: one per run of events that a client may read in one delta (reasoning,
-    then content, then tool calls); the first keeps the upstream delta's other fields."""
+    under each of ``keys``, then content, then tool calls); the first keeps the upstream delta's other
+    fields (never a reasoning key's raw text)."""
     deltas: list[dict] = []
     current: dict = {}
     rank = 3
@@ -1808,7 +1818,8 @@ def _deltas(events: list, template: dict, key: str) -> list[dict]:
             deltas.append(current)
         rank = r
         if r == 0:
-            current[key] = current.get(key, "") + event.text
+            for key in keys:
+                current[key] = current.get(key, "") + event.text
         elif r == 1:
             current["content"] = current.get("content", "") + event.text
         else:
@@ -1821,7 +1832,7 @@ def _deltas(events: list, template: dict, key: str) -> list[dict]:
                 calls.append({"index": event.index, "id": event.id, "type": "function",
                               "function": {"name": event.name, "arguments": event.arguments}})
     if deltas and template:
-        first = {k: (None if k in ("content", key, "tool_calls") else v) for k, v in template.items()}
+        first = {k: (None if k in ("content", "tool_calls") or k in REASONING_KEYS else v) for k, v in template.items()}
         first.update(deltas[0])
         deltas[0] = first
     return deltas
@@ -1837,7 +1848,7 @@ class StreamRepair:
         self.ctx = ctx
         self.pass_usage = pass_usage
         self.choices: dict[int, ChoiceRepair] = {}
-        self.keys: dict[int, str] = {}  # the reasoning field name per choice
+        self.keys: dict[int, tuple[str, ...]] = {}  # the reasoning keys each choice's upstream used
         self.finish: dict[int, str | None] = {}  # the finish reason each choice got
         self.done = False
         self.usage: Any = None
@@ -1895,13 +1906,12 @@ class StreamRepair:
         delta = choice.get("delta")
         if type(delta) is not dict:
             delta = {}
-        content, reasoning = delta.get("content"), delta.get("reasoning_content")
-        if reasoning is None and "reasoning" in delta:  # the alias some servers use: answered in kind
-            reasoning = delta["reasoning"]
-            self.keys[index] = "reasoning"
-        key = self.keys.get(index, "reasoning_content")
+        content = delta.get("content")
+        reasoning, keys = reasoning_keys(delta)
+        if keys:  # answered in kind: under the keys the upstream uses
+            self.keys[index] = keys
+        keys = self.keys.get(index, REASONING_KEYS[:1])
         content = content if type(content) is str else None
-        reasoning = reasoning if type(reasoning) is str else None
         calls = delta.get("tool_calls")
         calls = calls if type(calls) is list else None
         finish = choice.get("finish_reason")
@@ -1915,13 +1925,13 @@ class StreamRepair:
         if finish is None:
             if _unchanged(events, content, reasoning, calls):
                 return None
-            return [dict(choice, delta=d) for d in _deltas(events, delta, key)]
+            return [dict(choice, delta=d) for d in _deltas(events, delta, keys)]
         finish = finish if isinstance(finish, str) else "stop"  # malformed, but still the end
         events += repair.finish()
         final = self.finish[index] = repair.finish_reason(finish)
         if final == finish and _unchanged(events, content, reasoning, calls):
             return None
-        out = [dict(choice, delta=d, finish_reason=None) for d in _deltas(events, delta, key)]
+        out = [dict(choice, delta=d, finish_reason=None) for d in _deltas(events, delta, keys)]
         return out + [dict(choice, delta={}, finish_reason=final)]
 
     def _end(self) -> list[bytes]:
@@ -1936,9 +1946,9 @@ class StreamRepair:
                 continue
             events = repair.finish()
             final = self.finish[index] = repair.finish_reason(None) or "stop"
-            key = self.keys.get(index, "reasoning_content")
+            keys = self.keys.get(index, REASONING_KEYS[:1])
             choices = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
-                       for d in _deltas(events, {}, key)]
+                       for d in _deltas(events, {}, keys)]
             choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": final})
             frames += [self._frame(self._envelope, c) for c in choices]
         return frames
