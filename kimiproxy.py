@@ -2729,14 +2729,15 @@ def private_file(path: Path | str) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 def turn_key(owner: str, before: Any, calls: Iterable[tuple[Any, Any, Any]]) -> str | None:
-    """An assistant turn as the client will send it back: who and which task (``owner``, see
-    ``loop_scope``), the message it answered (``before``: every tool loop's first call is
-    ``functions.NAME:0``, so two tasks opening with the same call differ there) and its calls' ids, names
-    and arguments, the arguments in one form (clients write them anew, compactly or in their own key
-    order). None for a turn too deeply nested to hash: it is neither remembered nor restored."""
+    """An assistant turn by what survives a client's round trip: who and which task (``owner``, see
+    ``loop_scope``), the message it answered (``before``, its role and content: two tasks opening with
+    the same call differ there) and its calls' names and arguments, in order, the arguments in one form
+    (clients write them anew, compactly or in their own key order). Never the calls' ids: the clients
+    that drop reasoning rewrite them too (Roo Code turns ``functions.read_file:0`` into
+    ``functions_read_file_0``). None for a turn too deeply nested to hash: neither remembered nor restored."""
     answered = [before.get("role"), before.get("content")] if isinstance(before, dict) else None
-    parts = [owner, answered] + [[call_id, name, _canonical(arguments) if isinstance(arguments, str) else arguments]
-                                 for call_id, name, arguments in calls]
+    parts = [owner, answered] + [[name, _canonical(arguments) if isinstance(arguments, str) else arguments]
+                                 for _, name, arguments in calls]
     try:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()  # ASCII: escapes
     except (ValueError, TypeError, RecursionError):

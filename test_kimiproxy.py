@@ -724,6 +724,55 @@ def test_history_ids_rewritten_for_upstream() -> None:
     assert kp.canonicalize_history(request) == []  # idempotent
 
 
+REASONING_SHAPES = [  # (name, the upstream's reasoning fields, the keys the client gets the repaired text under)
+    ("sglang", {"reasoning_content": "LEAK"}, ["reasoning_content"]),
+    ("vllm", {"reasoning": "LEAK"}, ["reasoning"]),
+    ("vllm-beside-null", {"reasoning_content": None, "reasoning": "LEAK"}, ["reasoning"]),
+    ("mlx-vlm-both", {"reasoning_content": "LEAK", "reasoning": "LEAK"}, ["reasoning_content", "reasoning"]),
+]
+
+
+@pytest.mark.edge
+@pytest.mark.parametrize("name,fields,keys", REASONING_SHAPES, ids=[r[0] for r in REASONING_SHAPES])
+async def test_reasoning_under_either_key_or_both_is_repaired(proxy: Running, name: str, fields: dict,
+                                                              keys: list[str]) -> None:
+    """Issue 16.2: every reasoning field is repaired and each key the upstream used is kept, streamed and
+    whole: the call leaked into the reasoning goes out as a call, and no key shows the raw markup."""
+    leak = f'Let me look.{S}{B}functions.read_file:0{A}{{"path": "a.py"}}{Z}{E}'
+    shaped = {k: (leak if v == "LEAK" else v) for k, v in fields.items()}
+    whole = completion(content="", reasoning=None)
+    message = whole["choices"][0]["message"]
+    del message["reasoning_content"]
+    message.update(shaped)
+    halves = [sse(chunk({k: v and v[a:b] for k, v in shaped.items()})) for a, b in ((0, 20), (20, None))]
+    if "reasoning_content" not in fields:  # the fake writes SGLang's null: this server sends no such key
+        halves = [h.replace(b'"reasoning_content":null,', b"") for h in halves]
+    steps = [sse(chunk({"role": "assistant", "content": ""})), *halves, sse(chunk({}, finish="stop")), b"data: [DONE]\n\n"]
+    proxy.upstream.script(Script(steps=steps), Script(body=whole, content_type="application/json"))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        streamed = await client.post("/v1/chat/completions", json={"messages": [], "stream": True, "tools": TOOLS})
+        got = (await client.post("/v1/chat/completions", json={"messages": [], "tools": TOOLS})).json()
+    assert S not in streamed.text and B not in streamed.text
+    view = accumulate(frames_to_events([streamed.content]))
+    assert [c["name"] for c in view["tool_calls"]] == ["read_file"] and view["finish_reason"] == "tool_calls"
+    texts = {k: "" for k in keys}
+    for event in frames_to_events([streamed.content]):
+        for choice in (event.get("choices") or []) if event != b"[DONE]" else []:
+            for k in ("reasoning_content", "reasoning"):
+                if choice["delta"].get(k):
+                    assert k in keys, (k, choice["delta"])
+                    texts[k] += choice["delta"][k]
+    assert all(norm(text) == "Let me look." for text in texts.values()), texts
+    got_message = got["choices"][0]["message"]
+    assert [c["function"]["name"] for c in got_message["tool_calls"]] == ["read_file"]
+    for k in ("reasoning_content", "reasoning"):
+        if k in keys:
+            assert norm(got_message[k]) == "Let me look.", (k, got_message)
+        elif k in shaped:
+            assert got_message[k] is None  # kept, as the upstream sent it
+    assert got["choices"][0]["finish_reason"] == "tool_calls"
+
+
 def test_surrogate_pair_split_across_events_and_lone_surrogates() -> None:
     """A JavaScript client cuts strings between UTF-16 halves; an upstream may too. Nothing raises, the
     pair arrives joined, and a lone half survives as an escape."""
@@ -2123,12 +2172,19 @@ def _leaky_turn(turn: int, stream: bool) -> tuple[Script, str]:
     return Script(body=completion(content="", reasoning=leak), content_type="application/json"), thought
 
 
+def roo_id(call_id: str) -> str:
+    """What Roo Code (since its PR #10649) and LiteLLM's Anthropic bridge make of a tool-call id."""
+    return re.sub(r"[^a-zA-Z0-9_-]", "_", call_id)
+
+
 @pytest.mark.edge
 @pytest.mark.parametrize("stream", [True, False])
-async def test_reasoning_restored_for_a_client_that_drops_it(proxy: Running, stream: bool,
+@pytest.mark.parametrize("rewrite_ids", [False, True], ids=["ids-as-sent", "ids-rewritten"])
+async def test_reasoning_restored_for_a_client_that_drops_it(proxy: Running, stream: bool, rewrite_ids: bool,
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    """A tool loop whose client sends back content and tool calls only: every earlier turn's reasoning
-    reaches SGLang again, as the client got it, turn after turn. The log says so, without the text."""
+    """A tool loop whose client sends back content and tool calls only (and, like Roo Code, rewrites
+    every id): every earlier turn's reasoning reaches SGLang again, as the client got it, turn after turn.
+    The log says so, without the text."""
     caplog.set_level(logging.INFO, logger="kimiproxy")
     messages: list[dict] = [{"role": "user", "content": "fix the bug"}]
     delivered = []
@@ -2138,6 +2194,8 @@ async def test_reasoning_restored_for_a_client_that_drops_it(proxy: Running, str
         content, reasoning, calls = await sdk_call(lambda: _turn(proxy, messages, stream))
         assert reasoning == thought and [c["function"]["name"] for c in calls] == ["read_file"]
         delivered.append(reasoning)
+        if rewrite_ids:
+            calls = [dict(c, id=roo_id(c["id"])) for c in calls]
         messages.append({"role": "assistant", "content": content, "tool_calls": calls})  # no reasoning
         messages.append({"role": "tool", "tool_call_id": calls[0]["id"], "content": f"body of f{turn}.py"})
     proxy.upstream.script(Script(body=completion("Fixed."), content_type="application/json"))
@@ -2198,7 +2256,8 @@ async def test_reasoning_a_client_keeps_is_left_alone(proxy: Running) -> None:
 @pytest.mark.slow
 async def test_reasoning_shared_by_workers_and_processes(upstream: FakeSGLang) -> None:
     """`hypercorn -w 2` and a `python kimiproxy.py` beside it on one store: a turn delivered by one
-    process has its reasoning restored by the other, both ways."""
+    process has its reasoning restored by the other, both ways, for a client that rewrites every id as
+    Roo Code does."""
     env = {"SGLANG_API_BASE": upstream.url, "REASONING_STORE": store_path()}
     async with proxy_process(HYPERCORN_ARGS + ["-w", "2"], env) as (hyper, _), \
             proxy_process(PYTHON_ARGS, env) as (single, _):
@@ -2211,6 +2270,7 @@ async def test_reasoning_shared_by_workers_and_processes(upstream: FakeSGLang) -
             upstream.script(script)
             content, reasoning, calls = await sdk_call(lambda: _turn(running, messages, turn < 2))
             delivered.append(reasoning)
+            calls = [dict(c, id=roo_id(c["id"])) for c in calls]
             messages += [{"role": "assistant", "content": content, "tool_calls": calls},
                          {"role": "tool", "tool_call_id": calls[0]["id"], "content": "x"}]
         for n, seen in enumerate(upstream.seen):
