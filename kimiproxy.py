@@ -1139,6 +1139,9 @@ class MarkupParser:
             header, group = header.name, header.group
         elif header is None:
             header, token = yield from self._header(rules)
+            if token is not None and not header:  # no id, no arguments: no call the model made
+                self.rules["empty-call-removed"] += 1
+                return token, None
             if token is not None:  # another marker before any arguments
                 key = next(self._keys)
                 yield CallStart(key, header, channel, group)
@@ -1279,8 +1282,11 @@ class RepairContext:
             readings.append((name + digits, None))
         if m := _COUNTER_RE.fullmatch(header):
             readings.append((None, int(m[1])))
+        if (stem := _COUNTER_TAIL_RE.sub("", header)) != header and stem:  # cut off after the name:
+            readings.append((stem.removeprefix("functions."), None))  # "functions.read_file:" is read_file
         readings.append((header or None, None))  # the id as written may be the name ("get_weather")
-        written = next((n for n, _ in readings if n), "unknown")
+        written = next((n for n, _ in readings if n and not _COUNTER_TAIL_RE.search(n)), None) or \
+            next((n for n, _ in readings if n), "unknown")  # never a name an id cannot be built from
         counter = next((c for _, c in readings if c is not None), None)
         for name, count in readings:
             found = name and (self._declared(name) if self.tools else name)
@@ -1516,6 +1522,8 @@ class ChoiceRepair:
         self._open: Any = None  # the upstream index of the structured call being read
         self._closed: set = set()
         self._group = -1  # the structured calls' group: a new one after text came between them
+        self._call_ids: dict[Any, str] = {}  # the upstream id of each structured call, by its key here
+        self._current: dict[int, Any] = {}  # an upstream index's current call, once a new id reused it
         self._surrogate: dict[Any, str] = {}
 
     def feed(self, reasoning: str | None = None, content: str | None = None,
@@ -1641,10 +1649,22 @@ class ChoiceRepair:
     # -- structured calls: given to a parser as markup -----------------------------------------------
 
     def _structured(self, delta: dict, index: Any, out: list) -> None:
+        """One structured tool-call delta. Which call it continues: its ``index`` (a new ``id`` on an
+        index already in use starts another call: two calls sharing one index, as some engines send),
+        or without one, the open call unless it brings an id. Arguments given as a JSON value rather
+        than a string are that value's JSON text."""
+        call_id = delta.get("id") if isinstance(delta.get("id"), str) and delta.get("id") else None
         if index is None:
             index = delta.get("index")
             if not isinstance(index, int) or isinstance(index, bool):
-                index = self._open if self._open is not None and not delta.get("id") else ("new", len(self._closed))
+                index = self._open if self._open is not None and not call_id else \
+                    ("new", len(self._closed) + (self._open is not None))  # a key no call has had
+            else:
+                index = self._current.get(index, index)
+                if call_id and self._call_ids.get(index, call_id) != call_id:
+                    index = self._current[delta["index"]] = ("again", delta["index"], call_id)
+        if call_id:
+            self._call_ids.setdefault(index, call_id)
         function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
         if index != self._open:
             if index in self._closed:
@@ -1662,6 +1682,8 @@ class ChoiceRepair:
             name = name[:MAX_CALL_HEADER] if isinstance(name, str) else ""
             self._take(self.structured.inject(StructuredCall(name, self._group)), out)
         arguments = function.get("arguments")
+        if isinstance(arguments, (dict, list)):  # a JSON value, not its text (KTransformers, Ollama)
+            arguments = _dumps(arguments)
         if isinstance(arguments, str) and arguments and (arguments := self._pair(index, arguments)):
             self._take(self.structured.feed(arguments), out)
 

@@ -562,6 +562,79 @@ def test_structured_calls_repaired(name: str, history: int, spec: dict, calls: l
         assert accumulate(frames_to_events(frames)) == whole, points
 
 
+def tool_delta(index: Any = None, call_id: Any = None, name: Any = None, arguments: Any = None) -> dict:
+    delta: dict = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if index is not None:
+        delta["index"] = index
+    if call_id is not None:
+        delta["id"] = call_id
+    return delta
+
+
+# Structured deltas as engines other than SGLang stream them (issue 16.3): each must give every call whole.
+ENGINE_SHAPES = [
+    ("two calls sharing one index, told apart by their ids",
+     [tool_delta(0, "call_a", "read_file", ""), tool_delta(0, None, None, '{"path": "a.py"}'),
+      tool_delta(0, "call_b", "exec", ""), tool_delta(0, None, None, '{"command": "ls"}')],
+     [("read_file", {"path": "a.py"}), ("exec", {"command": "ls"})]),
+    ("deltas without an index: a new id starts a new call",
+     [tool_delta(None, "call_a", "read_file", '{"path": '), tool_delta(None, None, None, '"a.py"}'),
+      tool_delta(None, "call_b", "exec", '{"command": "ls"}')],
+     [("read_file", {"path": "a.py"}), ("exec", {"command": "ls"})]),
+    ("arguments as a JSON object, not a string",
+     [tool_delta(0, "call_a", "read_file", {"path": "a.py"}), tool_delta(1, "call_b", "exec", {"command": "ls"})],
+     [("read_file", {"path": "a.py"}), ("exec", {"command": "ls"})]),
+    ("the same id repeated on every delta is one call",
+     [tool_delta(0, "call_a", "read_file", '{"path": '), tool_delta(0, "call_a", None, '"a.py"}')],
+     [("read_file", {"path": "a.py"})]),
+]
+
+
+@pytest.mark.parametrize("name,deltas,want", ENGINE_SHAPES, ids=[e[0] for e in ENGINE_SHAPES])
+def test_structured_deltas_as_other_engines_send_them(name: str, deltas: list, want: list) -> None:
+    events = [json.dumps(chunk({"role": "assistant", "content": ""})).encode()]
+    events += [json.dumps(chunk({"tool_calls": [d]})).encode() for d in deltas]
+    events.append(json.dumps(chunk({}, finish="tool_calls")).encode())
+    message = accumulate(frames_to_events(run_stream(ctx_for(TOOLS), events)))
+    assert [(c["name"], json.loads(c["arguments"])) for c in message["tool_calls"]] == want
+    assert len({c["id"] for c in message["tool_calls"]}) == len(want)
+
+
+@pytest.mark.edge
+async def test_other_engines_structured_deltas_through_the_proxy_with_the_sdk(proxy: Running) -> None:
+    for name, deltas, want in ENGINE_SHAPES:
+        steps = [sse(chunk({"role": "assistant", "content": ""})), *[sse(chunk({"tool_calls": [d]})) for d in deltas],
+                 sse(chunk({}, finish="tool_calls")), b"data: [DONE]\n\n"]
+        proxy.upstream.script(Script(steps=steps))
+        _, _, calls = await sdk_call(lambda: _turn(proxy, [{"role": "user", "content": "go"}], True))
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == want, name
+
+
+# Cut-offs and noise around a call's header (issue 16.5 and 16.8): resolve what can be, invent nothing.
+HEADER_EDGES = [
+    ("max_tokens right after the name's colon", f"Reading.{S}{B}functions.read_file:", [("read_file", "functions.read_file:0")]),
+    ("a name cut off after its namespace dot", f"{S}{B}functions.exec.", [("exec", "functions.exec:0")]),
+    ("a call begin with nothing after it, at the end", f"Done.{S}{B}", []),
+    ("a call begin with nothing after it, before the section's end", f"Done.{S}{B}{E}", []),
+    ("a call begin, then the next call", f"{S}{B}{B}functions.exec:0{A}{{\"command\": \"ls\"}}{Z}{E}",
+     [("exec", "functions.exec:0")]),
+]
+
+
+@pytest.mark.parametrize("name,text,want", HEADER_EDGES, ids=[h[0] for h in HEADER_EDGES])
+def test_header_cut_offs_resolve_what_they_can_and_invent_no_call(name: str, text: str, want: list) -> None:
+    for channel in ("content", "reasoning"):
+        up = family_upstream(channel, text)
+        whole = run_whole(ctx_for(TOOLS), up)
+        points = list(range(len(text)))
+        streamed = accumulate(frames_to_events(run_stream(
+            ctx_for(TOOLS), upstream_chunks(up, *((points, []) if channel == "reasoning" else ([], points))))))
+        for message in (whole, streamed):
+            assert [(c["name"], c["id"]) for c in message["tool_calls"]] == want, (channel, message)
+            assert all(c["id"].count("functions.") == 1 and "::" not in c["id"] for c in message["tool_calls"])
+            assert S not in message["content"] + message["reasoning"] and B not in message["content"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Thinking (REPAIR.md 8): SGLang's reasoning parser ends the reasoning at </think> (removed) or, in
 # 0.5.2x, at a tool section (kept); the model's one text is read across both channels
