@@ -1624,10 +1624,17 @@ class ChoiceRepair:
         tool calls. Without it the array arrives as content: it becomes the calls (REPAIR.md 4.1)."""
         text = "".join(self._forced)
         self._forced = None
-        calls = _load_lenient(text.strip())
+        array = ArgumentRepair()  # closes an array max_tokens cut, and stops at a marker after it
+        stripped = text.strip()
+        end = array.scan(stripped, 0, True)
+        calls = _load_lenient(array.take() + array.finish())
         if isinstance(calls, list) and calls and all(isinstance(c, dict) and isinstance(c.get("name"), str)
                                                      for c in calls):
             self.structured.rules["calls-from-json-array"] += 1
+            for rule in array.rules:  # arguments-closed: the array was cut off
+                self.structured.rules[rule] += 1
+            if stripped[end:]:  # a control token leaked after it (<|im_end|>), or text: read as text
+                self._take(self.text.feed(stripped[end:]), out)
             for position, call in enumerate(calls):
                 arguments = call.get("parameters", call.get("arguments", {}))
                 arguments = arguments if isinstance(arguments, str) else _dumps(arguments)

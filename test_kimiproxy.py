@@ -1635,6 +1635,26 @@ async def test_tool_choice_required_without_sglangs_tool_parser(proxy: Running) 
 
 
 @pytest.mark.edge
+@pytest.mark.parametrize("ending,want", [
+    ("<|im_end|>", [("read_file", {"path": "a.py"}), ("exec", {"command": "ls"})]),  # a control token leaked
+    ("", [("read_file", {"path": "a.py"}), ("exec", {"command": "l"})]),  # cut by max_tokens (below)
+], ids=["control-token-after", "cut-off"])
+async def test_forced_calls_cut_off_or_followed_by_a_control_token(proxy: Running, ending: str, want: list) -> None:
+    """Issue 16.7: the tool_choice "required" array with a leaked <|im_end|> after it, or cut by
+    max_tokens, still becomes the calls, streamed and whole, never raw JSON in the answer."""
+    array = '[{"name": "read_file", "parameters": {"path": "a.py"}}, {"name": "exec", "parameters": {"command": "ls"}}]'
+    text = array + ending if ending else array[:-5]  # ... "command": "l
+    pieces = [text[i:i + 7] for i in range(0, len(text), 7)]
+    proxy.upstream.script(Script(steps=stream_of(reasoning=["Must call."], content=pieces)),
+                          Script(body=completion(text, "Must call."), content_type="application/json"))
+    for stream in (True, False):
+        message = await sdk_call(lambda: _sdk_message(proxy.sdk(), {"history_tool_calls": 0, "request_tools": TOOLS},
+                                                      stream, tool_choice="required"))
+        assert [(c["name"], json.loads(c["arguments"])) for c in message["tool_calls"]] == want, stream
+        assert message["content"] == "" and message["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.edge
 async def test_lone_surrogate_in_the_history_is_forwarded(proxy: Running) -> None:
     """A JavaScript client cut a tool result mid-emoji: the history rewrite must not turn that into a 500."""
     body = ('{"messages": [{"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", '
