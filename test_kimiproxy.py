@@ -1618,40 +1618,28 @@ async def test_done_ends_the_response_without_waiting_for_the_upstream(proxy: Ru
     assert not any(k.startswith("kimiproxy_client_disconnects_total") for k in metrics)
 
 
+FORCED_ARRAY = '[{"name": "read_file", "parameters": {"path": "a.py"}}, {"name": "exec", "parameters": {"command": "ls"}}]'
+
+
 @pytest.mark.edge
-async def test_tool_choice_required_without_sglangs_tool_parser(proxy: Running) -> None:
+@pytest.mark.parametrize("text,last", [
+    (FORCED_ARRAY, {"command": "ls"}),
+    (FORCED_ARRAY + "<|im_end|>", {"command": "ls"}),  # a control token leaked after it (issue 16.7)
+    (FORCED_ARRAY[:-5], {"command": "l"}),  # cut by max_tokens: ... "command": "l
+], ids=["whole-array", "control-token-after", "cut-off"])
+async def test_tool_choice_required_without_sglangs_tool_parser(proxy: Running, text: str, last: dict) -> None:
     """SGLang's grammar for tool_choice "required" makes the model write a JSON array of calls; without
-    --tool-call-parser it arrives as content, and the client gets tool calls."""
-    array = '[{"name": "read_file", "parameters": {"path": "a.py"}}, {"name": "exec", "parameters": {"command": "ls"}}]'
-    pieces = [array[i:i + 7] for i in range(0, len(array), 7)]
-    proxy.upstream.script(Script(steps=stream_of(reasoning=["Must call."], content=pieces)),
-                          Script(body=completion(array, "Must call."), content_type="application/json"))
-    for stream in (True, False):
-        message = await sdk_call(lambda: _sdk_message(proxy.sdk(), {"history_tool_calls": 1, "request_tools": TOOLS},
-                                                      stream, tool_choice="required"))
-        assert [(c["id"], c["name"], json.loads(c["arguments"])) for c in message["tool_calls"]] == [
-            ("functions.read_file:1", "read_file", {"path": "a.py"}), ("functions.exec:2", "exec", {"command": "ls"})]
-        assert (message["content"], message["finish_reason"]) == ("", "tool_calls")
-
-
-@pytest.mark.edge
-@pytest.mark.parametrize("ending,want", [
-    ("<|im_end|>", [("read_file", {"path": "a.py"}), ("exec", {"command": "ls"})]),  # a control token leaked
-    ("", [("read_file", {"path": "a.py"}), ("exec", {"command": "l"})]),  # cut by max_tokens (below)
-], ids=["control-token-after", "cut-off"])
-async def test_forced_calls_cut_off_or_followed_by_a_control_token(proxy: Running, ending: str, want: list) -> None:
-    """Issue 16.7: the tool_choice "required" array with a leaked <|im_end|> after it, or cut by
-    max_tokens, still becomes the calls, streamed and whole, never raw JSON in the answer."""
-    array = '[{"name": "read_file", "parameters": {"path": "a.py"}}, {"name": "exec", "parameters": {"command": "ls"}}]'
-    text = array + ending if ending else array[:-5]  # ... "command": "l
+    --tool-call-parser it arrives as content, and the client gets tool calls, streamed and whole, also
+    when a control token follows the array or max_tokens cut it: never raw JSON in the answer."""
     pieces = [text[i:i + 7] for i in range(0, len(text), 7)]
     proxy.upstream.script(Script(steps=stream_of(reasoning=["Must call."], content=pieces)),
                           Script(body=completion(text, "Must call."), content_type="application/json"))
     for stream in (True, False):
-        message = await sdk_call(lambda: _sdk_message(proxy.sdk(), {"history_tool_calls": 0, "request_tools": TOOLS},
+        message = await sdk_call(lambda: _sdk_message(proxy.sdk(), {"history_tool_calls": 1, "request_tools": TOOLS},
                                                       stream, tool_choice="required"))
-        assert [(c["name"], json.loads(c["arguments"])) for c in message["tool_calls"]] == want, stream
-        assert message["content"] == "" and message["finish_reason"] == "tool_calls"
+        assert [(c["id"], c["name"], json.loads(c["arguments"])) for c in message["tool_calls"]] == [
+            ("functions.read_file:1", "read_file", {"path": "a.py"}), ("functions.exec:2", "exec", last)], stream
+        assert (message["content"], message["finish_reason"]) == ("", "tool_calls")
 
 
 @pytest.mark.edge
