@@ -732,10 +732,96 @@ class StructuredCall:
 
 
 CHANNEL_FIELDS = {"reasoning": "reasoning_content", "content": "content", "tool_calls": "tool_calls"}
-NONE, OPEN, MAYBE = "none", "open", "maybe"  # where the parser stands with the model's thinking
 _ENDING_RULES = {SECTION_END: "section-end-as-call-end", CALL_BEGIN: "no-call-end", EOF: "unterminated-call",
                  SECTION_BEGIN: "no-call-end", TRUNCATED: "truncated-marker-removed", IM_END: "ended-by-im-end",
                  THINK_CLOSE: "ended-by-think-close", ROLE: "ended-by-role-marker"}
+
+
+class Think(enum.Enum):
+    NONE = "none"  # not thinking: the answer
+    OPEN = "open"  # thinking
+    MAYBE = "maybe"  # after a tool section that interrupted the thinking: thinking if a </think> follows
+
+
+class Thinking:
+    """REPAIR.md 4.8 in one place: where the model's text stands with its thinking, and so which channel
+    each piece of text goes to. SGLang's reasoning channel is thinking; ``<think>`` at the start opens it;
+    a tool section in content interrupts it, and the text after it is held (a ``</think>`` makes it
+    reasoning, the end of the text the answer); ``</think>`` closes it, and is text only in an answer."""
+
+    __slots__ = ("state", "in_reasoning", "held", "answered")
+
+    def __init__(self) -> None:
+        self.state = Think.NONE
+        self.in_reasoning = False  # the text comes from SGLang's reasoning channel
+        self.held: list[str] = []  # while MAYBE
+        self.answered = False  # answer text went out
+
+    @property
+    def channel(self) -> str:
+        """Where SGLang put the text: a call found in it says so (``Call.channel``)."""
+        return "reasoning" if self.in_reasoning else "content"
+
+    @property
+    def holding(self) -> bool:
+        return self.state is Think.MAYBE
+
+    def channel_changes(self, reasoning: bool) -> list:
+        """SGLang's channel for the text that follows. (Back) in reasoning: thinking, whatever came
+        before, and what was held is thinking too."""
+        if reasoning is self.in_reasoning:
+            return []
+        self.in_reasoning = reasoning
+        if not reasoning:
+            return []
+        events = [Text("reasoning", "".join(self.held))] if self.held else []
+        self.held.clear()
+        self.state = Think.OPEN
+        return events
+
+    def open(self) -> bool:
+        """``<think>`` opens the text: thinking. Returns whether it came in content (a repair)."""
+        self.state = Think.OPEN
+        return not self.in_reasoning
+
+    def interrupt(self) -> None:
+        """A tool section starts in content while the model is thinking."""
+        if self.state is Think.OPEN and not self.in_reasoning:
+            self.state = Think.MAYBE
+
+    def route(self, text: str) -> list:
+        """The events for text released by the parser: reasoning, the answer, or none while held."""
+        if self.state is Think.MAYBE:
+            self.held.append(text)
+            return []
+        if self.state is Think.OPEN:
+            return [Text("reasoning", text)]
+        if not self.answered and not text.isspace():
+            self.answered = True
+        return [Text("content", text)]
+
+    def close(self) -> tuple[list, str | None] | None:
+        """``</think>`` at the top level: (its events, the rule it counts), or None when it is text."""
+        if self.state is Think.MAYBE:  # the thinking went on after a tool section
+            self.state = Think.NONE
+            text = "".join(self.held)
+            self.held.clear()
+            return ([Text("reasoning", text)] if text else []), "thinking-after-section-moved"
+        if self.state is Think.OPEN:
+            self.state = Think.NONE
+            return [], None
+        if self.answered:
+            return None  # inside an answer it is text like any other
+        return [], "stray-think-close-removed"
+
+    def end(self) -> str:
+        """The end of the text: what was held (no </think> came) was the answer."""
+        if self.state is not Think.MAYBE:
+            return ""
+        self.state = Think.NONE
+        text = "".join(self.held)
+        self.held.clear()
+        return text
 
 
 class ParserInput:
@@ -839,12 +925,9 @@ class MarkupParser:
         self._folded_tools = tuple(tool.casefold() for tool in tools)  # a line starting with one may head a call
         self.structured = structured
         self.rules: Counter[str] = Counter()  # text-level repairs
-        self.answered = False  # answer text went out
         self._keys = keys  # call keys and group ids, unique within the choice
         self._input = ParserInput()
-        self._reasoning = False  # the text comes from SGLang's reasoning channel
-        self._think = NONE
-        self._maybe: list[str] = []  # MAYBE: thinking if a </think> follows, else the answer
+        self._thinking = Thinking()
         self._lead = ""  # an id at the start of a line: a call's header if an argument marker follows
         self._line_start = True
         self._tail = ""  # the end of the text released (an id already sent may head a call)
@@ -856,14 +939,7 @@ class MarkupParser:
     # -- the two-call contract ---------------------------------------------------------------------
 
     def feed(self, text: str, reasoning: bool = False) -> list:
-        events = []
-        if reasoning is not self._reasoning:
-            self._reasoning = reasoning
-            if reasoning:  # (back) in SGLang's reasoning channel: thinking, whatever came before
-                if self._maybe:
-                    events.append(Text("reasoning", "".join(self._maybe)))
-                    self._maybe.clear()
-                self._think = OPEN
+        events = self._thinking.channel_changes(reasoning)
         if self._plain and "<" not in text and "\n" not in text:  # nothing in it can be markup
             return self._release(text) if not events else events + self._release(text)
         self._input.push(text)
@@ -890,21 +966,20 @@ class MarkupParser:
         """SGLang's channel changes from reasoning to content. Its reasoning parser ended the reasoning
         at a </think>, which it removed (put back, wherever it was: in a string of arguments it is
         part of the string), or at a tool section, which it kept."""
-        self._reasoning = False
+        self._thinking.channel_changes(False)
         return self.feed(THINK_CLOSE_TEXT) if lost_think else []
 
     def interrupt(self) -> None:
         """A tool section starts in content while the model is thinking: the text after it may still be
         thinking. It is held until a </think> says so, or the end says it was the answer (REPAIR.md 4.8)."""
-        if self._think == OPEN and not self._reasoning:
-            self._think = MAYBE
+        self._thinking.interrupt()
 
     # -- the tokenizer -----------------------------------------------------------------------------
 
     def _token(self):
         """The next token (ParserInput.token), waiting for input while there is none."""
         while (token := self._input.token()) is NEED:
-            self._plain = self._top and not self._lead and not self._line_start and self._think != MAYBE \
+            self._plain = self._top and not self._lead and not self._line_start and not self._thinking.holding \
                 and self._input.drained
             yield NEED
         return token
@@ -921,18 +996,15 @@ class MarkupParser:
                 break
             yield from self._top_level(token)
         yield from self._flush_lead()
-        if self._think == MAYBE:  # no </think> came: that text was the answer
-            self._think = NONE
-            yield from self._release_all(self._maybe)
+        yield from self._release_all([self._thinking.end()])  # no </think> came: what was held is the answer
 
     def _opening(self):
         """Text that opens with <think> (SGLang without a reasoning parser, or one that left the tag):
         reasoning, up to </think> or a tool section (REPAIR.md 4.8)."""
         space, token = yield from self._collect(lambda text: len(text) < LONGEST_MARKER and not text.strip())
         if token is THINK_OPEN:
-            if not self._reasoning:
+            if self._thinking.open():
                 self.rules["think-moved-to-reasoning"] += 1
-            self._think = OPEN
             return
         self._input.back = token
         if space:
@@ -1030,36 +1102,26 @@ class MarkupParser:
             yield event
 
     def _release(self, text: str) -> list:
-        think = self._think
-        if think is MAYBE:
-            self._maybe.append(text)
-            return []
-        self._tail = (self._tail + text)[-MAX_LINE_HEADER:]
-        if think is OPEN:
-            return [Text("reasoning", text)]
-        if not self.answered and not text.isspace():
-            self.answered = True
-        return [Text("content", text)]
+        events = self._thinking.route(text)
+        if events:  # sent, not held: an id at its end may still head a call
+            self._tail = (self._tail + text)[-MAX_LINE_HEADER:]
+        return events
 
     def _flush_lead(self):
         lead, self._lead = self._lead, ""
         yield from self._release_all([lead])
 
     def _think_close(self):
-        if self._think == MAYBE:  # the thinking went on after a tool section (REPAIR.md 4.8)
-            self._think = NONE
-            self.rules["thinking-after-section-moved"] += 1
-            text = "".join(self._maybe)
-            self._maybe.clear()
-            if text:
-                yield Text("reasoning", text)
-        elif self._think == OPEN:
-            self._think = NONE
-        elif self.answered:
+        closed = self._thinking.close()
+        if closed is None:  # inside an answer: text
             self._line_start = False
-            yield from self._text(THINK_CLOSE_TEXT)  # inside an answer it is text like any other
-        else:
-            self.rules["stray-think-close-removed"] += 1
+            yield from self._text(THINK_CLOSE_TEXT)
+            return
+        events, rule = closed
+        if rule:
+            self.rules[rule] += 1
+        for event in events:
+            yield event
 
     def _role(self):
         """A leaked role header, <|im_assistant|>assistant<|im_middle|>: removed whole."""
@@ -1134,7 +1196,7 @@ class MarkupParser:
         """One call, from its header to the token that ends it. Returns (that token, the next call's id
         when the arguments ran into one)."""
         rules = list(rules)
-        channel = "tool_calls" if self.structured else "reasoning" if self._reasoning else "content"
+        channel = "tool_calls" if self.structured else self._thinking.channel
         if isinstance(header, StructuredCall):
             header, group = header.name, header.group
         elif header is None:
