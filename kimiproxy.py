@@ -824,19 +824,77 @@ class Thinking:
         return text
 
 
+class LineStart:
+    """REPAIR.md 4.2's header without <|tool_call_begin|>, in one place: an id at the start of a line
+    heads a call when <|tool_call_argument_begin|> follows. What the parser keeps for it: the word held
+    back at the start of a line (``lead``: ``functions...`` or a declared tool's name and counter),
+    whether the text stands at a line's start, the end of the text sent (an id already sent may still
+    head a call; it stays in the text), and the declared tools' names."""
+
+    __slots__ = ("tools", "lead", "at_start", "tail")
+
+    def __init__(self, tools: Iterable[str]) -> None:
+        self.tools = tuple(tool.casefold() for tool in tools)
+        self.lead = ""
+        self.at_start = True
+        self.tail = ""
+
+    def may_head(self, word: str, whole: bool = False) -> bool:
+        """Whether ``word`` may (be the start of) a call's id: ``functions...``, or a declared tool's name
+        and counter (``whole``: the complete id, whose last dotted part names a tool)."""
+        name = _COUNTER_TAIL_RE.sub("", word).casefold()
+        if whole:
+            return word.startswith("functions") or name.rsplit(".", 1)[-1] in self.tools
+        return "functions".startswith(word) or word.startswith("functions") or \
+            any(tool.startswith(name) for tool in self.tools)
+
+    def text(self, text: str) -> str:
+        """Of ``text``, what can go out now: a word at the start of a line that may still become a
+        call's id is held back (``lead``) until what follows shows whether it heads a call."""
+        if self.lead:
+            text, self.lead = self.lead + text, ""
+        start = text.rfind("\n") + 1
+        if start or self.at_start:
+            m = _LINE_HEADER_RE.fullmatch(text, start)
+            if m and m[1] and self.may_head(m[1].strip()):
+                text, self.lead = text[:m.start(1)], m[1]
+            self.at_start = bool(m and (self.lead or not m[1]))
+        return text
+
+    def take_lead(self) -> str:
+        lead, self.lead = self.lead, ""
+        return lead
+
+    def sent(self, text: str) -> None:
+        self.tail = (self.tail + text)[-MAX_LINE_HEADER:]
+
+    def id_sent(self) -> str | None:
+        """An id at the end of the text sent, which may head a call."""
+        m = _TRAILING_ID_RE.search(self.tail)
+        return m[1] if m and self.may_head(m[1], whole=True) else None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing held, not at a line's start: text without "<" or a newline cannot matter here."""
+        return not self.lead and not self.at_start
+
+
 class ParserInput:
     """What a MarkupParser has yet to read, as email.feedparser's BufferedSubFile is for its parser:
     the text fed and not read yet (``text`` from ``pos``), then what came after it, in order (more text,
     and tokens injected between texts), whether the end has come, and a token read ahead and put back
     (``back``). ``token()`` is the tokenizer: text and markers, holding back only a possible marker prefix."""
 
-    __slots__ = ("text", "pos", "queue", "eof", "back")
+    __slots__ = ("text", "pos", "queue", "eof", "back", "plain")
 
     def __init__(self) -> None:
         self.text, self.pos = "", 0
         self.queue: deque = deque()
         self.eof = False
         self.back: Any = None
+        # Set by the parser while it waits at the top level with nothing held: text without "<" or a
+        # newline then needs no tokenizer and passes at once (MarkupParser.feed).
+        self.plain = False
 
     def push(self, text: str) -> None:
         if self.queue:
@@ -915,24 +973,20 @@ class MarkupParser:
     ``</think>`` inside its arguments is read whole. Structured calls get a parser of their own, into
     which they are ``inject``ed as tokens: the same road as markup.
 
-    ``_token`` is the tokenizer: text and markers, holding back only a possible marker prefix.
+    Its input is a ParserInput (the tokenizer with it), as email.feedparser's is a BufferedSubFile.
     ``_parse`` is a generator that reads tokens; where it stands in its own code is the parser's state
-    (the top, a section, a call's header, its arguments), as in the stdlib's email.feedparser. It
-    yields events, and NEED when its input runs out.
+    (the top, a section, a call's header, its arguments). It yields events, and NEED when its input
+    runs out. The rest of its state is a value each: Thinking (rule 4.8), LineStart (rule 4.2's header
+    at the start of a line), whether a structured call needs a section's and a call's end markers.
     """
 
     def __init__(self, keys: Iterator[int], tools: Iterable[str] = (), structured: bool = False) -> None:
-        self._folded_tools = tuple(tool.casefold() for tool in tools)  # a line starting with one may head a call
         self.structured = structured
         self.rules: Counter[str] = Counter()  # text-level repairs
         self._keys = keys  # call keys and group ids, unique within the choice
         self._input = ParserInput()
         self._thinking = Thinking()
-        self._lead = ""  # an id at the start of a line: a call's header if an argument marker follows
-        self._line_start = True
-        self._tail = ""  # the end of the text released (an id already sent may head a call)
-        self._top = False  # the generator waits at the top level
-        self._plain = False  # ... with nothing held: text without "<" or a newline passes at once
+        self._line = LineStart(tools)
         self.in_section = self.in_call = False  # for the choice: which end markers a structured call needs
         self._gen = self._parse()
 
@@ -940,7 +994,7 @@ class MarkupParser:
 
     def feed(self, text: str, reasoning: bool = False) -> list:
         events = self._thinking.channel_changes(reasoning)
-        if self._plain and "<" not in text and "\n" not in text:  # nothing in it can be markup
+        if self._input.plain and "<" not in text and "\n" not in text:  # nothing in it can be markup
             return self._release(text) if not events else events + self._release(text)
         self._input.push(text)
         return events + self._run()
@@ -954,7 +1008,7 @@ class MarkupParser:
         return self._run()
 
     def _run(self) -> list:
-        self._plain = False
+        self._input.plain = False
         events = []
         for event in self._gen:
             if event is NEED:
@@ -976,11 +1030,11 @@ class MarkupParser:
 
     # -- the tokenizer -----------------------------------------------------------------------------
 
-    def _token(self):
-        """The next token (ParserInput.token), waiting for input while there is none."""
+    def _token(self, top: bool = False):
+        """The next token (ParserInput.token), waiting for input while there is none (``top``: at the
+        top level, where plain text may pass without the tokenizer)."""
         while (token := self._input.token()) is NEED:
-            self._plain = self._top and not self._lead and not self._line_start and not self._thinking.holding \
-                and self._input.drained
+            self._input.plain = top and self._line.idle and not self._thinking.holding and self._input.drained
             yield NEED
         return token
 
@@ -989,9 +1043,7 @@ class MarkupParser:
     def _parse(self):
         yield from self._opening()
         while True:
-            self._top = True
-            token = yield from self._token()
-            self._top = False
+            token = yield from self._token(top=True)
             if token is EOF:
                 break
             yield from self._top_level(token)
@@ -1027,7 +1079,7 @@ class MarkupParser:
             yield from self._headless_call()
             return
         yield from self._flush_lead()
-        self._line_start = True
+        self._line.at_start = True
         if token is SECTION_BEGIN:
             self.interrupt()
             token = yield from self._section()
@@ -1058,14 +1110,14 @@ class MarkupParser:
     def _headless_call(self):
         """<|tool_call_argument_begin|> outside a call: the id held at the start of the line heads a
         call (REPAIR.md 4.2). Without one, the marker is stray."""
-        header, self._lead = self._lead.strip(), ""
-        if not header and (m := _TRAILING_ID_RE.search(self._tail)) and self._may_head(m[1], whole=True):
-            header = m[1]  # sent already, as text, where it stays: nothing sent is taken back
+        header = self._line.take_lead().strip()
+        if not header and (sent := self._line.id_sent()):
+            header = sent  # sent already, as text, where it stays: nothing sent is taken back
             self.rules["call-id-left-in-text"] += 1
         if not header:
             self.rules["stray-marker-removed"] += 1
             return
-        self._line_start = True
+        self._line.at_start = True
         self.interrupt()
         token = yield from self._calls(header, ["no-call-begin", "no-section-wrapper"], next(self._keys))
         if token not in (None, CALL_END, SECTION_END, TRUNCATED):
@@ -1074,26 +1126,10 @@ class MarkupParser:
     def _text(self, text: str):
         """Text. A word at the start of a line that may still become a call's id (``functions...``, or
         a declared tool's name) is held back: it heads a call if <|tool_call_argument_begin|> follows."""
-        if self._lead:
-            text, self._lead = self._lead + text, ""
-        start = text.rfind("\n") + 1
-        if start or self._line_start:
-            m = _LINE_HEADER_RE.fullmatch(text, start)
-            if m and m[1] and self._may_head(m[1].strip()):
-                text, self._lead = text[:m.start(1)], m[1]
-            self._line_start = bool(m and (self._lead or not m[1]))
+        text = self._line.text(text)
         if text:
             for event in self._release(text):
                 yield event
-
-    def _may_head(self, word: str, whole: bool = False) -> bool:
-        """Whether ``word`` may (be the start of) a call's id: ``functions...``, or a declared tool's name
-        and counter (``whole``: the complete id, whose last dotted part names a tool)."""
-        name = _COUNTER_TAIL_RE.sub("", word).casefold()
-        if whole:
-            return word.startswith("functions") or name.rsplit(".", 1)[-1] in self._folded_tools
-        return "functions".startswith(word) or word.startswith("functions") or \
-            any(tool.startswith(name) for tool in self._folded_tools)
 
     def _release_all(self, parts: list[str]):
         text = "".join(parts)
@@ -1104,17 +1140,16 @@ class MarkupParser:
     def _release(self, text: str) -> list:
         events = self._thinking.route(text)
         if events:  # sent, not held: an id at its end may still head a call
-            self._tail = (self._tail + text)[-MAX_LINE_HEADER:]
+            self._line.sent(text)
         return events
 
     def _flush_lead(self):
-        lead, self._lead = self._lead, ""
-        yield from self._release_all([lead])
+        yield from self._release_all([self._line.take_lead()])
 
     def _think_close(self):
         closed = self._thinking.close()
         if closed is None:  # inside an answer: text
-            self._line_start = False
+            self._line.at_start = False
             yield from self._text(THINK_CLOSE_TEXT)
             return
         events, rule = closed
