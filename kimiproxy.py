@@ -1023,6 +1023,12 @@ class MarkupParser:
         self._thinking.channel_changes(False)
         return self.feed(THINK_CLOSE_TEXT) if lost_think else []
 
+    def new_group(self) -> int:
+        """REPAIR.md 4.9, the one place a group begins: a section, a call outside one, or (for the
+        choice) the structured calls until text comes between them. A call is dropped only as the
+        duplicate of an earlier call of another group (``ChoiceRepair._twins``)."""
+        return next(self._keys)
+
     def interrupt(self) -> None:
         """A tool section starts in content while the model is thinking: the text after it may still be
         thinking. It is held until a </think> says so, or the end says it was the answer (REPAIR.md 4.8)."""
@@ -1087,7 +1093,7 @@ class MarkupParser:
             self.interrupt()
             header = None if token is CALL_BEGIN else token
             token = yield from self._calls(header, [] if self.structured else ["no-section-wrapper"],
-                                           next(self._keys))
+                                           self.new_group())
         elif token is THINK_CLOSE:
             yield from self._think_close()
             token = None
@@ -1119,7 +1125,7 @@ class MarkupParser:
             return
         self._line.at_start = True
         self.interrupt()
-        token = yield from self._calls(header, ["no-call-begin", "no-section-wrapper"], next(self._keys))
+        token = yield from self._calls(header, ["no-call-begin", "no-section-wrapper"], self.new_group())
         if token not in (None, CALL_END, SECTION_END, TRUNCATED):
             self._input.back = token
 
@@ -1173,7 +1179,7 @@ class MarkupParser:
         token that ended the section, for the top level (None when it ended normally)."""
         self.in_section = True
         try:
-            return (yield from self._section_calls(next(self._keys)))
+            return (yield from self._section_calls(self.new_group()))
         finally:
             self.in_section = False
 
@@ -1780,7 +1786,7 @@ class ChoiceRepair:
                 self._switch(out, lost_think=False)
             self.text.interrupt()
             if self._group < 0:
-                self._group = next(self._keys)
+                self._group = self.structured.new_group()
             self._open = index
             name = function.get("name")
             name = name[:MAX_CALL_HEADER] if isinstance(name, str) else ""
