@@ -743,6 +743,9 @@ class Think(enum.Enum):
     MAYBE = "maybe"  # after a tool section that interrupted the thinking: thinking if a </think> follows
 
 
+ANSWER, THINKING = Think.NONE, Think.OPEN  # read for every chunk: module names are quicker to reach
+
+
 class Thinking:
     """REPAIR.md 4.8 in one place: where the model's text stands with its thinking, and so which channel
     each piece of text goes to. SGLang's reasoning channel is thinking; ``<think>`` at the start opens it;
@@ -791,14 +794,15 @@ class Thinking:
 
     def route(self, text: str) -> list:
         """The events for text released by the parser: reasoning, the answer, or none while held."""
-        if self.state is Think.MAYBE:
-            self.held.append(text)
-            return []
-        if self.state is Think.OPEN:
+        state = self.state
+        if state is ANSWER:  # first: the answer flowing is what most chunks are
+            if not self.answered and not text.isspace():
+                self.answered = True
+            return [Text("content", text)]
+        if state is THINKING:
             return [Text("reasoning", text)]
-        if not self.answered and not text.isspace():
-            self.answered = True
-        return [Text("content", text)]
+        self.held.append(text)
+        return []
 
     def close(self) -> tuple[list, str | None] | None:
         """``</think>`` at the top level: (its events, the rule it counts), or None when it is text."""
@@ -864,9 +868,6 @@ class LineStart:
     def take_lead(self) -> str:
         lead, self.lead = self.lead, ""
         return lead
-
-    def sent(self, text: str) -> None:
-        self.tail = (self.tail + text)[-MAX_LINE_HEADER:]
 
     def id_sent(self) -> str | None:
         """An id at the end of the text sent, which may head a call."""
@@ -993,7 +994,7 @@ class MarkupParser:
     # -- the two-call contract ---------------------------------------------------------------------
 
     def feed(self, text: str, reasoning: bool = False) -> list:
-        events = self._thinking.channel_changes(reasoning)
+        events = self._thinking.channel_changes(reasoning) if reasoning is not self._thinking.in_reasoning else []
         if self._input.plain and "<" not in text and "\n" not in text:  # nothing in it can be markup
             return self._release(text) if not events else events + self._release(text)
         self._input.push(text)
@@ -1145,8 +1146,9 @@ class MarkupParser:
 
     def _release(self, text: str) -> list:
         events = self._thinking.route(text)
-        if events:  # sent, not held: an id at its end may still head a call
-            self._line.sent(text)
+        if events:  # sent, not held: an id at its end may still head a call (LineStart.id_sent)
+            line = self._line
+            line.tail = (line.tail + text)[-MAX_LINE_HEADER:]
         return events
 
     def _flush_lead(self):
@@ -1511,6 +1513,7 @@ class Call:
 
 
 REASONING_KEYS = ("reasoning_content", "reasoning")  # SGLang's; vLLM's (since v0.11) and others'
+_SGLANG_REASONING = REASONING_KEYS[:1]
 
 
 def reasoning_keys(fields: dict) -> tuple[str | None, tuple[str, ...]]:
@@ -1518,6 +1521,9 @@ def reasoning_keys(fields: dict) -> tuple[str | None, tuple[str, ...]]:
     that holds it). Some send one key, some ``reasoning`` beside ``reasoning_content: null``, some the
     same text under both (mlx-vlm): the text is the first one given, and each key holding it gets the
     repaired text back. (None, ()) when there is none."""
+    text = fields.get("reasoning_content")
+    if "reasoning" not in fields:  # SGLang's own shape: one key (this runs for every chunk)
+        return (text, _SGLANG_REASONING) if type(text) is str and text else (None, ())
     text = next((v for k in REASONING_KEYS if type(v := fields.get(k)) is str and v), None)
     if text is None:
         return None, ()
@@ -1911,7 +1917,7 @@ def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair
             message["content"] = content or ("" if content_in is not None and not sent else None)
             changed = True
         if reasoning != (reasoning_in or ""):
-            for key in keys or REASONING_KEYS[:1]:
+            for key in keys or _SGLANG_REASONING:
                 message[key] = reasoning or None
             changed = True
         entries = [{"id": c.id, "index": c.index, "type": "function",
@@ -2042,7 +2048,7 @@ class StreamRepair:
         reasoning, keys = reasoning_keys(delta)
         if keys:  # answered in kind: under the keys the upstream uses
             self.keys[index] = keys
-        keys = self.keys.get(index, REASONING_KEYS[:1])
+        keys = self.keys.get(index, _SGLANG_REASONING)
         content = content if type(content) is str else None
         calls = delta.get("tool_calls")
         calls = calls if type(calls) is list else None
@@ -2078,7 +2084,7 @@ class StreamRepair:
                 continue
             events = repair.finish()
             final = self.finish[index] = repair.finish_reason(None) or "stop"
-            keys = self.keys.get(index, REASONING_KEYS[:1])
+            keys = self.keys.get(index, _SGLANG_REASONING)
             choices = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
                        for d in _deltas(events, {}, keys)]
             choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": final})
