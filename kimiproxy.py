@@ -1769,13 +1769,15 @@ class ChoiceRepair:
         index already in use starts another call: two calls sharing one index, as some engines send),
         or without one, the open call unless it brings an id. Arguments given as a JSON value rather
         than a string are that value's JSON text."""
-        call_id = delta.get("id") if isinstance(delta.get("id"), str) and delta.get("id") else None
+        call_id = delta.get("id") or None
+        if type(call_id) is not str:
+            call_id = None
         if index is None:
             index = delta.get("index")
-            if not isinstance(index, int) or isinstance(index, bool):
+            if type(index) is not int:
                 index = self._open if self._open is not None and not call_id else \
                     ("new", len(self._closed) + (self._open is not None))  # a key no call has had
-            else:
+            elif self._current or call_id:  # (most deltas continue their call: no look-ups for them)
                 index = self._current.get(index, index)
                 if call_id and self._call_ids.get(index, call_id) != call_id:
                     index = self._current[delta["index"]] = ("again", delta["index"], call_id)
@@ -1798,9 +1800,9 @@ class ChoiceRepair:
             name = name[:MAX_CALL_HEADER] if isinstance(name, str) else ""
             self._take(self.structured.inject(StructuredCall(name, self._group)), out)
         arguments = function.get("arguments")
-        if isinstance(arguments, (dict, list)):  # a JSON value, not its text (KTransformers, Ollama)
-            arguments = _dumps(arguments)
-        if isinstance(arguments, str) and arguments and (arguments := self._pair(index, arguments)):
+        if type(arguments) is not str:  # a JSON value instead of its text (KTransformers, Ollama)
+            arguments = _dumps(arguments) if isinstance(arguments, (dict, list)) else None
+        if arguments and (arguments := self._pair(index, arguments)):
             self._take(self.structured.feed(arguments), out)
 
     def _end_structured(self, out: list) -> None:
