@@ -1733,21 +1733,24 @@ class ChoiceRepair:
         tool calls. Without it the array arrives as content: it becomes the calls (REPAIR.md 4.1)."""
         text = "".join(self._forced)
         self._forced = None
-        array = ArgumentRepair()  # closes an array max_tokens cut, and stops at a marker after it
         stripped = text.strip()
-        end = array.scan(stripped, 0, True)
-        calls = _load_lenient(array.take() + array.finish())
+        array = ArgumentRepair()
+        try:  # a whole array, and whatever follows it
+            calls, end = _JSON_DECODER.raw_decode(stripped)
+        except (ValueError, RecursionError):  # cut by max_tokens, a marker inside, too deep: as arguments are
+            end = array.scan(stripped, 0, True)
+            calls = _load_lenient(array.take() + array.finish())
         if isinstance(calls, list) and calls and all(isinstance(c, dict) and isinstance(c.get("name"), str)
                                                      for c in calls):
             self.structured.rules["calls-from-json-array"] += 1
             for rule in array.rules:  # arguments-closed: the array was cut off
                 self.structured.rules[rule] += 1
-            if stripped[end:]:  # a control token leaked after it (<|im_end|>), or text: read as text
-                self._take(self.text.feed(stripped[end:]), out)
             for position, call in enumerate(calls):
                 arguments = call.get("parameters", call.get("arguments", {}))
                 arguments = arguments if isinstance(arguments, str) else _dumps(arguments)
                 self._structured({"function": {"name": call["name"], "arguments": arguments}}, ("json", position), out)
+            if stripped[end:]:  # what follows the calls (a leaked <|im_end|>, more text) is content after them
+                self._content(stripped[end:], out)
         elif self._thinking:
             self._head += text
         else:
@@ -1775,8 +1778,8 @@ class ChoiceRepair:
         if index is None:
             index = delta.get("index")
             if type(index) is not int:
-                index = self._open if self._open is not None and not call_id else \
-                    ("new", len(self._closed) + (self._open is not None))  # a key no call has had
+                index = self._open if self._open is not None and call_id in (None, self._call_ids.get(self._open)) \
+                    else ("new", len(self._closed) + (self._open is not None))  # a key no call has had
             elif self._current or call_id:  # (most deltas continue their call: no look-ups for them)
                 index = self._current.get(index, index)
                 if call_id and self._call_ids.get(index, call_id) != call_id:
@@ -1947,7 +1950,8 @@ def _unchanged(events: list, content: str | None, reasoning: str | None, calls: 
 def _deltas(events: list, template: dict, keys: tuple[str, ...]) -> list[dict]:
     """Events as chunk deltas: one per run of events that a client may read in one delta (reasoning,
     under each of ``keys``, then content, then tool calls); the first keeps the upstream delta's other
-    fields (never a reasoning key's raw text)."""
+    fields (a reasoning key among ``keys`` never with its raw text; another one, with other text, as it
+    came, as a whole response keeps it)."""
     deltas: list[dict] = []
     current: dict = {}
     rank = 3
@@ -1972,7 +1976,7 @@ def _deltas(events: list, template: dict, keys: tuple[str, ...]) -> list[dict]:
                 calls.append({"index": event.index, "id": event.id, "type": "function",
                               "function": {"name": event.name, "arguments": event.arguments}})
     if deltas and template:
-        first = {k: (None if k in ("content", "tool_calls") or k in REASONING_KEYS else v) for k, v in template.items()}
+        first = {k: (None if k in ("content", "tool_calls") or k in keys else v) for k, v in template.items()}
         first.update(deltas[0])
         deltas[0] = first
     return deltas

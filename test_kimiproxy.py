@@ -587,6 +587,10 @@ ENGINE_SHAPES = [
     ("the same id repeated on every delta is one call",
      [tool_delta(0, "call_a", "read_file", '{"path": '), tool_delta(0, "call_a", None, '"a.py"}')],
      [("read_file", {"path": "a.py"})]),
+    ("the same id repeated on every delta, without an index, is one call",
+     [tool_delta(None, "call_a", "read_file", '{"path": '), tool_delta(None, "call_a", None, '"a.py"}'),
+      tool_delta(None, "call_b", "exec", '{"command": "ls"}')],
+     [("read_file", {"path": "a.py"}), ("exec", {"command": "ls"})]),
 ]
 
 
@@ -1626,7 +1630,8 @@ FORCED_ARRAY = '[{"name": "read_file", "parameters": {"path": "a.py"}}, {"name":
     (FORCED_ARRAY, {"command": "ls"}),
     (FORCED_ARRAY + "<|im_end|>", {"command": "ls"}),  # a control token leaked after it (issue 16.7)
     (FORCED_ARRAY[:-5], {"command": "l"}),  # cut by max_tokens: ... "command": "l
-], ids=["whole-array", "control-token-after", "cut-off"])
+    (FORCED_ARRAY + " Done.", {"command": "ls"}),  # text after it stays text
+], ids=["whole-array", "control-token-after", "cut-off", "text-after"])
 async def test_tool_choice_required_without_sglangs_tool_parser(proxy: Running, text: str, last: dict) -> None:
     """SGLang's grammar for tool_choice "required" makes the model write a JSON array of calls; without
     --tool-call-parser it arrives as content, and the client gets tool calls, streamed and whole, also
@@ -1639,7 +1644,8 @@ async def test_tool_choice_required_without_sglangs_tool_parser(proxy: Running, 
                                                       stream, tool_choice="required"))
         assert [(c["id"], c["name"], json.loads(c["arguments"])) for c in message["tool_calls"]] == [
             ("functions.read_file:1", "read_file", {"path": "a.py"}), ("functions.exec:2", "exec", last)], stream
-        assert (message["content"], message["finish_reason"]) == ("", "tool_calls")
+        assert (message["content"].strip(), message["finish_reason"]) == ("Done." if text.endswith("Done.") else "",
+                                                                          "tool_calls")
 
 
 @pytest.mark.edge
