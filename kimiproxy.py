@@ -234,8 +234,9 @@ class _ClientGone(Exception):
 
 def json_loads(data: bytes | str) -> Any:
     """json.loads, by orjson when it is installed. Whatever orjson refuses (invalid JSON, but also
-    NaN or integers past 64 bits, which the stdlib accepts) is left to the stdlib, so the result
-    never depends on whether orjson is there."""
+    NaN and infinities, which the stdlib accepts) is left to the stdlib. orjson reads an integer past
+    64 bits as a float: what is read here is read for the repair, and a client's request is never
+    written anew from it (``rewrite_request`` edits it in place)."""
     if orjson is not None:
         try:
             return orjson.loads(data)
