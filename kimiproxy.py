@@ -1572,10 +1572,10 @@ class Message:
     @classmethod
     def of_choice(cls, choice: dict, message: dict, index: int = 0) -> "Message":
         """A whole completion's choice."""
-        content = message.get("content")
+        content, given = message.get("content"), choice.get("index")
         return cls(content if isinstance(content, str) else "", reasoning_of(message),
                    tuple(_call_tuples(message.get("tool_calls"))), _str(choice.get("finish_reason")),
-                   choice.get("index", index) if type(choice.get("index", index)) is int else index)
+                   given if type(given) is int else index)
 
     def describe(self) -> str:
         """For the log line: text cut to LOG_PREVIEW_CHARS, calls whole."""
@@ -2722,7 +2722,7 @@ class Upstream:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.parsers: dict[str, Any] | None = None  # {"tool_call_parser", "reasoning_parser"}, once known
-        self._base_path = httpx.URL(settings.upstream).raw_path.rstrip(b"/") + b"/"  # what url() appends to
+        self._base_path = httpx.URL(settings.upstream).raw_path.rstrip(b"/") + b"/"  # what request() appends to
         self._client: httpx.AsyncClient | None = None
         self._transport: httpx.AsyncHTTPTransport | None = None
 
@@ -2738,13 +2738,6 @@ class Upstream:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
-
-    def url(self, raw_path: bytes, query: bytes = b"") -> tuple[str, bytes]:
-        """/v1/models -> {SGLANG_API_BASE}/models; /api/chat/completions -> .../chat/completions, for a
-        path ``checked_path`` let through (ASCII): the URL, and the path it must arrive with."""
-        tail = raw_path.split(b"/", 2)[2]
-        url = self.settings.upstream + "/" + tail.decode("ascii")
-        return (url + "?" + query.decode("latin-1") if query else url), self._base_path + tail
 
     def headers(self, client: Iterable[tuple[bytes, bytes]], relay_untouched: bool) -> list[tuple[bytes, bytes]]:
         """The client's end-to-end headers for the upstream: not hop-by-hop ones, Host or Content-Length
@@ -2764,14 +2757,17 @@ class Upstream:
                 out.append((b"authorization", b"Basic " + base64.b64encode(s.upstream_credentials.encode())))
         return out
 
-    def request(self, method: str, target: tuple[str, bytes], body: bytes,
+    def request(self, method: str, raw_path: bytes, query: bytes, body: bytes,
                 headers: list[tuple[bytes, bytes]]) -> httpx.Request:
-        """The upstream request for a ``url()`` target: refused unless httpx made exactly the path that
-        was checked of it (it would resolve a dot segment, say)."""
+        """The upstream request for a path ``checked_path`` let through: /v1/models ->
+        {SGLANG_API_BASE}/models, /api/chat/completions -> .../chat/completions. Refused unless httpx
+        made exactly that path of it (it would resolve a dot segment, say)."""
         assert self._client is not None
-        url, path = target
-        request = self._client.build_request(method, url, content=body, headers=headers)
-        if request.url.raw_path.partition(b"?")[0] != path:
+        tail = raw_path.split(b"/", 2)[2]
+        url = self.settings.upstream + "/" + tail.decode("ascii")
+        request = self._client.build_request(method, url + "?" + query.decode("latin-1") if query else url,
+                                             content=body, headers=headers)
+        if request.url.raw_path.partition(b"?")[0] != self._base_path + tail:
             raise ClientError("the request path cannot be sent upstream as it is", 400)
         return request
 
@@ -3547,7 +3543,7 @@ class Exchange:
         if edits:
             body = rewrite_request(body, request, edits)
         upstream = self.proxy.upstream
-        outgoing = upstream.request("POST", upstream.url(self.target, self.scope["query_string"]), body,
+        outgoing = upstream.request("POST", self.target, self.scope["query_string"], body,
                                     upstream.headers(self.scope["headers"], relay_untouched=False))
         if stream:
             await self._stream(outgoing, ctx, pass_usage)
@@ -3881,7 +3877,7 @@ class Exchange:
             require_json(self.scope)
         upstream = self.proxy.upstream
         response = await self._open(upstream.request(
-            self.method, upstream.url(self.target, self.scope["query_string"]), body,
+            self.method, self.target, self.scope["query_string"], body,
             upstream.headers(self.scope["headers"], relay_untouched=True)))
         await self._start(response.status_code,
                           end_to_end_headers(response.headers.raw, RESPONSE_HEADERS_DROPPED, True))
