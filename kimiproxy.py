@@ -2510,7 +2510,8 @@ def require_json(scope: dict) -> None:
     content_type = next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
     media = content_type.split(b";", 1)[0].strip().lower()
     if media != b"application/json" and not (media.startswith(b"application/") and media.endswith(b"+json")):
-        raise ClientError(f"Content-Type must be application/json, not {content_type.decode('latin-1')!r}", 415)
+        sent = f"not {content_type.decode('latin-1')!r}" if content_type else "none was sent"
+        raise ClientError(f"Content-Type must be application/json ({sent})", 415)
 
 
 def parse_chat_request(scope: dict, body: bytes) -> dict:
