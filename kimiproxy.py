@@ -101,6 +101,7 @@ MAX_CALL_ARGUMENTS = 32 * 1024 * 1024  # characters
 
 # The edge.
 CHAT_PATHS = ("/v1/chat/completions", "/api/chat/completions")  # the routes that are repaired
+MESSAGES_PATHS = {"/v1/messages": "messages", "/v1/messages/count_tokens": "count_tokens"}  # Anthropic's
 DEFAULT_UPSTREAM = "http://127.0.0.1:30000/v1"  # SGLang's own default port
 DEFAULT_PORT = 8000
 DEFAULT_FORWARD_TIMEOUT = 600.0  # seconds the upstream may stay silent (prefill of a long context)
@@ -2468,7 +2469,7 @@ class Metrics:
 
 def route_label(path: str) -> str:
     """A bounded set of route labels: the known routes, else the first path segments."""
-    if path in CHAT_PATHS or path in ("/v1/models", "/v1/completions", "/v1/embeddings"):
+    if path in CHAT_PATHS or path in MESSAGES_PATHS or path in ("/v1/models", "/v1/completions", "/v1/embeddings"):
         return path
     return "/v1/other" if path.startswith("/v1/") else "other"
 
@@ -2514,8 +2515,8 @@ def require_json(scope: dict) -> None:
         raise ClientError(f"Content-Type must be application/json ({sent})", 415)
 
 
-def parse_chat_request(scope: dict, body: bytes) -> dict:
-    """The request as JSON, with the checks that give a clear 4xx instead of an upstream 500."""
+def parse_json_request(scope: dict, body: bytes) -> dict:
+    """A request body as a JSON object, within the bounds a worker can parse (MAX_REQUEST_VALUES)."""
     require_json(scope)
     for name, value in scope["headers"]:
         if name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
@@ -2528,6 +2529,12 @@ def parse_chat_request(scope: dict, body: bytes) -> dict:
         raise ClientError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise ClientError(f"request body must be a JSON object, not {type(request).__name__}")
+    return request
+
+
+def parse_chat_request(scope: dict, body: bytes) -> dict:
+    """A chat completion request, with the checks that give a clear 4xx instead of an upstream 500."""
+    request = parse_json_request(scope, body)
     if not isinstance(request.get("messages"), list):
         raise ClientError("'messages' must be a list of messages")
     if len(request["messages"]) > MAX_REQUEST_MESSAGES:
@@ -2651,6 +2658,461 @@ def rewrite_request(body: bytes, request: dict, edits: list[tuple[tuple, Any]]) 
         pos = b
     out.append(text[pos:])
     return "".join(out).encode(encoding)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The client protocols: OpenAI's chat completions and Anthropic's Messages, each an encoder at the edge
+# ---------------------------------------------------------------------------------------------------
+
+class OpenAIChat:
+    """The protocol of /v1/chat/completions, which SGLang speaks too: the request goes upstream as it
+    came (less kimiproxy's edits), a stream's events go out as StreamRepair writes them, and errors are
+    OpenAI's ``{"error": {...}}``. One per exchange, like AnthropicMessages."""
+
+    name = "openai"
+    heartbeat = HEARTBEAT_FRAME
+    counting = False  # a token count, not a completion (AnthropicMessages: count_tokens)
+
+    def parse(self, scope: dict, body: bytes) -> dict:
+        return parse_chat_request(scope, body)
+
+    def upstream_target(self, target: bytes, query: bytes) -> tuple[bytes, bytes]:
+        return target, query
+
+    def upstream_body(self, body: bytes, request: dict, edits: list[tuple[tuple, Any]]) -> bytes:
+        return rewrite_request(body, request, edits) if edits else body
+
+    def error(self, err: ProxyError) -> tuple[int, dict]:
+        return err.status, err.body()
+
+    def error_frame(self, payload: dict) -> bytes:
+        """An error inside the event stream: a data event, which the OpenAI SDKs raise."""
+        return b"data: " + json_dumps_compact(payload) + b"\n\n"
+
+    def stream(self, ctx: RepairContext, pass_usage: bool) -> Any:
+        return StreamRepair(ctx, pass_usage=pass_usage)
+
+    def opening(self, repair: Any) -> bytes:
+        return b""
+
+    def broken_off(self, repair: Any) -> list[bytes]:
+        """What ends a stream whose upstream broke off, before the error: the held text and calls, no [DONE]."""
+        return repair.close()[:-1]
+
+    def reply(self, completion: Any, changed: bool, data: bytes) -> bytes:
+        """A whole response's body: the very bytes that came, unless the repair changed them."""
+        return json_dumps_compact(completion) if changed else data
+
+
+# Anthropic's error types by HTTP status (docs.anthropic.com, "Errors"); an overloaded upstream or a
+# busy kimiproxy (503) is Anthropic's 529, which its SDKs and Claude Code retry.
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         500: "api_error", 504: "timeout_error", 529: "overloaded_error"}
+ANTHROPIC_STOP_REASONS = {"tool_calls": "tool_use", "length": "max_tokens", "stop": "end_turn"}
+ANTHROPIC_PING_FRAME = b'event: ping\ndata: {"type":"ping"}\n\n'
+ANTHROPIC_TOOL_ID_PREFIX = "toolu_"
+# Anthropic's clients send a thinking block back with its signature; kimiproxy has nothing to sign
+# with (its thinking blocks are the model's reasoning, put back as reasoning_content) and says so.
+ANTHROPIC_SIGNATURE = "kimiproxy-unsigned"
+CHARS_PER_TOKEN_ESTIMATE = 4  # count_tokens without the upstream's tokenizer: an estimate, said as one
+_TOOL_USE_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def tool_use_id(call_id: str) -> str:
+    """A call's id as Anthropic's clients get it: its pattern is ``^[a-zA-Z0-9_-]+$`` (gateways and
+    some clients enforce it), which ``functions.NAME:IDX`` is not. base64url of the id, after a prefix:
+    reversible, so the history SGLang sees has the model's own ids back (``call_id_of``)."""
+    if _TOOL_USE_ID_RE.fullmatch(call_id) and not call_id.startswith(ANTHROPIC_TOOL_ID_PREFIX):
+        return call_id
+    return ANTHROPIC_TOOL_ID_PREFIX + base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
+
+
+def call_id_of(tool_id: Any) -> Any:
+    """The id kimiproxy gave a call, from the ``tool_use`` id a client sent back; any other id as it came
+    (``canonicalize_history`` gives it a canonical one)."""
+    if not isinstance(tool_id, str) or not tool_id.startswith(ANTHROPIC_TOOL_ID_PREFIX):
+        return tool_id
+    encoded = tool_id[len(ANTHROPIC_TOOL_ID_PREFIX):]
+    try:
+        decoded = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+    except ValueError:  # binascii.Error and UnicodeDecodeError are both ValueErrors
+        return tool_id
+    return decoded if CANONICAL_ID_RE.fullmatch(decoded) else tool_id
+
+
+def _text_of_blocks(value: Any, where: str) -> str:
+    """A ``system`` or tool result: a string, or text blocks (``cache_control`` and other fields ignored)."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if not isinstance(value, list):
+        raise ClientError(f"{where}: a string or a list of text blocks")
+    return "\n".join(block["text"] for block in value if isinstance(block, dict) and isinstance(block.get("text"), str))
+
+
+def _image_part(block: dict, where: str) -> dict:
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "base64" and isinstance(source.get("data"), str):
+        url = f"data:{source.get('media_type') or 'image/png'};base64,{source['data']}"
+    elif source.get("type") == "url" and isinstance(source.get("url"), str):
+        url = source["url"]
+    else:
+        raise ClientError(f"{where}.source: a base64 or url image source")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _user_turn(blocks: list, where: str, out: list[dict]) -> None:
+    """A user turn's blocks: each tool_result a tool message (in place: text before it stays before it),
+    text and images a user message."""
+    parts: list[dict] = []
+
+    def flush() -> None:
+        if parts:
+            only_text = len(parts) == 1 and parts[0]["type"] == "text"
+            out.append({"role": "user", "content": parts[0]["text"] if only_text else list(parts)})
+            parts.clear()
+
+    for at, block in enumerate(blocks):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image":
+            parts.append(_image_part(block, f"{where}.{at}"))
+        elif kind == "tool_result":
+            flush()
+            content = block.get("content")
+            images = [_image_part(b, f"{where}.{at}.content") for b in content
+                      if isinstance(b, dict) and b.get("type") == "image"] if isinstance(content, list) else []
+            text = _text_of_blocks(content, f"{where}.{at}.content")
+            out.append({"role": "tool", "tool_call_id": call_id_of(block.get("tool_use_id")),
+                        "content": [{"type": "text", "text": text}, *images] if images else text})
+        elif kind is None:
+            raise ClientError(f"{where}.{at}: a content block is an object with a type")
+    flush()
+
+
+def _assistant_turn(blocks: list, where: str) -> dict:
+    """An assistant turn's blocks: text to content, thinking to reasoning_content (what K2-Thinking's
+    template renders as the turn's thinking; never folded into the text), tool_use to tool_calls with
+    the ids kimiproxy gave them; redacted_thinking is dropped (nothing here can read it)."""
+    text, thinking, calls = [], [], []
+    for at, block in enumerate(blocks):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            text.append(block["text"])
+        elif kind == "thinking" and isinstance(block.get("thinking"), str):
+            thinking.append(block["thinking"])
+        elif kind == "tool_use":
+            if not isinstance(block.get("name"), str):
+                raise ClientError(f"{where}.{at}.name: a string is required")
+            calls.append({"id": call_id_of(block.get("id")), "type": "function", "function": {
+                "name": block["name"], "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)}})
+        elif kind is None:
+            raise ClientError(f"{where}.{at}: a content block is an object with a type")
+    message: dict = {"role": "assistant", "content": "".join(text)}
+    if thinking:
+        message["reasoning_content"] = "".join(thinking)
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _tool_choice(choice: Any) -> tuple[Any, bool | None]:
+    """Anthropic's tool_choice as OpenAI's, and parallel_tool_calls (None: not said)."""
+    if not isinstance(choice, dict):
+        return None, None
+    kind = choice.get("type")
+    parallel = False if choice.get("disable_parallel_tool_use") is True else None
+    if kind == "any":
+        return "required", parallel
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}, parallel
+    return ("none" if kind == "none" else "auto"), parallel
+
+
+def chat_request_of_messages(request: dict, counting: bool = False) -> dict:
+    """An Anthropic Messages request as the chat completion request SGLang serves, so the whole repair
+    applies. What the Messages API requires is required (model, messages, max_tokens); fields and block
+    types kimiproxy has no use for are ignored, as Anthropic's API ignores betas it does not know.
+    ``thinking`` and ``output_config`` are accepted: K2-Thinking always thinks. ``counting``: for
+    count_tokens, which takes no max_tokens."""
+    model, messages, max_tokens = request.get("model"), request.get("messages"), request.get("max_tokens")
+    if not isinstance(model, str) or not model:
+        raise ClientError("model: a string is required")
+    if not isinstance(messages, list):
+        raise ClientError("messages: a list of messages is required")
+    if len(messages) > MAX_REQUEST_MESSAGES:
+        raise ClientError(f"request holds more than {MAX_REQUEST_MESSAGES} messages", 413)
+    if not (counting and max_tokens is None) and (type(max_tokens) is not int or max_tokens < 1):
+        raise ClientError("max_tokens: a positive integer is required")
+    if "stream" in request and not isinstance(request["stream"], (bool, type(None))):
+        raise ClientError("stream: true or false")
+    chat: list[dict] = []
+    if system := _text_of_blocks(request.get("system"), "system"):
+        chat.append({"role": "system", "content": system})
+    for at, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(blocks, list):
+            raise ClientError(f"messages.{at}.content: a string or a list of content blocks")
+        if role == "user":
+            _user_turn(blocks, f"messages.{at}.content", chat)
+        elif role == "assistant":
+            chat.append(_assistant_turn(blocks, f"messages.{at}.content"))
+        elif role == "system":  # Claude Code sends its environment so; kept where it stands
+            chat.append({"role": "system", "content": _text_of_blocks(blocks, f"messages.{at}.content")})
+        else:
+            raise ClientError(f"messages.{at}.role: 'user' or 'assistant', not {str(role)[:40]!r}")
+    out: dict = {"model": model, "messages": chat, "max_tokens": max_tokens, "stream": request.get("stream") is True}
+    if out["stream"]:
+        out["stream_options"] = {"include_usage": True}
+    tools = [{"type": "function", "function": {"name": tool["name"], "description": tool.get("description") or "",
+                                               "parameters": tool["input_schema"]}}
+             for tool in request.get("tools") or () if isinstance(tool, dict) and isinstance(tool.get("name"), str)
+             and isinstance(tool.get("input_schema"), dict)]  # Anthropic's server tools have no schema: not ours
+    if tools:
+        out["tools"] = tools
+        out["tool_choice"], parallel = _tool_choice(request.get("tool_choice"))
+        if out["tool_choice"] is None:
+            out["tool_choice"] = "auto"
+        if parallel is not None:
+            out["parallel_tool_calls"] = parallel
+    for name, value in (("temperature", request.get("temperature")), ("top_p", request.get("top_p")),
+                        ("top_k", request.get("top_k")), ("stop", request.get("stop_sequences"))):
+        if value is not None:
+            out[name] = value
+    metadata = request.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
+        out["user"] = metadata["user_id"]
+    return out
+
+
+def _anthropic_usage(usage: Any) -> dict:
+    """SGLang's token counts as Anthropic's: input without what the prefix cache held, which is counted apart."""
+    usage = usage if isinstance(usage, dict) else {}
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
+    cached = details.get("cached_tokens") if type(details.get("cached_tokens")) is int else 0
+    out = {"input_tokens": max(prompt - cached, 0) if type(prompt) is int else 0,
+           "output_tokens": completion if type(completion) is int else 0}
+    if cached:
+        out["cache_read_input_tokens"] = cached
+    return out
+
+
+def _stop(finish: str | None, matched: Any, stops: Any) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence). SGLang says which stop string ended the text in ``matched_stop``."""
+    if finish == "stop" and isinstance(matched, str) and isinstance(stops, list) and matched in stops:
+        return "stop_sequence", matched
+    return ANTHROPIC_STOP_REASONS.get(finish or "stop", "end_turn"), None
+
+
+def _tool_input(arguments: str) -> dict:
+    value = _load_lenient(arguments)
+    return value if isinstance(value, dict) else {}
+
+
+def _event(kind: str, payload: dict) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + json_dumps_compact(payload) + b"\n\n"
+
+
+class AnthropicStream:
+    """The repair's events as Anthropic's Messages stream: ``message_start`` (``opening``), content
+    blocks one after another (``thinking`` with its ``thinking_delta``s and a ``signature_delta``,
+    ``text``, ``tool_use`` with ``input_json_delta``s as the model writes the arguments), then
+    ``message_delta`` (stop reason, usage) and ``message_stop``. The same face to the exchange as
+    StreamRepair: ``feed(data)`` per upstream event, ``close()``, and the choice's repair and finish."""
+
+    def __init__(self, ctx: RepairContext, message_id: str, model: str, stops: Any) -> None:
+        self.repair = ChoiceRepair(ctx)
+        self.choices = {0: self.repair}  # Anthropic's Messages have one choice
+        self.finish: dict[int, str | None] = {}
+        self.usage: Any = None
+        self.skipped = 0
+        self.done = False
+        self._id, self._model, self._stops = message_id, model, stops
+        self._matched: Any = None  # SGLang's matched_stop
+        self._block = -1  # the open content block's index
+        self._kind: Any = None  # what it holds: "thinking", "text", or a call's index
+        self._space = ""  # whitespace while no block of its kind is open: it opens none on its own
+        self._tools: dict[int, int] = {}  # a call's index -> its block's
+
+    def opening(self) -> bytes:
+        return _event("message_start", {"type": "message_start", "message": {
+            "id": self._id, "type": "message", "role": "assistant", "model": self._model, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.done:
+            return []
+        if data == b"[DONE]":
+            return self._end()
+        try:
+            chunk = json_loads(data)
+        except (ValueError, RecursionError):
+            chunk = None
+        if not isinstance(chunk, dict):
+            self.skipped += 1
+            return []
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        frames: list[bytes] = []
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0 or 0 in self.finish:
+                continue
+            delta = choice.get("delta") if type(choice.get("delta")) is dict else {}
+            reasoning, content, calls = reasoning_keys(delta)[0], delta.get("content"), delta.get("tool_calls")
+            content, calls = _str(content), calls if type(calls) is list else None
+            events = self.repair.feed(reasoning, content, calls) if reasoning or content or calls else []
+            finish = choice.get("finish_reason")
+            if finish is not None:
+                events += self.repair.finish()
+                self.finish[0] = self.repair.finish_reason(finish if isinstance(finish, str) else "stop")
+                self._matched = choice.get("matched_stop")
+            self._encode(events, frames)
+        return frames
+
+    def close(self) -> list[bytes]:
+        return [] if self.done else self._end()
+
+    def broken_off(self) -> list[bytes]:
+        """The upstream broke off: what was held, its blocks closed, and no message_delta (an error follows)."""
+        frames: list[bytes] = []
+        if 0 not in self.finish:
+            self._encode(self.repair.finish(), frames)
+            self.finish[0] = self.repair.finish_reason(None)
+        self._close_block(frames)
+        self.done = True
+        return frames
+
+    def _end(self) -> list[bytes]:
+        frames = [] if self.done else self.broken_off()
+        reason, sequence = _stop(self.finish.get(0) or "stop", self._matched, self._stops)
+        frames.append(_event("message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": reason, "stop_sequence": sequence}, "usage": _anthropic_usage(self.usage)}))
+        frames.append(_event("message_stop", {"type": "message_stop"}))
+        return frames
+
+    def _encode(self, events: list, frames: list[bytes]) -> None:
+        for event in events:
+            if type(event) is Text:
+                kind = "thinking" if event.channel == "reasoning" else "text"
+                text = event.text
+                if self._kind != kind:
+                    if not text.strip():  # between blocks: no block of its own
+                        self._space += text
+                        continue
+                    text, self._space = self._space + text, ""
+                    self._open(kind, {"type": kind, kind: ""} | ({"signature": ""} if kind == "thinking" else {}),
+                               frames)
+                delta = {"type": "thinking_delta", "thinking": text} if kind == "thinking" else \
+                    {"type": "text_delta", "text": text}
+                frames.append(_event("content_block_delta", {"type": "content_block_delta", "index": self._block,
+                                                             "delta": delta}))
+                continue
+            if event.id is not None:  # a call's first delta: its block starts, name before arguments
+                self._space = ""
+                self._open(event.index, {"type": "tool_use", "id": tool_use_id(event.id), "name": event.name,
+                                         "input": {}}, frames)
+                self._tools[event.index] = self._block
+            if event.arguments:
+                frames.append(_event("content_block_delta", {
+                    "type": "content_block_delta", "index": self._tools[event.index],
+                    "delta": {"type": "input_json_delta", "partial_json": event.arguments}}))
+
+    def _open(self, kind: Any, block: dict, frames: list[bytes]) -> None:
+        self._close_block(frames)
+        self._block += 1
+        self._kind = kind
+        frames.append(_event("content_block_start", {"type": "content_block_start", "index": self._block,
+                                                     "content_block": block}))
+
+    def _close_block(self, frames: list[bytes]) -> None:
+        if self._kind is None:
+            return
+        if self._kind == "thinking":
+            frames.append(_event("content_block_delta", {"type": "content_block_delta", "index": self._block,
+                                                         "delta": {"type": "signature_delta",
+                                                                   "signature": ANTHROPIC_SIGNATURE}}))
+        frames.append(_event("content_block_stop", {"type": "content_block_stop", "index": self._block}))
+        self._kind = None
+
+
+def message_of_completion(completion: dict, message_id: str, model: str, stops: Any) -> dict:
+    """A repaired whole chat completion as Anthropic's ``message`` object (its first choice)."""
+    choice, message = next(_choices(completion), ({}, {}))
+    blocks: list[dict] = []
+    if reasoning := reasoning_of(message):
+        blocks.append({"type": "thinking", "thinking": reasoning, "signature": ANTHROPIC_SIGNATURE})
+    content = message.get("content")
+    if isinstance(content, str) and content.strip():
+        blocks.append({"type": "text", "text": content})
+    for call_id, name, arguments in _call_tuples(message.get("tool_calls")):
+        blocks.append({"type": "tool_use", "id": tool_use_id(str(call_id)), "name": name,
+                       "input": _tool_input(arguments if isinstance(arguments, str) else "")})
+    reason, sequence = _stop(_str(choice.get("finish_reason")), choice.get("matched_stop"), stops)
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": blocks,
+            "stop_reason": reason, "stop_sequence": sequence, "usage": _anthropic_usage(completion.get("usage"))}
+
+
+class AnthropicMessages:
+    """The protocol of POST /v1/messages (and /v1/messages/count_tokens): the request is translated to a
+    chat completion request for SGLang's /v1/chat/completions (``chat_request_of_messages``), repaired
+    as every chat completion is, and encoded back as the Messages stream or message; errors are
+    Anthropic's ``{"type": "error", "error": {...}}``, with its statuses and types."""
+
+    name = "anthropic"
+    heartbeat = ANTHROPIC_PING_FRAME
+
+    def __init__(self, message_id: str, counting: bool = False) -> None:
+        self.id = "msg_" + re.sub(r"[^A-Za-z0-9_-]", "_", message_id)
+        self.counting = counting
+        self.model = ""
+        self.stops: Any = None
+
+    def parse(self, scope: dict, body: bytes) -> dict:
+        if scope["method"] != "POST":
+            raise ClientError(f"{scope['path']} takes POST", 405)
+        request = chat_request_of_messages(parse_json_request(scope, body), self.counting)
+        self.model, self.stops = request["model"], request.get("stop")
+        return request
+
+    def upstream_target(self, target: bytes, query: bytes) -> tuple[bytes, bytes]:
+        return b"/v1/chat/completions", b""  # ?beta=true is Anthropic's, not SGLang's
+
+    def upstream_body(self, body: bytes, request: dict, edits: list[tuple[tuple, Any]]) -> bytes:
+        return json_dumps_compact(request)  # written anew: the edits are in the request already
+
+    def error(self, err: ProxyError) -> tuple[int, dict]:
+        status = 529 if err.status == 503 else err.status
+        kind = ANTHROPIC_ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
+        return status, {"type": "error", "error": {"type": kind, "message": err.message}}
+
+    def error_frame(self, payload: dict) -> bytes:
+        return _event("error", payload)
+
+    def stream(self, ctx: RepairContext, pass_usage: bool) -> AnthropicStream:
+        return AnthropicStream(ctx, self.id, self.model, self.stops)
+
+    def opening(self, repair: AnthropicStream) -> bytes:
+        return repair.opening()
+
+    def broken_off(self, repair: AnthropicStream) -> list[bytes]:
+        return repair.broken_off()
+
+    def reply(self, completion: Any, changed: bool, data: bytes) -> bytes:
+        if not isinstance(completion, dict):
+            raise UpstreamError("upstream answered without a JSON chat completion", detail=repr(data[:200]))
+        return json_dumps_compact(message_of_completion(completion, self.id, self.model, self.stops))
+
+
+def estimated_tokens(request: dict) -> int:
+    """count_tokens without the upstream's tokenizer: the characters of the request's text and tool
+    schemas over CHARS_PER_TOKEN_ESTIMATE (Kimi's tokenizer gives about that for English and code)."""
+    return math.ceil(len(json.dumps([request["messages"], request.get("tools")], ensure_ascii=False))
+                     / CHARS_PER_TOKEN_ESTIMATE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -3364,13 +3826,15 @@ class Proxy:
                                 "use the GPU. Set PROXY_API_KEY, or bind to 127.0.0.1.", host)
             return NO_KEY
         presented = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        token = presented[7:].strip() if presented[:7].lower() == b"bearer " else b""
+        token = presented[7:].strip() if presented[:7].lower() == b"bearer " else \
+            next((v.strip() for k, v in scope["headers"] if k == b"x-api-key"), b"")  # Anthropic's clients
         matched = None
         for name, key in keys:
             if hmac.compare_digest(token, key.encode()):
                 matched = name
         if matched is None:
-            err = ClientError("invalid or missing API key: send Authorization: Bearer <PROXY_API_KEY>", 401)
+            err = ClientError("invalid or missing API key: send Authorization: Bearer <PROXY_API_KEY> "
+                              "(or x-api-key: <PROXY_API_KEY>)", 401)
             err.error_type = "authentication_error"
             raise err
         return matched
@@ -3461,12 +3925,16 @@ class Exchange:
     gone" is decided in ``client_left``, which cancels the nursery; the upstream is closed in ``run``'s
     clean-up, shielded, whatever happened."""
 
-    def __init__(self, proxy: "Proxy", scope: dict, receive: Any, send: Any) -> None:
+    def __init__(self, proxy: "Proxy", scope: dict, receive: Any, send: Any, anthropic: str | None = None) -> None:
         self.proxy = proxy
         self.scope = scope
         self._receive = receive
         self._send = send
         self.id = _request_id(scope)
+        # The client's protocol: how its request is read, and its answers and errors written.
+        # ``anthropic``: the Messages route it came by ("messages" or "count_tokens").
+        self.protocol: OpenAIChat | AnthropicMessages = OpenAIChat() if anthropic is None else \
+            AnthropicMessages(self.id, counting=anthropic == "count_tokens")
         self.method, self.path = scope["method"], scope["path"]
         self.target = b""  # the raw path sent upstream, once checked_path let it through
         self._held = 0  # bytes of request body this exchange holds, counted in Proxy.bodies_held
@@ -3525,8 +3993,12 @@ class Exchange:
             return
         if self.proxy.captures is not None:
             self.capture = Capture(self, body)
-        request = parse_chat_request(self.scope, body)
+        protocol = self.protocol
+        request = protocol.parse(self.scope, body)
         log.info("%s %s %s", self.method, self.path, summarize_request(request, len(body)))
+        if protocol.counting:
+            await self._count_tokens(request)
+            return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request body %s", body.decode("utf-8", "replace"))
         settings = self.proxy.settings
@@ -3541,10 +4013,11 @@ class Exchange:
         # key) and keeps it. A transparent proxy changes nothing.
         pass_usage = not settings.repair or _usage_asked(request)
         edits += rewritten + (_usage_option(request) if stream and not pass_usage else [])
-        if edits:
-            body = rewrite_request(body, request, edits)
+        body = protocol.upstream_body(body, request, edits)
+        if self.capture is not None and protocol.name != "openai":  # what replays: the chat request
+            self.capture.body = body
         upstream = self.proxy.upstream
-        outgoing = upstream.request("POST", self.target, self.scope["query_string"], body,
+        outgoing = upstream.request("POST", *protocol.upstream_target(self.target, self.scope["query_string"]), body,
                                     upstream.headers(self.scope["headers"], relay_untouched=False))
         if stream:
             await self._stream(outgoing, ctx, pass_usage)
@@ -3691,11 +4164,12 @@ class Exchange:
         end; inside another body (a pass-through), the body cut short; after the end, or with the
         client gone, only the log and the metrics."""
         self._count_failure(err)
+        status, payload = self.protocol.error(err)
         try:
             if self.reply is Reply.PENDING:
-                await self._send_json(err.status, err.body(), err.headers)
+                await self._send_json(status, payload, err.headers)
             elif self.reply is Reply.STREAM:
-                await self._body(pending + b"data: " + json_dumps_compact(err.body()) + b"\n\n", more=False)
+                await self._body(pending + self.protocol.error_frame(payload), more=False)
             elif self.reply is Reply.BODY:
                 await self._body(b"", more=False)
         except _ClientGone:
@@ -3751,12 +4225,14 @@ class Exchange:
             data = await read_upstream_body(response)
             raise UpstreamError("upstream answered a streaming request without an event stream",
                                 detail=f"it sent {response.headers.get('content-type')!r}: {data[:200]!r}")
-        decoder, repair = SSEDecoder(), StreamRepair(ctx, pass_usage=pass_usage)
+        decoder, repair = SSEDecoder(), self.protocol.stream(ctx, pass_usage)
         debug = log.isEnabledFor(logging.DEBUG)
         capture = self.capture
         if capture is not None:
             capture.stream, capture.status = True, response.status_code
         chunks = body_chunks(response)
+        if opening := self.protocol.opening(repair):
+            await _put(frames, opening)
         try:
             async for chunk in chunks:
                 out = []
@@ -3779,7 +4255,7 @@ class Exchange:
             if capture is not None:
                 capture.reasons.add("upstream-broke-off")
                 capture.error = err.body()["error"]
-            out = [f for data in decoder.flush() for f in repair.feed(data)] + repair.close()[:-1]  # no [DONE]
+            out = [f for data in decoder.flush() for f in repair.feed(data)] + self.protocol.broken_off(repair)
             if out:
                 await _put(frames, b"".join(out))
             raise err from None
@@ -3811,7 +4287,7 @@ class Exchange:
                     if silence.cancelled_caught:
                         if self.reply is Reply.PENDING:
                             await self._start_stream()
-                        await self._body(HEARTBEAT_FRAME)
+                        await self._body(self.protocol.heartbeat)
                         continue
                     while type(items[-1]) is bytes and frames.statistics().current_buffer_used:
                         items.append(frames.receive_nowait())
@@ -3845,7 +4321,7 @@ class Exchange:
             self.capture.upstream_event(data)
         if response.status_code >= 400:
             raise upstream_http_error(response.status_code, data)
-        completion = None
+        completion, changed = None, False
         if "json" in response.headers.get("content-type", ""):
             try:
                 completion = json_loads(data)
@@ -3857,14 +4333,13 @@ class Exchange:
             if ctx.enabled:
                 repairs, changed = repair_completion(completion, ctx)
                 self.repairs += self.proxy.report_repairs(repairs)
-                if changed:
-                    data = json_dumps_compact(completion)
             finals = [Message.of_choice(choice, m, i) for i, (choice, m) in enumerate(_choices(completion))]
             if self.capture is not None:
                 self.capture.judge(zip(repairs, finals))
             if ctx.enabled:
                 await self._remember(finals)
             self._log_finals(finals, completion.get("usage"))
+        data = self.protocol.reply(completion, changed, data)
         headers = [(k, v) for k, v in end_to_end_headers(response.headers.raw, RESPONSE_HEADERS_DROPPED, False)
                    if k != b"content-length"]
         await self._start(response.status_code, headers + [(b"content-length", str(len(data)).encode())])
@@ -3888,6 +4363,32 @@ class Exchange:
         except httpx.HTTPError as exc:  # the response has begun: it can only be cut short
             raise upstream_failure(exc, str(response.url)) from None
         await self._body(b"", more=False)
+
+    async def _count_tokens(self, request: dict) -> None:
+        """POST /v1/messages/count_tokens: the chat request counted by SGLang's own tokenizer and chat
+        template (POST /v1/tokenize, SGLang 0.5.2x); an upstream without it gets an estimate, which the
+        answer says it is (``estimate``) and the log too."""
+        upstream = self.proxy.upstream
+        asked = {"model": request["model"], "messages": request["messages"], **(
+            {"tools": request["tools"]} if request.get("tools") else {})}
+        count = None
+        try:
+            response = await self._open(upstream.request("POST", b"/v1/tokenize", b"", json_dumps_compact(asked),
+                                                         upstream.headers(self.scope["headers"], relay_untouched=False)))
+            data = await read_upstream_body(response)
+            answer = json_loads(data) if response.status_code == 200 else None
+            count = answer.get("count") if isinstance(answer, dict) else None
+        except (UpstreamError, ValueError):
+            pass
+        finally:
+            await self._close_upstream()
+        if type(count) is int:
+            await self._send_json(200, {"input_tokens": count})
+            return
+        log.info("count_tokens: the upstream has no /v1/tokenize; answered with an estimate (characters / %d)",
+                 CHARS_PER_TOKEN_ESTIMATE)
+        await self._send_json(200, {"input_tokens": estimated_tokens(request), "estimate": (
+            f"characters / {CHARS_PER_TOKEN_ESTIMATE}: the upstream has no tokenizer endpoint (/v1/tokenize)")})
 
     # -- the end -----------------------------------------------------------------------------------
 
@@ -4041,6 +4542,9 @@ class KimiProxyApp(QuartTrio):
             path = scope["path"]
             if path in CHAT_PATHS and scope["method"] == "POST":
                 return await Exchange(self.proxy, scope, receive, send).run(chat=True)
+            if path in MESSAGES_PATHS:  # Anthropic's protocol, served here (a pass-through with the repair off)
+                exchange = Exchange(self.proxy, scope, receive, send, anthropic=MESSAGES_PATHS[path])
+                return await exchange.run(chat=self.settings.repair)
             if path.startswith("/v1/"):
                 return await Exchange(self.proxy, scope, receive, send).run(chat=False)
             send = _shield_final_send(send)

@@ -3038,3 +3038,240 @@ async def test_captures_only_where_nobody_else_can_plant_or_read(nursery: trio.N
     assert all(re.fullmatch(r"kimiproxy-capture-\d{8}-\d{6}-same-id-[0-9a-f]{16}\.json", name) for name in ours)
     assert planted.stat().st_size == 2 * 1024 ** 3 and outside.read_text() == "not a capture"
     assert (private / "kimiproxy-capture-00000000-000000-link.json").is_symlink()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Anthropic's Messages API (Claude Code): the same repair, the official anthropic SDK as the client
+# ---------------------------------------------------------------------------------------------------
+
+import anthropic  # noqa: E402  (the section's own client)
+
+SECTION_B, SECTION_E = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+CALL_B, ARG_B, CALL_E = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+READ_TOOL = {"name": "Read", "description": "Read a file",
+             "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}},
+                              "required": ["file_path"], "additionalProperties": False}}
+WRITE_TOOL = {"name": "Write", "description": "Write a file",
+              "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"},
+                                                                 "content": {"type": "string"}},
+                               "required": ["file_path", "content"]}}
+TOOL_USE_ID_RE = re.compile(r"[a-zA-Z0-9_-]+")  # Anthropic's own pattern for tool_use ids
+
+
+def claude(running: Running, key: str = "sk-test-secret-123", **kw: Any) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=running.base, api_key=key, max_retries=0, timeout=20, **kw)
+
+
+def leaked_read(path: str = "/tmp/a.txt", counter: int = 0, pieces: int = 1) -> list[str]:
+    """A Read call the model wrote into its thinking, as SGLang without a tool parser streams it."""
+    args = json.dumps({"file_path": path})
+    cut = [args[i * len(args) // pieces:(i + 1) * len(args) // pieces] for i in range(pieces)]
+    return ["Let me read it. ", f"{SECTION_B}{CALL_B}functions.Read:{counter}{ARG_B}", *cut, f"{CALL_E}{SECTION_E}"]
+
+
+@pytest.mark.edge
+async def test_anthropic_sdk_stream_and_whole_get_the_leaked_call_as_tool_use(proxy: Running) -> None:
+    """A call leaked into the thinking reaches the anthropic SDK as a tool_use block, streamed and whole:
+    thinking first, the tool_use with an id in Anthropic's pattern and its input, stop_reason tool_use,
+    usage; SGLang got a chat completion request with the system prompt, the tools as functions, and
+    the usage chunk asked for."""
+    proxy.upstream.script(Script(steps=stream_of(reasoning=leaked_read(pieces=3))),
+                          Script(body=completion(content=None, reasoning="".join(leaked_read())),
+                                 content_type="application/json"))
+    ask = dict(model="kimi-k2-thinking", max_tokens=32000, tools=[READ_TOOL],
+               system=[{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+               messages=[{"role": "user", "content": "read /tmp/a.txt"}],
+               thinking={"type": "adaptive"}, metadata={"user_id": "user-1"})
+
+    def streamed() -> tuple[list, Any]:
+        with claude(proxy).messages.stream(**ask) as stream:
+            kinds = [event.type for event in stream]
+            return kinds, stream.get_final_message()
+
+    kinds, final = await sdk_call(streamed)
+    whole = await sdk_call(lambda: claude(proxy).messages.create(**ask))
+    for message in (final, whole):
+        assert [block.type for block in message.content] == ["thinking", "tool_use"]
+        assert message.content[0].thinking == "Let me read it. "
+        call = message.content[1]
+        assert (call.name, call.input) == ("Read", {"file_path": "/tmp/a.txt"})
+        assert TOOL_USE_ID_RE.fullmatch(call.id), call.id
+        assert message.stop_reason == "tool_use"
+        assert (message.usage.input_tokens, message.usage.output_tokens) == (12, 8)
+    assert final.content[1].id == whole.content[1].id
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds
+    sent = [seen.json() for seen in proxy.upstream.seen[-2:]]
+    assert [s.get("stream") for s in sent] == [True, False]
+    assert sent[0]["stream_options"] == {"include_usage": True}
+    for body in sent:
+        assert proxy.upstream.seen[-1].path == "/v1/chat/completions"
+        assert body["messages"] == [{"role": "system", "content": "You are Claude Code."},
+                                    {"role": "user", "content": "read /tmp/a.txt"}]
+        assert body["tools"] == [{"type": "function", "function": {
+            "name": "Read", "description": "Read a file", "parameters": READ_TOOL["input_schema"]}}]
+        assert (body["tool_choice"], body["max_tokens"], body["user"]) == ("auto", 32000, "user-1")
+
+
+@pytest.mark.edge
+async def test_anthropic_tool_use_streams_live_name_before_the_arguments(proxy: Running) -> None:
+    """The tool_use block starts, with its name, while the model is still writing the arguments: the
+    fake holds the rest of them until the client has seen the block start and an input_json_delta."""
+    gate = trio.Event()
+    read = leaked_read(path="/tmp/" + "x" * 40 + ".txt", pieces=2)
+    steps = stream_of(reasoning=read)
+    at = steps.index(sse(chunk({"reasoning_content": read[3]})))  # the second half of the arguments
+    proxy.upstream.script(Script(steps=[*steps[:at], gate, *steps[at:]]))
+    token = trio.lowlevel.current_trio_token()
+
+    def streamed() -> list:
+        seen = []
+        stream = claude(proxy).messages.create(model="k", max_tokens=100, tools=[READ_TOOL], stream=True,
+                                               messages=[{"role": "user", "content": "go"}])
+        for event in stream:
+            seen.append(event)
+            if event.type == "content_block_delta" and event.delta.type == "input_json_delta" and not gate.is_set():
+                trio.from_thread.run_sync(gate.set, trio_token=token)
+        return seen
+
+    seen = await sdk_call(streamed)
+    start = next(e for e in seen if e.type == "content_block_start" and e.content_block.type == "tool_use")
+    assert start.content_block.name == "Read"
+    pieces = [e.delta.partial_json for e in seen if e.type == "content_block_delta"
+              and e.delta.type == "input_json_delta"]
+    assert len(pieces) >= 2 and json.loads("".join(pieces)) == {"file_path": "/tmp/" + "x" * 40 + ".txt"}
+    with pytest.raises(ValueError):
+        json.loads(pieces[0])  # the first piece went out before the arguments were complete
+    thinking = [e for e in seen if e.type == "content_block_delta" and e.delta.type == "signature_delta"]
+    assert len(thinking) == 1  # the thinking block ends with its signature
+
+
+@pytest.mark.edge
+async def test_anthropic_history_goes_upstream_as_the_model_wrote_it(proxy: Running) -> None:
+    """The second turn of a tool loop, as Claude Code sends it: the thinking block goes to SGLang as the
+    turn's reasoning_content (never as text), the tool_use id back to the model's own canonical id, the
+    tool_result a tool message with that id, a system message inside messages kept where it stands,
+    redacted thinking dropped, and the file content byte for byte."""
+    proxy.upstream.script(Script(body=completion(content=None, reasoning="".join(leaked_read())),
+                                 content_type="application/json"))
+    first = await sdk_call(lambda: claude(proxy).messages.create(
+        model="k", max_tokens=100, tools=[READ_TOOL], messages=[{"role": "user", "content": "go"}]))
+    thinking, call = first.content
+    text = "line one\n\ttabbed \u00e9\u4e2d \"quoted\" \\ back\r\n"
+    history = [{"role": "system", "content": "cwd: /work"}, {"role": "user", "content": [{"type": "text", "text": "go"}]},
+               {"role": "assistant", "content": [
+                   {"type": "thinking", "thinking": thinking.thinking, "signature": thinking.signature},
+                   {"type": "redacted_thinking", "data": "opaque"},
+                   {"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                             "content": [{"type": "text", "text": text}], "is_error": False},
+                                            {"type": "text", "text": "now write it"}]}]
+    await sdk_call(lambda: claude(proxy).messages.create(model="k", max_tokens=100, tools=[READ_TOOL],
+                                                         messages=history))
+    sent = proxy.upstream.seen[-1].json()["messages"]
+    assert sent == [
+        {"role": "system", "content": "cwd: /work"}, {"role": "user", "content": "go"},
+        {"role": "assistant", "content": "", "reasoning_content": "Let me read it. ", "tool_calls": [
+            {"id": "functions.Read:0", "type": "function",
+             "function": {"name": "Read", "arguments": '{"file_path": "/tmp/a.txt"}'}}]},
+        {"role": "tool", "tool_call_id": "functions.Read:0", "content": text},
+        {"role": "user", "content": "now write it"}]
+
+
+@pytest.mark.edge
+async def test_anthropic_errors_in_anthropics_shape(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    """Each failure the way the anthropic SDK reads it: its exception class, Anthropic's error type and
+    status; mid-stream, an error event."""
+    running = await start_proxy(nursery, upstream.url, PROXY_API_KEY="alice:key-alice-1")
+    ok = dict(model="k", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    cases = [
+        (lambda: claude(running, key="wrong").messages.create(**ok), anthropic.AuthenticationError, 401,
+         "authentication_error"),
+        (lambda: claude(running, key="key-alice-1").messages.create(model="k", messages=[{"role": "user", "content": "x"}],
+                                                                    max_tokens=0), anthropic.BadRequestError, 400,
+         "invalid_request_error"),
+        (lambda: claude(running, key="key-alice-1").messages.create(model="k", max_tokens=5, messages=[
+            {"role": "robot", "content": "x"}]), anthropic.BadRequestError, 400, "invalid_request_error"),
+        (lambda: claude(running, key="key-alice-1").messages.create(**ok), anthropic.InternalServerError, 529,
+         "overloaded_error"),
+    ]
+    upstream.script(Script(status=503, body={"object": "error", "message": "overloaded", "code": 503},
+                           content_type="application/json"))
+    for call, exc_type, status, kind in cases:
+        with pytest.raises(exc_type) as caught:
+            await sdk_call(call)
+        assert caught.value.status_code == status and caught.value.body["error"]["type"] == kind, caught.value.body
+    upstream.script(Script(steps=[*stream_of(reasoning=["thinking"])[:2], "close"]))
+
+    def broken() -> tuple[list, Exception]:
+        kinds = []
+        try:
+            for event in claude(running, key="key-alice-1").messages.create(stream=True, **ok):
+                kinds.append(event.type)
+        except anthropic.APIStatusError as exc:
+            return kinds, exc
+        raise AssertionError("no error raised")
+
+    kinds, exc = await sdk_call(broken)
+    assert kinds[0] == "message_start" and "message_stop" not in kinds
+    assert "upstream stream broke off" in str(exc)
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        raw = await client.get("/v1/messages", headers={"x-api-key": "key-alice-1"})
+        assert raw.status_code == 405 and raw.json()["type"] == "error"
+        form = await client.post("/v1/messages", content=b"x", headers={"x-api-key": "key-alice-1",
+                                                                         "content-type": "text/plain"})
+        assert form.status_code == 415 and form.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.edge
+async def test_anthropic_client_leaving_mid_stream_closes_upstream(proxy: Running) -> None:
+    proxy.upstream.script(Script(steps=[*stream_of(reasoning=["a"])[:2], *([2.0] * 10)]))
+
+    def leave() -> list:
+        with claude(proxy).messages.stream(model="k", max_tokens=10, messages=[{"role": "user", "content": "x"}]) as s:
+            for event in s:
+                if event.type == "content_block_delta":
+                    return [event.type]  # closes the response: the client has gone
+        return []
+
+    assert await sdk_call(leave) == ["content_block_delta"]
+    with trio.fail_after(10):
+        while proxy.upstream.seen[-1].aborted_at is None:
+            await trio.sleep(0.02)
+    assert not proxy.upstream.seen[-1].completed
+
+
+@pytest.mark.edge
+async def test_anthropic_pings_while_sglang_is_silent(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    running = await start_proxy(nursery, upstream.url, HEARTBEAT_INTERVAL="0.1")
+    upstream.script(Script(steps=[0.6, *stream_of(content=["Hello"])]))
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        r = await client.post("/v1/messages?beta=true", json={"model": "k", "max_tokens": 5, "stream": True,
+                                                              "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.text.startswith(kp.ANTHROPIC_PING_FRAME.decode()) and ": keep-alive" not in r.text
+    assert upstream.seen[-1].path == "/v1/chat/completions"  # ?beta=true stays here
+
+
+@pytest.mark.edge
+async def test_anthropic_count_tokens_by_sglang_or_said_to_be_an_estimate(proxy: Running) -> None:
+    proxy.upstream.script(Script(body={"tokens": [1, 2, 3], "count": 3, "max_model_len": 262144},
+                                 content_type="application/json"),
+                          Script(status=404, body={"detail": "Not Found"}, content_type="application/json"))
+    ask = dict(model="k", messages=[{"role": "user", "content": "x" * 400}], tools=[READ_TOOL])
+    counted = await sdk_call(lambda: claude(proxy).messages.count_tokens(**ask))
+    assert counted.input_tokens == 3
+    sent = proxy.upstream.seen[-1]
+    assert sent.path == "/v1/tokenize" and sent.json()["messages"] == [{"role": "user", "content": "x" * 400}]
+    assert sent.json()["tools"][0]["function"]["name"] == "Read"
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        estimated = (await client.post("/v1/messages/count_tokens", json=ask)).json()
+    assert estimated["input_tokens"] >= 100 and estimated["estimate"].startswith("characters / 4")
+
+
+def test_tool_use_ids_round_trip_and_fit_anthropics_pattern() -> None:
+    for call_id in ("functions.Read:0", "functions.a.b-c_d:123456", "functions.\u00e9:1"):
+        encoded = kp.tool_use_id(call_id)
+        assert TOOL_USE_ID_RE.fullmatch(encoded) and kp.call_id_of(encoded) == call_id
+    assert kp.tool_use_id("toolu_01AbC") != "toolu_01AbC"  # never mistaken for one of ours on the way back
+    for foreign in ("toolu_01AbC", "call_1", "toolu_!!", None, "toolu_" + base64.urlsafe_b64encode(b"x:1").decode()):
+        assert kp.call_id_of(foreign) == foreign
