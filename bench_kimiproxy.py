@@ -199,29 +199,40 @@ def chat_request(port: int, stream: bool, knobs: str = "", body: bytes | None = 
             f"authorization: Bearer bench\r\nx-bench: {knobs}\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
 
 
+def messages_request(port: int, knobs: str) -> bytes:
+    """The same streamed request in Anthropic's Messages protocol (POST /v1/messages, as Claude Code sends)."""
+    body = json.dumps({"model": "kimi-k2-thinking", "stream": True, "max_tokens": 32000, "messages": [
+        {"role": "user", "content": "Read /src/main.py"}], "tools": [{"name": "read_file", "input_schema": {
+            "type": "object", "properties": {"path": {"type": "string"}}}}]}).encode()
+    return (f"POST /v1/messages?beta=true HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+            f"x-api-key: bench\r\nanthropic-version: 2023-06-01\r\nx-bench: {knobs}\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
 STREAM_DEADLINE = 120.0  # seconds: a stream not done by then counts as not completed
 CORE_REPEATS = 5  # runs of the repair-core workload; the fastest is reported
 
 
-async def one_stream(port: int, knobs: str, leave_after: int = 0) -> dict:
-    """One streamed request: time to first event, events, stamps latency, whether it completed."""
+async def one_stream(port: int, knobs: str, leave_after: int = 0, anthropic: bool = False) -> dict:
+    """One streamed request (``anthropic``: by /v1/messages): time to first event, events, stamps
+    latency, whether it completed."""
     try:
-        return await asyncio.wait_for(_one_stream(port, knobs, leave_after), STREAM_DEADLINE)
+        return await asyncio.wait_for(_one_stream(port, knobs, leave_after, anthropic), STREAM_DEADLINE)
     except (asyncio.TimeoutError, OSError) as exc:
         return {"ttfc": None, "events": 0, "completed": False, "latencies": [], "left_at": time.time(),
                 "elapsed": STREAM_DEADLINE, "error": repr(exc)}
 
 
-async def _one_stream(port: int, knobs: str, leave_after: int) -> dict:
+async def _one_stream(port: int, knobs: str, leave_after: int, anthropic: bool = False) -> dict:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     t0 = time.perf_counter()
-    writer.write(chat_request(port, True, knobs))
+    writer.write(messages_request(port, knobs) if anthropic else chat_request(port, True, knobs))
     first = None
     events = 0
     latencies = []
     tail = b""
-    done = False
-    while not done:
+    done = ended = False
+    while not ended:
         data = await reader.read(1 << 16)
         if not data:
             break
@@ -232,8 +243,9 @@ async def _one_stream(port: int, knobs: str, leave_after: int) -> dict:
         events += window.count(b"data: ") - tail.count(b"data: ")
         for m in STAMP_RE.finditer(data):
             latencies.append(now_wall - float(m.group(1)))
-        done = b"data: [DONE]" in window
-        tail = window[-16:]
+        ended = b"data: [DONE]" in window or b"event: message_stop" in window  # a checkout without
+        done = ended and (not anthropic or b"event: message_stop" in window)  # /v1/messages relays chat
+        tail = window[-24:]
         if leave_after and events >= leave_after:
             break
     left_at = time.time()
@@ -418,6 +430,7 @@ class Bench:
             self.core(target)
         for target, port in self.ports.items():
             self.fast(target, port)
+            self.fast_anthropic(target, port)
             self.paced_streams(target, port)
             self.burst(target, port)
             self.latency(target, port)
@@ -437,6 +450,17 @@ class Bench:
         assert r["completed"], r
         self.record(target, "fast_chunks_per_s", self.fast_chunks / r["elapsed"])
         self.record(target, "fast_cpu_us_per_chunk", cpu / self.fast_chunks * 1e6 if target != "direct" else None)
+
+    def fast_anthropic(self, target: str, port: int) -> None:
+        """The fast stream asked by /v1/messages: the same upstream stream, encoded as Anthropic's events.
+        Not for the bare upstream (it speaks chat completions only), nor a checkout without the route."""
+        if target == "direct":
+            return
+        (r, cpu) = self.measure(target, port, lambda p: one_stream(p, f"n={self.fast_chunks},batch=32",
+                                                                   anthropic=True))
+        served = r["completed"]
+        self.record(target, "anthropic_fast_chunks_per_s", self.fast_chunks / r["elapsed"] if served else None)
+        self.record(target, "anthropic_fast_cpu_us_per_chunk", cpu / self.fast_chunks * 1e6 if served else None)
 
     def paced_streams(self, target: str, port: int) -> None:
         streams, chunks = self.paced
@@ -579,6 +603,8 @@ FIGURES = [
     ("args_structured_big_us_per_char", "arguments 1 char/event, structured, full: us/char", None, "lo", None),
     ("fast_chunks_per_s", "fast stream: chunks/s", 60_000, "hi", "ratio"),
     ("fast_cpu_us_per_chunk", "fast stream: proxy CPU per chunk (us)", None, "lo", None),
+    ("anthropic_fast_chunks_per_s", "fast stream by /v1/messages: chunks/s", None, "hi", None),
+    ("anthropic_fast_cpu_us_per_chunk", "fast stream by /v1/messages: proxy CPU/chunk (us)", None, "lo", None),
     ("paced_completed", "paced streams completed", "all", "hi", None),
     ("paced_cpu_us_per_chunk", "paced: proxy CPU per chunk (us)", 190, "lo", None),
     ("paced_peak_rss_mb", "paced: proxy peak RSS (MB)", 100, "lo", None),

@@ -1,13 +1,13 @@
-"""kimiproxy: an OpenAI-compatible proxy that repairs Kimi-K2 tool calls for SGLang.
+"""kimiproxy: an OpenAI- and Anthropic-compatible proxy that repairs Kimi-K2 tool calls for SGLang.
 
 What and why
     SGLang's ``kimi_k2`` parsers leave Kimi-K2-Thinking's tool-call markup
     (``<|tool_calls_section_begin|>...``) in ``reasoning_content`` or ``content``, break the structured
     calls they return, or drop the ones they cannot parse; coding agents (Kilo Code, Roo Code, Cline,
-    the OpenAI SDKs) then see no call, or a wrong one, and stall. kimiproxy sits between the agent and
-    SGLang, forwards every request, streams every token and every call as it is generated, repairs
-    what the model wrote into real tool calls, and closes the upstream request the moment its client
-    goes away, so the GPU stops generating for nobody. REPAIR.md is the specification.
+    Claude Code, the OpenAI and Anthropic SDKs) then see no call, or a wrong one, and stall. kimiproxy
+    sits between the agent and SGLang, forwards every request, streams every token and every call as it
+    is generated, repairs what the model wrote into real tool calls, and closes the upstream request the
+    moment its client goes away, so the GPU stops generating for nobody. REPAIR.md is the specification.
 
 How to run
     hypercorn kimiproxy:app -k trio -b 0.0.0.0:8000     (the trio worker is required)
@@ -24,10 +24,11 @@ Rules the repair never breaks (REPAIR.md 4 has them all)
 
 Layout (top to bottom, each part using only what stands above it): constants, errors, the SSE and JSON
 codecs, the repair core (pure: no I/O, no async, no logging), configuration, logging, metrics, the
-client edge (what a request must be, and what kimiproxy writes anew of it), the upstream edge (httpx),
-files only kimiproxy's user can touch, reasoning continuity, capture and replay, what the exchanges
-share, one exchange (a request from its first byte in to its last byte out), the server process, the
-app, main().
+client edge (what a request must be, and what kimiproxy writes anew of it), the client protocols
+(OpenAI's chat completions and Anthropic's Messages, each an encoder of the repair's events), the
+upstream edge (httpx), files only kimiproxy's user can touch, reasoning continuity, capture and
+replay, what the exchanges share, one exchange (a request from its first byte in to its last byte
+out), the server process, the app, main().
 """
 
 from __future__ import annotations
@@ -4373,8 +4374,8 @@ class Exchange:
             {"tools": request["tools"]} if request.get("tools") else {})}
         count = None
         try:
-            response = await self._open(upstream.request("POST", b"/v1/tokenize", b"", json_dumps_compact(asked),
-                                                         upstream.headers(self.scope["headers"], relay_untouched=False)))
+            headers = upstream.headers(self.scope["headers"], relay_untouched=False)
+            response = await self._open(upstream.request("POST", b"/v1/tokenize", b"", json_dumps_compact(asked), headers))
             data = await read_upstream_body(response)
             answer = json_loads(data) if response.status_code == 200 else None
             count = answer.get("count") if isinstance(answer, dict) else None
@@ -4679,8 +4680,8 @@ def main(argv: list[str] | None = None) -> int:
             print("usage: python kimiproxy.py replay CAPTURE.json...", file=sys.stderr)
             return 2
         return replay(argv[1:])
-    parser = argparse.ArgumentParser(description="OpenAI-compatible proxy that repairs Kimi-K2 tool calls "
-                                                 "leaked by SGLang.",
+    parser = argparse.ArgumentParser(description="OpenAI- and Anthropic-compatible proxy that repairs "
+                                                 "Kimi-K2 tool calls leaked by SGLang.",
                                      epilog="python kimiproxy.py replay CAPTURE.json... replays captures offline.")
     parser.add_argument("--host", help="bind address (PROXY_HOST)")
     parser.add_argument("--port", type=int, help="port (PROXY_PORT)")
