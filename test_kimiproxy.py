@@ -3275,3 +3275,87 @@ def test_tool_use_ids_round_trip_and_fit_anthropics_pattern() -> None:
     assert kp.tool_use_id("toolu_01AbC") != "toolu_01AbC"  # never mistaken for one of ours on the way back
     for foreign in ("toolu_01AbC", "call_1", "toolu_!!", None, "toolu_" + base64.urlsafe_b64encode(b"x:1").decode()):
         assert kp.call_id_of(foreign) == foreign
+
+
+class MessagesView:
+    """What an Anthropic client builds from a Messages stream, with the grammar checked on the way:
+    message_start first; each content block started at the next index, its deltas of its own kind,
+    stopped before the next starts (a thinking block's signature last); message_delta, then
+    message_stop, last; a tool's input parses as JSON only with its last piece."""
+
+    def __init__(self) -> None:
+        self.blocks: list[dict] = []
+        self.open: dict | None = None
+        self.kinds: list[str] = []
+        self.stop_reason: Any = None
+
+    def feed(self, frames: list[bytes]) -> None:
+        for frame in b"".join(frames).split(b"\n\n"):
+            if not frame:
+                continue
+            head, data = frame.split(b"\n", 1)
+            kind, payload = head.removeprefix(b"event: ").decode(), json.loads(data.removeprefix(b"data: "))
+            assert payload["type"] == kind and (self.kinds or kind == "message_start"), (kind, self.kinds)
+            assert "message_stop" not in self.kinds
+            self.kinds.append(kind)
+            if kind == "content_block_start":
+                assert self.open is None and payload["index"] == len(self.blocks)
+                self.open = dict(payload["content_block"], partial="")
+                self.blocks.append(self.open)
+            elif kind == "content_block_delta":
+                assert self.open is not None and payload["index"] == len(self.blocks) - 1
+                delta, block = payload["delta"], self.open
+                assert "signature" not in block or not block["signature"], "nothing after the signature"
+                if delta["type"] == "input_json_delta":
+                    assert block["type"] == "tool_use"
+                    with contextlib.suppress(ValueError):  # rule 4.11: complete only with its last piece
+                        json.loads(block["partial"])
+                        assert False, f"more input after {block['partial']!r} already parsed as JSON"
+                    block["partial"] += delta["partial_json"]
+                elif delta["type"] == "signature_delta":
+                    assert block["type"] == "thinking"
+                    block["signature"] = delta["signature"]
+                else:
+                    field = {"thinking_delta": "thinking", "text_delta": "text"}[delta["type"]]
+                    assert block["type"] == field
+                    block[field] += delta[field]
+            elif kind == "content_block_stop":
+                assert self.open is not None and payload["index"] == len(self.blocks) - 1
+                if self.open["type"] == "thinking":
+                    assert self.open["signature"], "a thinking block ends with its signature"
+                if self.open["type"] == "tool_use":
+                    self.open["input"] = json.loads(self.open["partial"])
+                self.open = None
+            elif kind == "message_delta":
+                assert self.open is None
+                self.stop_reason = payload["delta"]["stop_reason"]
+        assert self.kinds[-2:] == ["message_delta", "message_stop"]
+
+    def message(self) -> dict:
+        """In the shape of ``run_whole``'s message (tool ids as kimiproxy gave them upstream-side)."""
+        of = lambda kind: [b for b in self.blocks if b["type"] == kind]  # noqa: E731
+        return {"content": "".join(b["text"] for b in of("text")), "reasoning": "".join(b["thinking"] for b in of("thinking")),
+                "tool_calls": [{"id": kp.call_id_of(b["id"]), "name": b["name"], "input": b["input"]}
+                               for b in of("tool_use")],
+                "finish_reason": {"end_turn": "stop", "tool_use": "tool_calls", "max_tokens": "length"}[self.stop_reason]}
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_case_as_anthropic_events_is_the_same_message(case: dict) -> None:
+    """Every corpus case, streamed as SGLang does and cut at every point of its content, encoded as
+    Anthropic's events: the grammar holds, and the message is the one the OpenAI side gets, but for
+    whitespace between blocks, which opens no block of its own."""
+    whole = run_whole(case_ctx(case), case["upstream"])
+    want = dict(whole, content=whole["content"].strip(), reasoning=whole["reasoning"].strip(),
+                tool_calls=[{"id": c["id"], "name": c["name"], "input": json.loads(c["arguments"])}
+                            for c in whole["tool_calls"]])
+    content = case["upstream"].get("content") or ""
+    for cut in range(0, max(len(content), 1)):
+        encoder = kp.AnthropicStream(case_ctx(case), "msg_1", "k", None)
+        view = MessagesView()
+        view.feed([encoder.opening()] + [f for data in upstream_chunks(case["upstream"], splits_c=[cut])
+                                         for f in encoder.feed(data)] + encoder.close())
+        got = view.message()
+        assert dict(got, content=got["content"].strip(), reasoning=got["reasoning"].strip()) == want, cut
+        for kind in ("text", "thinking"):  # what is cut is only whitespace at the ends
+            assert all(b[kind].strip() for b in view.blocks if b["type"] == kind)
