@@ -3518,6 +3518,7 @@ class Capture:
 
     def __init__(self, exchange: "Exchange", body: bytes) -> None:
         self.id, self.path, self.started_at = exchange.id, exchange.path, exchange.started_at
+        self.protocol = exchange.protocol.name  # the client's: what ``client`` is written in
         self.headers = redact_headers(exchange.scope["headers"])
         self.body = body
         self.stream = False
@@ -3560,7 +3561,8 @@ class Capture:
         except (ValueError, RecursionError):
             request = text(self.body)
         return {"kimiproxy": __version__, "id": self.id, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "reasons": sorted(self.reasons), "path": self.path, "headers": self.headers, "request": request,
+                "reasons": sorted(self.reasons), "path": self.path, "protocol": self.protocol,
+                "headers": self.headers, "request": request,
                 "stream": self.stream, "upstream_status": self.status,
                 "upstream_events": [[round(t, 4), text(data)] for t, data in self.upstream],
                 "upstream_broke_off": self.error, "client": text(b"".join(self.client)), "truncated": self.truncated}
@@ -3666,6 +3668,44 @@ def completion_messages(completion: dict) -> list[dict]:
     return [Message.of_choice(choice, m, i).as_dict() for i, (choice, m) in enumerate(_choices(completion))]
 
 
+def anthropic_messages(body: bytes, stream: bool) -> list[dict]:
+    """What an Anthropic client read, streamed or whole, as ``stream_messages`` gives it (the calls'
+    ids as SGLang knows them, their input as JSON text), then any error event."""
+    if not stream:
+        message = json_loads(body)
+        events = [("message_start", {"message": dict(message, content=[])})]
+        for at, block in enumerate(message.get("content") or ()):
+            events.append(("content_block_start", {"index": at, "content_block": block}))
+            if block.get("type") == "tool_use":
+                events.append(("content_block_delta", {"index": at, "delta": {"partial_json": _dumps(block["input"])}}))
+        events.append(("message_delta", {"delta": {"stop_reason": message.get("stop_reason")}}))
+    else:
+        events = []
+        for frame in body.split(b"\n\n"):
+            kind, _, data = frame.partition(b"\ndata: ")
+            with contextlib.suppress(ValueError):
+                events.append((kind.removeprefix(b"event: ").decode(), json_loads(data)))
+    blocks: dict[int, dict] = {}
+    errors, stop = [], None
+    for kind, event in events:
+        if kind == "content_block_start":
+            blocks[event["index"]] = dict(event["content_block"], partial="")
+        elif kind == "content_block_delta":
+            block, delta = blocks[event["index"]], event["delta"]
+            for field, into in (("thinking", "thinking"), ("text", "text"), ("partial_json", "partial")):
+                if isinstance(delta.get(field), str):
+                    block[into] = block.get(into, "") + delta[field]
+        elif kind == "message_delta":
+            stop = event["delta"].get("stop_reason")
+        elif kind == "error":
+            errors.append(event.get("error"))
+    of = [b for _, b in sorted(blocks.items())]
+    calls = tuple((call_id_of(b.get("id")), b.get("name"), b["partial"]) for b in of if b.get("type") == "tool_use")
+    final = Message("".join(b.get("text", "") for b in of if b.get("type") == "text"),
+                    "".join(b.get("thinking", "") for b in of if b.get("type") == "thinking"), calls, stop)
+    return [final.as_dict()] + [{"error": e} for e in errors]
+
+
 def replay_capture(capture: dict) -> tuple[list[dict], list[dict]]:
     """(what the client got then, what it gets now), as each choice's final message."""
     if capture.get("truncated"):
@@ -3673,6 +3713,20 @@ def replay_capture(capture: dict) -> tuple[list[dict], list[dict]]:
     request = capture["request"]
     ctx = RepairContext.from_request(request if isinstance(request, dict) else {"messages": []})
     events = [data.encode() for _, data in capture["upstream_events"]]
+    if capture.get("protocol") == "anthropic":
+        then = anthropic_messages(capture["client"].encode(), capture["stream"])
+        if not capture["stream"]:
+            completion = json_loads(events[0])
+            repair_completion(completion, ctx)
+            return then, anthropic_messages(AnthropicMessages("replay").reply(completion, True, b""), False)
+        encoder = AnthropicStream(ctx, "replay", "", None)
+        frames = [encoder.opening()] + [frame for data in events for frame in encoder.feed(data)]
+        error = capture.get("upstream_broke_off")  # then ended with this error event, not message_stop
+        if error:
+            protocol = AnthropicMessages("replay")
+            frames += encoder.broken_off() + [protocol.error_frame(protocol.error(UpstreamError(
+                error.get("message", ""), error.get("code")))[1])]
+        return then, anthropic_messages(b"".join(frames + encoder.close()), True)
     if capture["stream"]:
         repair = StreamRepair(ctx)
         frames = [frame for data in events for frame in repair.feed(data)] + repair.close()

@@ -3359,3 +3359,38 @@ def test_case_as_anthropic_events_is_the_same_message(case: dict) -> None:
         assert dict(got, content=got["content"].strip(), reasoning=got["reasoning"].strip()) == want, cut
         for kind in ("text", "thinking"):  # what is cut is only whitespace at the ends
             assert all(b[kind].strip() for b in view.blocks if b["type"] == kind)
+
+
+@pytest.mark.edge
+async def test_anthropic_exchanges_are_captured_and_replay(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                           tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An Anthropic exchange is captured as every other (the chat request kimiproxy sent, SGLang's events,
+    the Anthropic events the client got) and replays offline to what the client got: streamed, whole,
+    and a stream that broke off."""
+    caplog.set_level(logging.INFO, logger="kimiproxy")
+    captures = tmp_path / "captures"
+    running = await start_proxy(nursery, upstream.url, CAPTURE_DIR=str(captures))
+    upstream.script(Script(steps=stream_of(reasoning=leaked_read(pieces=2))),
+                    Script(body=completion(content=None, reasoning="".join(leaked_read())),
+                           content_type="application/json"),
+                    Script(steps=[*stream_of(reasoning=leaked_read(pieces=2))[:3], "close"]))
+    ask = dict(model="k", max_tokens=100, tools=[READ_TOOL], messages=[{"role": "user", "content": "go"}])
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        for stream in (True, False, True):
+            await client.post("/v1/messages", json=dict(ask, stream=stream))
+    with trio.fail_after(10):
+        while sum("captured (" in r.getMessage() for r in caplog.records) < 3:
+            await trio.sleep(0.02)
+    files = sorted(captures.glob("*.json"), key=lambda f: json.loads(f.read_text())["id"])
+    docs = [json.loads(f.read_text()) for f in files]
+    assert [(d["protocol"], d["stream"]) for d in docs] == [("anthropic", True), ("anthropic", False), ("anthropic", True)]
+    assert docs[0]["request"]["tools"][0]["function"]["name"] == "Read"  # the chat request: it replays
+    assert "event: content_block_start" in docs[0]["client"]
+    for doc in docs:
+        then, now = kp.replay_capture(doc)
+        assert then == now, (then, now)
+    assert "broke off" in then[-1]["error"]["message"] and then[-1]["error"]["type"] == "api_error"
+    assert kp.replay_capture(docs[0])[0][0]["tool_calls"] == [
+        {"id": "functions.Read:0", "name": "Read", "arguments": '{"file_path": "/tmp/a.txt"}'}]
+    replayed = replay_cli(*files)
+    assert replayed.returncode == 0 and replayed.stdout.count("same as what the client got then") == 3
