@@ -3220,6 +3220,9 @@ async def test_anthropic_errors_in_anthropics_shape(nursery: trio.Nursery, upstr
         form = await client.post("/v1/messages", content=b"x", headers={"x-api-key": "key-alice-1",
                                                                          "content-type": "text/plain"})
         assert form.status_code == 415 and form.json()["error"]["type"] == "invalid_request_error"
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert metrics['kimiproxy_key_requests_total{key="alice"}'] == 6  # x-api-key names the key, as Bearer does
+    assert metrics['kimiproxy_requests_total{route="/v1/messages",status="529"}'] == 1
 
 
 @pytest.mark.edge
