@@ -2720,6 +2720,13 @@ CHARS_PER_TOKEN_ESTIMATE = 4  # count_tokens without the upstream's tokenizer: a
 _TOOL_USE_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
+def anthropic_error(status: int, message: str) -> tuple[int, dict]:
+    """(status, body) of an error in Anthropic's shape: a 503 is Anthropic's 529 (overloaded)."""
+    status = 529 if status == 503 else status
+    kind = ANTHROPIC_ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
+    return status, {"type": "error", "error": {"type": kind, "message": message}}
+
+
 def tool_use_id(call_id: str) -> str:
     """A call's id as Anthropic's clients get it: its pattern is ``^[a-zA-Z0-9_-]+$`` (gateways and
     some clients enforce it), which ``functions.NAME:IDX`` is not. base64url of the id, after a prefix:
@@ -2960,6 +2967,13 @@ class AnthropicStream:
             self.usage = chunk["usage"]
         frames: list[bytes] = []
         choices = chunk.get("choices")
+        failed = chunk.get("error") if isinstance(chunk.get("error"), dict) else chunk if chunk.get("object") == "error" \
+            else None
+        if failed is not None and not choices:  # SGLang's error event mid-stream: the end, as Anthropic says it
+            code = failed.get("code")
+            _, body = anthropic_error(code if type(code) is int and 400 <= code < 600 else 500,
+                                      str(failed.get("message") or "upstream error"))
+            return self.broken_off() + [_event("error", body)]
         for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0 or 0 in self.finish:
                 continue
@@ -3087,9 +3101,7 @@ class AnthropicMessages:
         return json_dumps_compact(request)  # written anew: the edits are in the request already
 
     def error(self, err: ProxyError) -> tuple[int, dict]:
-        status = 529 if err.status == 503 else err.status
-        kind = ANTHROPIC_ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
-        return status, {"type": "error", "error": {"type": kind, "message": err.message}}
+        return anthropic_error(err.status, err.message)
 
     def error_frame(self, payload: dict) -> bytes:
         return _event("error", payload)

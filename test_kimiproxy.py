@@ -3397,3 +3397,26 @@ async def test_anthropic_exchanges_are_captured_and_replay(nursery: trio.Nursery
         {"id": "functions.Read:0", "name": "Read", "arguments": '{"file_path": "/tmp/a.txt"}'}]
     replayed = replay_cli(*files)
     assert replayed.returncode == 0 and replayed.stdout.count("same as what the client got then") == 3
+
+
+@pytest.mark.edge
+async def test_anthropic_sglang_error_event_mid_stream_is_an_error_event(proxy: Running) -> None:
+    """SGLang reports a failure inside its stream as a data event of its own ({"error": {...}}): an Anthropic
+    client gets it as Anthropic's error event, after what came before it, and nothing after."""
+    error = {"error": {"message": "scheduler failed", "type": "InternalServerError", "code": 500}}
+    proxy.upstream.script(Script(steps=[*stream_of(reasoning=["thinking"])[:2], sse(error), b"data: [DONE]\n\n"]))
+
+    def run() -> tuple[list, Exception]:
+        kinds = []
+        try:
+            for event in claude(proxy).messages.create(model="k", max_tokens=5, stream=True,
+                                                       messages=[{"role": "user", "content": "x"}]):
+                kinds.append(event.type)
+        except anthropic.APIStatusError as exc:
+            return kinds, exc
+        raise AssertionError("no error raised")
+
+    kinds, exc = await sdk_call(run)
+    assert kinds == ["message_start", "content_block_start", "content_block_delta", "content_block_delta",
+                     "content_block_stop"]
+    assert "scheduler failed" in str(exc) and exc.body["error"]["type"] == "api_error"
