@@ -751,15 +751,20 @@ class Thinking:
     """REPAIR.md 4.8 in one place: where the model's text stands with its thinking, and so which channel
     each piece of text goes to. SGLang's reasoning channel is thinking; ``<think>`` at the start opens it;
     a tool section in content interrupts it, and the text after it is held (a ``</think>`` makes it
-    reasoning, the end of the text the answer); ``</think>`` closes it, and is text only in an answer."""
+    reasoning, the end of the text the answer); ``</think>`` closes it, and is text only in an answer.
+    SGLang's reasoning parser ends the reasoning at the first content after it, at a ``</think>`` that it
+    removes or at a tool section that it keeps: ``switch`` tells which. A whole message does not say
+    whether its content came before its structured calls: ``after_calls``."""
 
-    __slots__ = ("state", "in_reasoning", "held", "answered")
+    __slots__ = ("state", "in_reasoning", "held", "answered", "content_came", "head")
 
     def __init__(self) -> None:
         self.state = Think.NONE
         self.in_reasoning = False  # the text comes from SGLang's reasoning channel
         self.held: list[str] = []  # while MAYBE
         self.answered = False  # answer text went out
+        self.content_came = False  # SGLang's content channel had text (held or not)
+        self.head: str | None = None  # reasoning came before any content: the first content, until ``switch``
 
     @property
     def channel(self) -> str:
@@ -772,7 +777,11 @@ class Thinking:
 
     def channel_changes(self, reasoning: bool) -> list:
         """SGLang's channel for the text that follows. (Back) in reasoning: thinking, whatever came
-        before, and what was held is thinking too."""
+        before, and what was held is thinking too. Reasoning before any content: a switch is ahead."""
+        if not reasoning:
+            self.content_came = True
+        elif not self.content_came:
+            self.head = ""
         if reasoning is self.in_reasoning:
             return []
         self.in_reasoning = reasoning
@@ -782,6 +791,30 @@ class Thinking:
         self.held.clear()
         self.state = Think.OPEN
         return events
+
+    def switch(self, content: str = "", end: bool = False, at_section: bool = False) -> tuple[bool, str] | None:
+        """The first content after the reasoning: did SGLang end the reasoning at a </think> (removed) or at
+        a tool section (kept)? Decided once the content shows whether it starts with a section, at the end
+        of the content (``end``), or at a structured call (``at_section``: SGLang's tool parser read that
+        section). Returns (whether a </think> was removed, the content held), or None: no switch is ahead,
+        or it is too early to tell."""
+        if self.head is None or end and not self.head:
+            return None
+        if content:
+            self.content_came = True
+        head = self.head = self.head + content
+        lead = head.lstrip()
+        if not (end or at_section) and len(head) < LONGEST_MARKER and \
+                any(text.startswith(lead) for text in SECTION_BEGIN_TEXTS):
+            return None  # too early to tell
+        self.head, self.in_reasoning = None, False
+        return not at_section and not lead.startswith(SECTION_BEGIN_TEXTS), head
+
+    @staticmethod
+    def after_calls(content: Any) -> bool:
+        """Whether a whole message's content came after its structured calls: content with a </think> did
+        (the thinking went on past a section; SGLang streams it so)."""
+        return isinstance(content, str) and THINK_CLOSE_TEXT in content
 
     def open(self) -> bool:
         """``<think>`` opens the text: thinking. Returns whether it came in content (a repair)."""
@@ -987,7 +1020,7 @@ class MarkupParser:
         self.rules: Counter[str] = Counter()  # text-level repairs
         self._keys = keys  # call keys and group ids, unique within the choice
         self._input = ParserInput()
-        self._thinking = Thinking()
+        self.thinking = Thinking()
         self._line = LineStart(tools)
         self.in_section = self.in_call = False  # for the choice: which end markers a structured call needs
         self._gen = self._parse()
@@ -995,7 +1028,12 @@ class MarkupParser:
     # -- the two-call contract ---------------------------------------------------------------------
 
     def feed(self, text: str, reasoning: bool = False) -> list:
-        events = self._thinking.channel_changes(reasoning) if reasoning is not self._thinking.in_reasoning else []
+        thinking = self.thinking
+        events = []
+        if reasoning is not thinking.in_reasoning or not thinking.content_came:  # not for most chunks
+            if not reasoning and thinking.head is not None:
+                return self.switch(text)
+            events = thinking.channel_changes(reasoning)
         if self._input.plain and "<" not in text and "\n" not in text:  # nothing in it can be markup
             return self._release(text) if not events else events + self._release(text)
         self._input.push(text)
@@ -1018,12 +1056,16 @@ class MarkupParser:
             events.append(event)
         return events
 
-    def switch(self, lost_think: bool) -> list:
-        """SGLang's channel changes from reasoning to content. Its reasoning parser ended the reasoning
-        at a </think>, which it removed (put back, wherever it was: in a string of arguments it is
-        part of the string), or at a tool section, which it kept."""
-        self._thinking.channel_changes(False)
-        return self.feed(THINK_CLOSE_TEXT) if lost_think else []
+    def switch(self, content: str = "", end: bool = False, at_section: bool = False) -> list:
+        """SGLang's channel changes from reasoning to content (``Thinking.switch``): a </think> that its
+        reasoning parser removed is put back (wherever it was: in a string of arguments it is part of the
+        string), then the content held is read."""
+        switched = self.thinking.switch(content, end, at_section)
+        if switched is None:
+            return []
+        lost_think, head = switched
+        events = self.feed(THINK_CLOSE_TEXT) if lost_think else []
+        return events + self.feed(head) if head else events
 
     def new_group(self) -> int:
         """REPAIR.md 4.9, the one place a group begins: a section, a call outside one, or (for the
@@ -1034,7 +1076,7 @@ class MarkupParser:
     def interrupt(self) -> None:
         """A tool section starts in content while the model is thinking: the text after it may still be
         thinking. It is held until a </think> says so, or the end says it was the answer (REPAIR.md 4.8)."""
-        self._thinking.interrupt()
+        self.thinking.interrupt()
 
     # -- the tokenizer -----------------------------------------------------------------------------
 
@@ -1042,7 +1084,7 @@ class MarkupParser:
         """The next token (ParserInput.token), waiting for input while there is none (``top``: at the
         top level, where plain text may pass without the tokenizer)."""
         while (token := self._input.token()) is NEED:
-            self._input.plain = top and self._line.idle and not self._thinking.holding and self._input.drained
+            self._input.plain = top and self._line.idle and not self.thinking.holding and self._input.drained
             yield NEED
         return token
 
@@ -1056,14 +1098,14 @@ class MarkupParser:
                 break
             yield from self._top_level(token)
         yield from self._flush_lead()
-        yield from self._release_all([self._thinking.end()])  # no </think> came: what was held is the answer
+        yield from self._release_all([self.thinking.end()])  # no </think> came: what was held is the answer
 
     def _opening(self):
         """Text that opens with <think> (SGLang without a reasoning parser, or one that left the tag):
         reasoning, up to </think> or a tool section (REPAIR.md 4.8)."""
         space, token = yield from self._collect(lambda text: len(text) < LONGEST_MARKER and not text.strip())
         if token is THINK_OPEN:
-            if self._thinking.open():
+            if self.thinking.open():
                 self.rules["think-moved-to-reasoning"] += 1
             return
         self._input.back = token
@@ -1146,7 +1188,7 @@ class MarkupParser:
             yield event
 
     def _release(self, text: str) -> list:
-        events = self._thinking.route(text)
+        events = self.thinking.route(text)
         if events:  # sent, not held: an id at its end may still head a call (LineStart.id_sent)
             line = self._line
             line.tail = (line.tail + text)[-MAX_LINE_HEADER:]
@@ -1156,7 +1198,7 @@ class MarkupParser:
         yield from self._release_all([self._line.take_lead()])
 
     def _think_close(self):
-        closed = self._thinking.close()
+        closed = self.thinking.close()
         if closed is None:  # inside an answer: text
             self._line.at_start = False
             yield from self._text(THINK_CLOSE_TEXT)
@@ -1240,7 +1282,7 @@ class MarkupParser:
         """One call, from its header to the token that ends it. Returns (that token, the next call's id
         when the arguments ran into one)."""
         rules = list(rules)
-        channel = "tool_calls" if self.structured else self._thinking.channel
+        channel = "tool_calls" if self.structured else self.thinking.channel
         if isinstance(header, StructuredCall):
             header, group = header.name, header.group
         elif header is None:
@@ -1625,9 +1667,6 @@ class ChoiceRepair:
         self._keys = keys
         self._by_name: dict[str, list[Call]] = {}
         self._ids: set[str] = set()
-        self._thinking = False  # reasoning came, and no content yet: SGLang's channel switch is ahead
-        self._content_seen = False
-        self._head = ""  # the first content, until it shows how SGLang ended the reasoning
         self._forced: list[str] | None = [] if ctx.forced else None  # content while it may be calls as JSON
         self._open: Any = None  # the upstream index of the structured call being read
         self._closed: set = set()
@@ -1658,8 +1697,7 @@ class ChoiceRepair:
             self._content(self._surrogate.pop("content"), out)
         if self._forced:
             self._forced_calls(out)
-        if self._head:
-            self._switch(out, force=True)
+        self._take(self.text.switch(end=True), out)
         self._end_structured(out)
         if self.structured.in_section:
             self._take(self.structured.inject(SECTION_END), out)
@@ -1693,40 +1731,19 @@ class ChoiceRepair:
     # -- SGLang's channels back into one text --------------------------------------------------------
 
     def _reasoning(self, text: str, out: list) -> None:
-        if not self._content_seen:
-            self._thinking = True
         self._group = -1
         self._take(self.text.feed(text, reasoning=True), out)
 
     def _content(self, text: str, out: list) -> None:
-        self._content_seen = True
         self._group = -1
         if self._forced is not None:  # while it may be the calls as a JSON array, held to the end
+            self.text.thinking.content_came = True  # content all the same (REPAIR.md 4.8)
             text = "".join(self._forced) + text
             if not text.strip() or text.lstrip().startswith("["):
                 self._forced = [text]
                 return
             self._forced = None
-        if self._thinking:
-            self._head += text
-            self._switch(out)
-        else:
-            self._take(self.text.feed(text), out)
-
-    def _switch(self, out: list, force: bool = False, lost_think: bool | None = None) -> None:
-        """The first content after reasoning: did SGLang end the reasoning at a </think> (removed) or at
-        a tool section (kept)? Decided once the content shows whether it starts with a section."""
-        if lost_think is None:
-            lead = self._head.lstrip()
-            if not force and len(self._head) < LONGEST_MARKER and \
-                    any(text.startswith(lead) for text in SECTION_BEGIN_TEXTS):
-                return  # too early to tell
-            lost_think = not lead.startswith(SECTION_BEGIN_TEXTS)
-        self._thinking = False
-        self._take(self.text.switch(lost_think), out)
-        head, self._head = self._head, ""
-        if head:
-            self._take(self.text.feed(head), out)
+        self._take(self.text.feed(text), out)
 
     def _forced_calls(self, out: list) -> None:
         """tool_choice "required" or a named tool: SGLang's grammar makes the model write its calls as a
@@ -1752,8 +1769,6 @@ class ChoiceRepair:
                 self._structured({"function": {"name": call["name"], "arguments": arguments}}, ("json", position), out)
             if stripped[end:]:  # what follows the calls (a leaked <|im_end|>, more text) is content after them
                 self._content(stripped[end:], out)
-        elif self._thinking:
-            self._head += text
         else:
             self._take(self.text.feed(text), out)
 
@@ -1794,8 +1809,7 @@ class ChoiceRepair:
             self._end_structured(out)
             if not self.structured.in_section:
                 self._take(self.structured.inject(SECTION_BEGIN), out)
-            if self._thinking:  # SGLang's reasoning parser stopped at this call's section
-                self._switch(out, lost_think=False)
+            self._take(self.text.switch(at_section=True), out)  # SGLang's reasoning parser stopped here
             self.text.interrupt()
             if self._group < 0:
                 self._group = self.structured.new_group()
@@ -1910,9 +1924,7 @@ def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair
         reasoning_in, keys = reasoning_keys(message)
         content_in, calls_in = message.get("content"), message.get("tool_calls")
         calls = calls_in if isinstance(calls_in, list) else None
-        # A whole message does not say whether its content came before its structured calls or after.
-        # Content with a </think> came after (thinking went on past a section; SGLang streams it so).
-        late = calls and isinstance(content_in, str) and THINK_CLOSE_TEXT in content_in
+        late = calls and Thinking.after_calls(content_in)  # fed after the calls (REPAIR.md 4.8)
         repair.feed(_str(reasoning_in), None if late else _str(content_in), calls, whole=True)
         if late:
             repair.feed(content=content_in)
