@@ -771,10 +771,6 @@ class Thinking:
         """Where SGLang put the text: a call found in it says so (``Call.channel``)."""
         return "reasoning" if self.in_reasoning else "content"
 
-    @property
-    def holding(self) -> bool:
-        return self.state is Think.MAYBE
-
     def channel_changes(self, reasoning: bool) -> list:
         """SGLang's channel for the text that follows. (Back) in reasoning: thinking, whatever came
         before, and what was held is thinking too. Reasoning before any content: a switch is ahead."""
@@ -938,16 +934,6 @@ class ParserInput:
             self.text = self.text[self.pos:] + text if self.pos < len(self.text) else text
             self.pos = 0
 
-    def inject(self, token: Any) -> None:
-        self.queue.append(token)
-
-    def close(self) -> None:
-        self.eof = True
-
-    @property
-    def drained(self) -> bool:
-        return self.pos >= len(self.text)
-
     def final(self) -> bool:
         """Whether no more text can follow ``text``: the end, or an injected token is next."""
         while self.queue and isinstance(self.queue[0], str):
@@ -959,13 +945,10 @@ class ParserInput:
         self.text = text + self.text[self.pos:]
         self.pos = 0
 
-    def restart(self, text: str) -> None:
-        """Read ``text`` next, and what follows it (a rewind: REPAIR.md 4.3)."""
-        self.text, self.pos = text, 0
-
-    def marker_at_start(self, final: bool) -> Any:
-        kind, end = match_marker(self.text, 0, final)
-        self.pos = end
+    def restart(self, text: str, final: bool) -> Any:
+        """Read ``text`` next, and what follows it (a rewind: REPAIR.md 4.3); returns the marker it starts with."""
+        kind, self.pos = match_marker(text, 0, final)
+        self.text = text
         return kind
 
     def after_text(self) -> Any:
@@ -1040,11 +1023,11 @@ class MarkupParser:
         return events + self._run()
 
     def inject(self, token: Any) -> list:
-        self._input.inject(token)
+        self._input.queue.append(token)
         return self._run()
 
     def close(self) -> list:
-        self._input.close()
+        self._input.eof = True
         return self._run()
 
     def _run(self) -> list:
@@ -1083,8 +1066,10 @@ class MarkupParser:
     def _token(self, top: bool = False):
         """The next token (ParserInput.token), waiting for input while there is none (``top``: at the
         top level, where plain text may pass without the tokenizer)."""
-        while (token := self._input.token()) is NEED:
-            self._input.plain = top and self._line.idle and not self.thinking.holding and self._input.drained
+        source = self._input
+        while (token := source.token()) is NEED:
+            source.plain = top and self._line.idle and self.thinking.state is not Think.MAYBE and \
+                source.pos >= len(source.text)
             yield NEED
         return token
 
@@ -1097,8 +1082,8 @@ class MarkupParser:
             if token is EOF:
                 break
             yield from self._top_level(token)
-        yield from self._flush_lead()
-        yield from self._release_all([self.thinking.end()])  # no </think> came: what was held is the answer
+        yield from self._emit(self._line.take_lead())
+        yield from self._emit(self.thinking.end())  # no </think> came: what was held is the answer
 
     def _opening(self):
         """Text that opens with <think> (SGLang without a reasoning parser, or one that left the tag):
@@ -1125,19 +1110,17 @@ class MarkupParser:
         if isinstance(token, str):
             yield from self._text(token)
             return
+        if token is not ARGUMENT_BEGIN:  # which may make the word held at the start of the line a call's id
+            yield from self._emit(self._line.take_lead())
+            self._line.at_start = True
         if token is ARGUMENT_BEGIN:
-            yield from self._headless_call()
-            return
-        yield from self._flush_lead()
-        self._line.at_start = True
-        if token is SECTION_BEGIN:
+            token = yield from self._headless_call()
+        elif token is SECTION_BEGIN:
             self.interrupt()
             token = yield from self._section()
         elif token is CALL_BEGIN or isinstance(token, StructuredCall):
             self.interrupt()
-            header = None if token is CALL_BEGIN else token
-            token = yield from self._calls(header, [] if self.structured else ["no-section-wrapper"],
-                                           self.new_group())
+            token = yield from self._calls(token, [] if self.structured else ["no-section-wrapper"], self.new_group())
         elif token is THINK_CLOSE:
             yield from self._think_close()
             token = None
@@ -1166,26 +1149,19 @@ class MarkupParser:
             self.rules["call-id-left-in-text"] += 1
         if not header:
             self.rules["stray-marker-removed"] += 1
-            return
+            return None
         self._line.at_start = True
         self.interrupt()
-        token = yield from self._calls(header, ["no-call-begin", "no-section-wrapper"], self.new_group())
-        if token not in (None, CALL_END, SECTION_END, TRUNCATED):
-            self._input.back = token
+        return (yield from self._calls(header, ["no-call-begin", "no-section-wrapper"], self.new_group()))
 
     def _text(self, text: str):
         """Text. A word at the start of a line that may still become a call's id (``functions...``, or
         a declared tool's name) is held back: it heads a call if <|tool_call_argument_begin|> follows."""
-        text = self._line.text(text)
-        if text:
-            for event in self._release(text):
-                yield event
+        yield from self._emit(self._line.text(text))
 
-    def _release_all(self, parts: list[str]):
-        text = "".join(parts)
-        parts.clear()
-        for event in self._release(text) if text else ():
-            yield event
+    def _emit(self, text: str):
+        if text:
+            yield from self._release(text)
 
     def _release(self, text: str) -> list:
         events = self.thinking.route(text)
@@ -1193,9 +1169,6 @@ class MarkupParser:
             line = self._line
             line.tail = (line.tail + text)[-MAX_LINE_HEADER:]
         return events
-
-    def _flush_lead(self):
-        yield from self._release_all([self._line.take_lead()])
 
     def _think_close(self):
         closed = self.thinking.close()
@@ -1206,8 +1179,7 @@ class MarkupParser:
         events, rule = closed
         if rule:
             self.rules[rule] += 1
-        for event in events:
-            yield event
+        yield from events
 
     def _role(self):
         """A leaked role header, <|im_assistant|>assistant<|im_middle|>: removed whole."""
@@ -1223,10 +1195,9 @@ class MarkupParser:
         """Inside <|tool_calls_section_begin|>: calls, and noise between them (REPAIR.md 4.7). Returns the
         token that ended the section, for the top level (None when it ended normally)."""
         self.in_section = True
-        try:
-            return (yield from self._section_calls(self.new_group()))
-        finally:
-            self.in_section = False
+        token = yield from self._section_calls(self.new_group())
+        self.in_section = False
+        return token
 
     def _section_calls(self, group: int):
         noise = ""
@@ -1248,7 +1219,7 @@ class MarkupParser:
                     continue
             else:
                 if token is CALL_BEGIN or isinstance(token, StructuredCall):
-                    token = yield from self._calls(None if token is CALL_BEGIN else token, [], group)
+                    token = yield from self._calls(token, [], group)
                 elif token is ARGUMENT_BEGIN and _ID_RE.fullmatch(noise.strip()):
                     token = yield from self._calls(noise.strip(), ["no-call-begin"], group)
                     noise = ""
@@ -1267,14 +1238,15 @@ class MarkupParser:
             return None if token is SECTION_END else token
 
     def _calls(self, header: Any, rules: list[str], group: int):
-        """A call, and those that follow it with nothing between; returns the token after the last."""
+        """A call, and those that follow it with nothing between; returns the token after the last. A call's
+        ``header``: CALL_BEGIN (the id follows), a StructuredCall, or the id (read already)."""
         follow = [r for r in rules if r == "no-section-wrapper"]
         while True:
             token, header = yield from self._call(header, rules, group)
             if header is not None:  # the arguments ran into the next call's id
                 rules = follow + ["no-call-begin", "polluted-arguments-split"]
             elif token is CALL_BEGIN or isinstance(token, StructuredCall):
-                header, rules = (None if token is CALL_BEGIN else token), follow
+                header, rules = token, follow
             else:
                 return token
 
@@ -1283,21 +1255,20 @@ class MarkupParser:
         when the arguments ran into one)."""
         rules = list(rules)
         channel = "tool_calls" if self.structured else self.thinking.channel
+        token = None
         if isinstance(header, StructuredCall):
             header, group = header.name, header.group
-        elif header is None:
+        elif header is CALL_BEGIN:
             header, token = yield from self._header(rules)
             if token is not None and not header:  # no id, no arguments: no call the model made
                 self.rules["empty-call-removed"] += 1
                 return token, None
-            if token is not None:  # another marker before any arguments
-                key = next(self._keys)
-                yield CallStart(key, header, channel, group)
-                yield CallText(key, "{}")
-                yield CallEnd(key, rules + ["arguments-empty", _ENDING_RULES.get(token, "call-ended")])
-                return token, None
         key = next(self._keys)
         yield CallStart(key, header, channel, group)
+        if token is not None:  # another marker before any arguments
+            yield CallText(key, "{}")
+            yield CallEnd(key, rules + ["arguments-empty", _ENDING_RULES.get(token, "call-ended")])
+            return token, None
         self.in_call = True
         token, next_header, rules = yield from self._arguments(key, rules)
         self.in_call = False
@@ -1323,8 +1294,7 @@ class MarkupParser:
                 if out:
                     yield CallText(key, out)
                 if args.rewind_now:  # a marker inside a string ended the call after all
-                    text.restart(args.rewind() + buf[i:])
-                    token = text.marker_at_start(final)
+                    token = text.restart(args.rewind() + buf[i:], final)
                     break
                 if args.consumed >= MAX_CALL_ARGUMENTS:  # the rest of the text is read as text
                     rules.append("arguments-overflow")
@@ -1351,8 +1321,7 @@ class MarkupParser:
                 yield NEED
                 continue
             if token is EOF and args.must_rewind:
-                text.restart(args.rewind())
-                token = text.marker_at_start(True)
+                token = text.restart(args.rewind(), True)
             break
         tail = args.finish()
         if tail:
