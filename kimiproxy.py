@@ -565,30 +565,25 @@ class ArgumentRepair:
         """One character outside strings: where JSON allows it, or where the text breaks."""
         state = self._state
         top = self._closers[-1] if self._closers else ""
-        if state == _START:
+        if state == _START or state == _VALUE:
             if ch in "{[":
-                return self._open(ch, i)
-            self._scalar = True
+                self._put(ch, not self._scalar)  # in a container the value began: its key is certain now
+                self._closers.append("}" if ch == "{" else "]")
+                self._state = _KEY if ch == "{" else _VALUE
+                return i + 1
+            if state == _START:  # a top-level string, literal or text: decided at the end
+                self._scalar = True
             if ch == '"':
-                self._put(ch, False)
+                self._put(ch, not self._scalar)
                 self._state = _STRING
                 return i + 1
-            self._state, self._literal = (_LITERAL if ch in "-0123456789tfn" else _RAW), self._base + len(self._out)
-            return i
+            if ch in "-0123456789tfn" or state == _START:
+                self._state, self._literal = (_LITERAL if ch in "-0123456789tfn" else _RAW), self._base + len(self._out)
+                return i
         if state == _KEY and ch == '"' or state == _COLON and ch == ":":
             self._put(ch, False)
             self._state = _KEY_STRING if ch == '"' else _VALUE
             return i + 1
-        if state == _VALUE:
-            if ch in "{[":
-                return self._open(ch, i)
-            if ch == '"':
-                self._put(ch, True)  # the value began: its key is certain now
-                self._state = _STRING
-                return i + 1
-            if ch in "-0123456789tfn":
-                self._state, self._literal = _LITERAL, self._base + len(self._out)
-                return i
         if state == _AFTER and ch == ",":
             self._put(ch, False)
             self._state = _KEY if top == "}" else _VALUE
@@ -602,12 +597,6 @@ class ArgumentRepair:
             self._state = self._after_value()
             return i + 1
         return self._broken(i)
-
-    def _open(self, ch: str, i: int) -> int:
-        self._put(ch, not self._scalar)
-        self._closers.append("}" if ch == "{" else "]")
-        self._state = _KEY if ch == "{" else _VALUE
-        return i + 1
 
     def _after_value(self) -> int:
         if self._closers:
@@ -1446,13 +1435,11 @@ def canonicalize_history(request: dict) -> list[tuple[tuple, Any]]:
     Returns the edits it made, each (its path in the request, the new value), for ``rewrite_request``
     (none: the request is untouched)."""
     messages = request.get("messages")
-    if not isinstance(messages, list):
-        return []
     counter = 0
     edits: list[tuple[tuple, Any]] = []
     used: set[str] = set()
     mapping: dict[str, str] = {}  # the latest assistant turn's id for each id as sent
-    for at, message in enumerate(messages):
+    for at, message in enumerate(messages if isinstance(messages, list) else ()):
         if not isinstance(message, dict):
             continue
         calls = message.get("tool_calls") if message.get("role") == "assistant" else None
@@ -1465,10 +1452,8 @@ def canonicalize_history(request: dict) -> list[tuple[tuple, Any]]:
                 canonical = CANONICAL_ID_RE.fullmatch(old) if isinstance(old, str) else None
                 new = old
                 if isinstance(name, str) and not (canonical and canonical[1] == name and old not in used):
-                    new = f"functions.{name}:{counter}"
-                    while new in used:
+                    while (new := f"functions.{name}:{counter}") in used:
                         counter += 1
-                        new = f"functions.{name}:{counter}"
                     call["id"] = new
                     edits.append((("messages", at, "tool_calls", position, "id"), new))
                 if isinstance(old, str):
@@ -1542,10 +1527,6 @@ def reasoning_keys(fields: dict) -> tuple[str | None, tuple[str, ...]]:
     return text, tuple(k for k in REASONING_KEYS if fields.get(k) == text)
 
 
-def reasoning_of(message: dict) -> str:
-    return reasoning_keys(message)[0] or ""
-
-
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -1584,7 +1565,7 @@ class Message:
     def of_choice(cls, choice: dict, message: dict, index: int = 0) -> "Message":
         """A whole completion's choice."""
         content, given = message.get("content"), choice.get("index")
-        return cls(content if isinstance(content, str) else "", reasoning_of(message),
+        return cls(content if isinstance(content, str) else "", reasoning_keys(message)[0] or "",
                    tuple(_call_tuples(message.get("tool_calls"))), _str(choice.get("finish_reason")),
                    given if type(given) is int else index)
 
@@ -1660,10 +1641,9 @@ class ChoiceRepair:
 
     def finish(self) -> list:
         out: list = []
-        if self._surrogate.get("reasoning"):  # a lone half at the very end stays (as an escape)
-            self._reasoning(self._surrogate.pop("reasoning"), out)
-        if self._surrogate.get("content"):
-            self._content(self._surrogate.pop("content"), out)
+        for channel, read in (("reasoning", self._reasoning), ("content", self._content)):
+            if held := self._surrogate.pop(channel, ""):  # a lone half at the very end stays (as an escape)
+                read(held, out)
         if self._forced:
             self._forced_calls(out)
         self._take(self.text.switch(end=True), out)
@@ -1860,12 +1840,11 @@ class ChoiceRepair:
         """Number the call and give it its id (REPAIR.md 4.5): the next index, in the order calls go out."""
         call.index = len(self.sent)
         self.sent.append(call)
-        dialog = self.ctx.history_calls + call.index
         structured = call.channel == "tool_calls"
         call_id = call.header.strip() if call.verbatim and not structured else None
         if call_id is None or call_id in self._ids:
             counters = [call.counter] if call.counter is not None and not structured else []
-            for counter in itertools.chain(counters, itertools.count(dialog)):
+            for counter in itertools.chain(counters, itertools.count(self.ctx.history_calls + call.index)):
                 call_id = f"functions.{call.name}:{counter}"
                 if call_id not in self._ids:
                     break
@@ -1884,38 +1863,31 @@ def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair
     """Repair a whole chat.completion in place: the same machinery as a stream, fed each field whole.
     Returns the choices' repairs and whether anything changed."""
     repairs, changed = [], False
-    choices = body.get("choices")
-    for choice in choices if isinstance(choices, list) else ():
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(message, dict):
-            continue
+    for choice, message in _choices(body):
+        before = dict(message), choice.get("finish_reason")  # every edit below changes what it edits
         repair = ChoiceRepair(ctx)
         reasoning_in, keys = reasoning_keys(message)
         content_in, calls_in = message.get("content"), message.get("tool_calls")
         calls = calls_in if isinstance(calls_in, list) else None
         late = calls and Thinking.after_calls(content_in)  # fed after the calls (REPAIR.md 4.8)
-        repair.feed(_str(reasoning_in), None if late else _str(content_in), calls, whole=True)
+        repair.feed(reasoning_in, None if late else _str(content_in), calls, whole=True)
         if late:
             repair.feed(content=content_in)
         repair.finish()
-        final, sent = repair.message(), repair.sent
-        content, reasoning = final.content, final.reasoning
+        content, reasoning = "".join(repair.texts["content"]), "".join(repair.texts["reasoning"])
         if isinstance(content_in, (str, type(None))) and content != (content_in or ""):
-            message["content"] = content or ("" if content_in is not None and not sent else None)
-            changed = True
+            message["content"] = content or ("" if content_in is not None and not repair.sent else None)
         if reasoning != (reasoning_in or ""):
             for key in keys or _SGLANG_REASONING:
                 message[key] = reasoning or None
-            changed = True
         entries = [{"id": c.id, "index": c.index, "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments}} for c in sent]
+                    "function": {"name": c.name, "arguments": c.arguments}} for c in repair.sent]
         if _call_tuples(entries) != _call_tuples(calls_in):
             message["tool_calls"] = entries or None
-            changed = True
         finish = repair.finish_reason(_str(choice.get("finish_reason")))
         if finish != choice.get("finish_reason"):
             choice["finish_reason"] = finish
-            changed = True
+        changed = changed or before != (message, choice.get("finish_reason"))
         repairs.append(repair)
     return repairs, changed
 
@@ -1935,19 +1907,16 @@ def _deltas(events: list, template: dict, keys: tuple[str, ...]) -> list[dict]:
     fields (a reasoning key among ``keys`` never with its raw text; another one, with other text, as it
     came, as a whole response keeps it)."""
     deltas: list[dict] = []
-    current: dict = {}
     rank = 3
     for event in events:
         r = (0 if event.channel == "reasoning" else 1) if type(event) is Text else 2
-        if r < rank or not deltas:
-            current = {}
+        if r < rank:
+            current: dict = {}
             deltas.append(current)
         rank = r
-        if r == 0:
-            for key in keys:
+        if r < 2:
+            for key in keys if r == 0 else ("content",):
                 current[key] = current.get(key, "") + event.text
-        elif r == 1:
-            current["content"] = current.get("content", "") + event.text
         else:
             calls = current.setdefault("tool_calls", [])
             if event.id is None and calls and calls[-1]["index"] == event.index:
@@ -2057,6 +2026,11 @@ class StreamRepair:
         final = self.finish[index] = repair.finish_reason(finish)
         if final == finish and _unchanged(events, content, reasoning, calls):
             return None
+        return self._last(choice, events, delta, keys, final)
+
+    @staticmethod
+    def _last(choice: dict, events: list, delta: dict, keys: tuple[str, ...], final: str) -> list[dict]:
+        """A choice's last deltas, then its finish reason in a chunk of its own."""
         out = [dict(choice, delta=d, finish_reason=None) for d in _deltas(events, delta, keys)]
         return out + [dict(choice, delta={}, finish_reason=final)]
 
@@ -2065,17 +2039,13 @@ class StreamRepair:
         self.done = True
         frames: list[bytes] = []
         for index, repair in self.choices.items():
-            if index in self.finish:
-                continue
-            if not self.ctx.enabled:
-                self.finish[index] = None
+            if index in self.finish or not self.ctx.enabled:
+                self.finish.setdefault(index, None)
                 continue
             events = repair.finish()
             final = self.finish[index] = repair.finish_reason(None) or "stop"
-            keys = self.keys.get(index, _SGLANG_REASONING)
-            choices = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
-                       for d in _deltas(events, {}, keys)]
-            choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": final})
+            choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": None}
+            choices = self._last(choice, events, {}, self.keys.get(index, _SGLANG_REASONING), final)
             frames += [self._frame(self._envelope, c) for c in choices]
         return frames
 
