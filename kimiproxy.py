@@ -764,18 +764,16 @@ class Thinking:
         """SGLang's channel for the text that follows. (Back) in reasoning: thinking, whatever came
         before, and what was held is thinking too. Reasoning before any content: a switch is ahead."""
         if not reasoning:
-            self.content_came = True
-        elif not self.content_came:
+            self.content_came, self.in_reasoning = True, False
+            return []
+        if not self.content_came:
             self.head = ""
-        if reasoning is self.in_reasoning:
+        if self.in_reasoning:
             return []
-        self.in_reasoning = reasoning
-        if not reasoning:
-            return []
-        events = [Text("reasoning", "".join(self.held))] if self.held else []
-        self.held.clear()
+        self.in_reasoning = True
+        text = self.end()
         self.state = Think.OPEN
-        return events
+        return [Text("reasoning", text)] if text else []
 
     def switch(self, content: str = "", end: bool = False, at_section: bool = False) -> tuple[bool, str] | None:
         """The first content after the reasoning: did SGLang end the reasoning at a </think> (removed) or at
@@ -826,9 +824,7 @@ class Thinking:
     def close(self) -> tuple[list, str | None] | None:
         """``</think>`` at the top level: (its events, the rule it counts), or None when it is text."""
         if self.state is Think.MAYBE:  # the thinking went on after a tool section
-            self.state = Think.NONE
-            text = "".join(self.held)
-            self.held.clear()
+            text = self.end()
             return ([Text("reasoning", text)] if text else []), "thinking-after-section-moved"
         if self.state is Think.OPEN:
             self.state = Think.NONE
@@ -838,7 +834,7 @@ class Thinking:
         return [], "stray-think-close-removed"
 
     def end(self) -> str:
-        """The end of the text: what was held (no </think> came) was the answer."""
+        """What was held, no longer held: at the end of the text (no </think> came) it was the answer."""
         if self.state is not Think.MAYBE:
             return ""
         self.state = Think.NONE
@@ -1279,8 +1275,7 @@ class MarkupParser:
             if pos < len(buf):
                 i = args.scan(buf, pos, final)
                 text.pos = i
-                out = args.take()
-                if out:
+                if out := args.take():
                     yield CallText(key, out)
                 if args.rewind_now:  # a marker inside a string ended the call after all
                     token = text.restart(args.rewind() + buf[i:], final)
@@ -1312,8 +1307,7 @@ class MarkupParser:
             if token is EOF and args.must_rewind:
                 token = text.restart(args.rewind(), True)
             break
-        tail = args.finish()
-        if tail:
+        if tail := args.finish():
             yield CallText(key, tail)
         return token, next_header, rules + list(args.rules)
 
@@ -1710,8 +1704,7 @@ class ChoiceRepair:
         if isinstance(calls, list) and calls and all(isinstance(c, dict) and isinstance(c.get("name"), str)
                                                      for c in calls):
             self.structured.rules["calls-from-json-array"] += 1
-            for rule in array.rules:  # arguments-closed: the array was cut off
-                self.structured.rules[rule] += 1
+            self.structured.rules.update(array.rules.keys())  # arguments-closed: the array was cut off
             for position, call in enumerate(calls):
                 arguments = call.get("parameters", call.get("arguments", {}))
                 arguments = arguments if isinstance(arguments, str) else _dumps(arguments)
