@@ -1422,46 +1422,6 @@ class RepairContext:
         return fits[0] if len(fits) == 1 else None
 
 
-def canonicalize_history(request: dict) -> list[tuple[tuple, Any]]:
-    """REPAIR.md 4.13: tool-call ids in the history that are not canonical (``call_abc``, ``toolu_1``), or
-    that an earlier call already holds, become ``functions.NAME:COUNTER`` with the dialog-wide counter,
-    and the tool results' ``tool_call_id`` with them, so the model keeps seeing its own id format.
-    Returns the edits it made, each (its path in the request, the new value), for ``rewrite_request``
-    (none: the request is untouched)."""
-    messages = request.get("messages")
-    counter = 0
-    edits: list[tuple[tuple, Any]] = []
-    used: set[str] = set()
-    mapping: dict[str, str] = {}  # the latest assistant turn's id for each id as sent
-    for at, message in enumerate(messages if isinstance(messages, list) else ()):
-        if not isinstance(message, dict):
-            continue
-        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
-        if isinstance(calls, list):
-            for position, call in enumerate(calls):
-                if not isinstance(call, dict):
-                    continue
-                function = call.get("function") if isinstance(call.get("function"), dict) else {}
-                name, old = function.get("name"), call.get("id")
-                canonical = CANONICAL_ID_RE.fullmatch(old) if isinstance(old, str) else None
-                new = old
-                if isinstance(name, str) and not (canonical and canonical[1] == name and old not in used):
-                    while (new := f"functions.{name}:{counter}") in used:
-                        counter += 1
-                    call["id"] = new
-                    edits.append((("messages", at, "tool_calls", position, "id"), new))
-                if isinstance(old, str):
-                    mapping[old] = new
-                if isinstance(new, str):
-                    used.add(new)
-                counter += 1
-        elif message.get("role") == "tool" and isinstance(message.get("tool_call_id"), str) \
-                and mapping.get(message["tool_call_id"], message["tool_call_id"]) != message["tool_call_id"]:
-            message["tool_call_id"] = mapping[message["tool_call_id"]]
-            edits.append((("messages", at, "tool_call_id"), message["tool_call_id"]))
-    return edits
-
-
 # ---------------------------------------------------------------------------------------------------
 # Repair core: one choice, its calls resolved, numbered and sent
 # ---------------------------------------------------------------------------------------------------
@@ -2496,6 +2456,46 @@ def _usage_option(request: dict) -> list[tuple[tuple, Any]]:
     if isinstance(options, dict) or options is None:
         return [(("stream_options",), {**(options or {}), "include_usage": True})]
     return []
+
+
+def canonicalize_history(request: dict) -> list[tuple[tuple, Any]]:
+    """REPAIR.md 4.13: tool-call ids in the history that are not canonical (``call_abc``, ``toolu_1``), or
+    that an earlier call already holds, become ``functions.NAME:COUNTER`` with the dialog-wide counter,
+    and the tool results' ``tool_call_id`` with them, so the model keeps seeing its own id format.
+    Returns the edits it made, each (its path in the request, the new value), for ``rewrite_request``
+    (none: the request is untouched)."""
+    messages = request.get("messages")
+    counter = 0
+    edits: list[tuple[tuple, Any]] = []
+    used: set[str] = set()
+    mapping: dict[str, str] = {}  # the latest assistant turn's id for each id as sent
+    for at, message in enumerate(messages if isinstance(messages, list) else ()):
+        if not isinstance(message, dict):
+            continue
+        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+        if isinstance(calls, list):
+            for position, call in enumerate(calls):
+                if not isinstance(call, dict):
+                    continue
+                function = call.get("function") if isinstance(call.get("function"), dict) else {}
+                name, old = function.get("name"), call.get("id")
+                canonical = CANONICAL_ID_RE.fullmatch(old) if isinstance(old, str) else None
+                new = old
+                if isinstance(name, str) and not (canonical and canonical[1] == name and old not in used):
+                    while (new := f"functions.{name}:{counter}") in used:
+                        counter += 1
+                    call["id"] = new
+                    edits.append((("messages", at, "tool_calls", position, "id"), new))
+                if isinstance(old, str):
+                    mapping[old] = new
+                if isinstance(new, str):
+                    used.add(new)
+                counter += 1
+        elif message.get("role") == "tool" and isinstance(message.get("tool_call_id"), str) \
+                and mapping.get(message["tool_call_id"], message["tool_call_id"]) != message["tool_call_id"]:
+            message["tool_call_id"] = mapping[message["tool_call_id"]]
+            edits.append((("messages", at, "tool_call_id"), message["tool_call_id"]))
+    return edits
 
 
 _JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
