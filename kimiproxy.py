@@ -951,15 +951,11 @@ class ParserInput:
         final = self.final()
         buf, pos = self.text, self.pos
         if pos < len(buf):
-            i = buf.find("<", pos)
-            if i != pos:
+            kind, end = match_marker(buf, pos, final) if buf.startswith("<", pos) else (None, 0)
+            if kind is None:  # text, up to the next "<"
+                i = buf.find("<", pos + 1)
                 self.pos = len(buf) if i < 0 else i
                 return buf[pos:self.pos]
-            kind, end = match_marker(buf, i, final)
-            if kind is None:
-                j = buf.find("<", i + 1)
-                self.pos = len(buf) if j < 0 else j
-                return buf[i:self.pos]
             if kind == "partial":
                 return NEED
             self.pos = end
@@ -1568,7 +1564,6 @@ class ChoiceRepair:
         self.sent: list[Call] = []
         self.texts: dict[str, list[str]] = {"reasoning": [], "content": []}
         self.dropped = 0
-        self._keys = keys
         self._by_name: dict[str, list[Call]] = {}
         self._ids: set[str] = set()
         self._forced: list[str] | None = [] if ctx.forced else None  # content while it may be calls as JSON
@@ -1922,20 +1917,10 @@ class StreamRepair:
         if not choices or not isinstance(choices, list):
             return [raw] if self.pass_usage or not chunk.get("usage") else []
         self._envelope = chunk
-        outputs: list[dict] = []
-        changed = False
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            produced = self._choice(choice)
-            if produced is None:
-                outputs.append(choice)
-            else:
-                changed = True
-                outputs += produced
-        if not changed:
+        produced = [(choice, self._choice(choice)) for choice in choices if isinstance(choice, dict)]
+        if all(out is None for _, out in produced):
             return [raw]
-        return [self._frame(chunk, choice) for choice in outputs]
+        return [self._frame(chunk, c) for choice, out in produced for c in ([choice] if out is None else out)]
 
     def close(self) -> list[bytes]:
         """The upstream stream ended: finish what it left open, then [DONE] if it never came."""
@@ -1956,9 +1941,7 @@ class StreamRepair:
             delta = {}
         content = delta.get("content")
         reasoning, keys = reasoning_keys(delta)
-        if keys:  # answered in kind: under the keys the upstream uses
-            self.keys[index] = keys
-        keys = self.keys.get(index, _SGLANG_REASONING)
+        keys = self.keys[index] = keys or self.keys.get(index, _SGLANG_REASONING)  # answered in kind: as it last sent
         content = content if type(content) is str else None
         calls = delta.get("tool_calls")
         calls = calls if type(calls) is list else None
