@@ -567,30 +567,25 @@ class ArgumentRepair:
         """One character outside strings: where JSON allows it, or where the text breaks."""
         state = self._state
         top = self._closers[-1] if self._closers else ""
-        if state == _START:
+        if state == _START or state == _VALUE:
             if ch in "{[":
-                return self._open(ch, i)
-            self._scalar = True
+                self._put(ch, not self._scalar)  # in a container the value began: its key is certain now
+                self._closers.append("}" if ch == "{" else "]")
+                self._state = _KEY if ch == "{" else _VALUE
+                return i + 1
+            if state == _START:  # a top-level string, literal or text: decided at the end
+                self._scalar = True
             if ch == '"':
-                self._put(ch, False)
+                self._put(ch, not self._scalar)
                 self._state = _STRING
                 return i + 1
-            self._state, self._literal = (_LITERAL if ch in "-0123456789tfn" else _RAW), self._base + len(self._out)
-            return i
+            if ch in "-0123456789tfn" or state == _START:
+                self._state, self._literal = (_LITERAL if ch in "-0123456789tfn" else _RAW), self._base + len(self._out)
+                return i
         if state == _KEY and ch == '"' or state == _COLON and ch == ":":
             self._put(ch, False)
             self._state = _KEY_STRING if ch == '"' else _VALUE
             return i + 1
-        if state == _VALUE:
-            if ch in "{[":
-                return self._open(ch, i)
-            if ch == '"':
-                self._put(ch, True)  # the value began: its key is certain now
-                self._state = _STRING
-                return i + 1
-            if ch in "-0123456789tfn":
-                self._state, self._literal = _LITERAL, self._base + len(self._out)
-                return i
         if state == _AFTER and ch == ",":
             self._put(ch, False)
             self._state = _KEY if top == "}" else _VALUE
@@ -604,12 +599,6 @@ class ArgumentRepair:
             self._state = self._after_value()
             return i + 1
         return self._broken(i)
-
-    def _open(self, ch: str, i: int) -> int:
-        self._put(ch, not self._scalar)
-        self._closers.append("}" if ch == "{" else "]")
-        self._state = _KEY if ch == "{" else _VALUE
-        return i + 1
 
     def _after_value(self) -> int:
         if self._closers:
@@ -753,37 +742,64 @@ class Thinking:
     """REPAIR.md 4.8 in one place: where the model's text stands with its thinking, and so which channel
     each piece of text goes to. SGLang's reasoning channel is thinking; ``<think>`` at the start opens it;
     a tool section in content interrupts it, and the text after it is held (a ``</think>`` makes it
-    reasoning, the end of the text the answer); ``</think>`` closes it, and is text only in an answer."""
+    reasoning, the end of the text the answer); ``</think>`` closes it, and is text only in an answer.
+    SGLang's reasoning parser ends the reasoning at the first content after it, at a ``</think>`` that it
+    removes or at a tool section that it keeps: ``switch`` tells which. A whole message does not say
+    whether its content came before its structured calls: ``after_calls``."""
 
-    __slots__ = ("state", "in_reasoning", "held", "answered")
+    __slots__ = ("state", "in_reasoning", "held", "answered", "content_came", "head")
 
     def __init__(self) -> None:
         self.state = Think.NONE
         self.in_reasoning = False  # the text comes from SGLang's reasoning channel
         self.held: list[str] = []  # while MAYBE
         self.answered = False  # answer text went out
+        self.content_came = False  # SGLang's content channel had text (held or not)
+        self.head: str | None = None  # reasoning came before any content: the first content, until ``switch``
 
     @property
     def channel(self) -> str:
         """Where SGLang put the text: a call found in it says so (``Call.channel``)."""
         return "reasoning" if self.in_reasoning else "content"
 
-    @property
-    def holding(self) -> bool:
-        return self.state is Think.MAYBE
-
     def channel_changes(self, reasoning: bool) -> list:
         """SGLang's channel for the text that follows. (Back) in reasoning: thinking, whatever came
-        before, and what was held is thinking too."""
-        if reasoning is self.in_reasoning:
-            return []
-        self.in_reasoning = reasoning
+        before, and what was held is thinking too. Reasoning before any content: a switch is ahead."""
         if not reasoning:
+            self.content_came, self.in_reasoning = True, False
             return []
-        events = [Text("reasoning", "".join(self.held))] if self.held else []
-        self.held.clear()
+        if not self.content_came:
+            self.head = ""
+        if self.in_reasoning:
+            return []
+        self.in_reasoning = True
+        text = self.end()
         self.state = Think.OPEN
-        return events
+        return [Text("reasoning", text)] if text else []
+
+    def switch(self, content: str = "", end: bool = False, at_section: bool = False) -> tuple[bool, str] | None:
+        """The first content after the reasoning: did SGLang end the reasoning at a </think> (removed) or at
+        a tool section (kept)? Decided once the content shows whether it starts with a section, at the end
+        of the content (``end``), or at a structured call (``at_section``: SGLang's tool parser read that
+        section). Returns (whether a </think> was removed, the content held), or None: no switch is ahead,
+        or it is too early to tell."""
+        if self.head is None or end and not self.head:
+            return None
+        if content:
+            self.content_came = True
+        head = self.head = self.head + content
+        lead = head.lstrip()
+        if not (end or at_section) and len(head) < LONGEST_MARKER and \
+                any(text.startswith(lead) for text in SECTION_BEGIN_TEXTS):
+            return None  # too early to tell
+        self.head, self.in_reasoning = None, False
+        return not at_section and not lead.startswith(SECTION_BEGIN_TEXTS), head
+
+    @staticmethod
+    def after_calls(content: Any) -> bool:
+        """Whether a whole message's content came after its structured calls: content with a </think> did
+        (the thinking went on past a section; SGLang streams it so)."""
+        return isinstance(content, str) and THINK_CLOSE_TEXT in content
 
     def open(self) -> bool:
         """``<think>`` opens the text: thinking. Returns whether it came in content (a repair)."""
@@ -810,9 +826,7 @@ class Thinking:
     def close(self) -> tuple[list, str | None] | None:
         """``</think>`` at the top level: (its events, the rule it counts), or None when it is text."""
         if self.state is Think.MAYBE:  # the thinking went on after a tool section
-            self.state = Think.NONE
-            text = "".join(self.held)
-            self.held.clear()
+            text = self.end()
             return ([Text("reasoning", text)] if text else []), "thinking-after-section-moved"
         if self.state is Think.OPEN:
             self.state = Think.NONE
@@ -822,7 +836,7 @@ class Thinking:
         return [], "stray-think-close-removed"
 
     def end(self) -> str:
-        """The end of the text: what was held (no </think> came) was the answer."""
+        """What was held, no longer held: at the end of the text (no </think> came) it was the answer."""
         if self.state is not Think.MAYBE:
             return ""
         self.state = Think.NONE
@@ -907,16 +921,6 @@ class ParserInput:
             self.text = self.text[self.pos:] + text if self.pos < len(self.text) else text
             self.pos = 0
 
-    def inject(self, token: Any) -> None:
-        self.queue.append(token)
-
-    def close(self) -> None:
-        self.eof = True
-
-    @property
-    def drained(self) -> bool:
-        return self.pos >= len(self.text)
-
     def final(self) -> bool:
         """Whether no more text can follow ``text``: the end, or an injected token is next."""
         while self.queue and isinstance(self.queue[0], str):
@@ -928,13 +932,10 @@ class ParserInput:
         self.text = text + self.text[self.pos:]
         self.pos = 0
 
-    def restart(self, text: str) -> None:
-        """Read ``text`` next, and what follows it (a rewind: REPAIR.md 4.3)."""
-        self.text, self.pos = text, 0
-
-    def marker_at_start(self, final: bool) -> Any:
-        kind, end = match_marker(self.text, 0, final)
-        self.pos = end
+    def restart(self, text: str, final: bool) -> Any:
+        """Read ``text`` next, and what follows it (a rewind: REPAIR.md 4.3); returns the marker it starts with."""
+        kind, self.pos = match_marker(text, 0, final)
+        self.text = text
         return kind
 
     def after_text(self) -> Any:
@@ -952,15 +953,11 @@ class ParserInput:
         final = self.final()
         buf, pos = self.text, self.pos
         if pos < len(buf):
-            i = buf.find("<", pos)
-            if i != pos:
+            kind, end = match_marker(buf, pos, final) if buf.startswith("<", pos) else (None, 0)
+            if kind is None:  # text, up to the next "<"
+                i = buf.find("<", pos + 1)
                 self.pos = len(buf) if i < 0 else i
                 return buf[pos:self.pos]
-            kind, end = match_marker(buf, i, final)
-            if kind is None:
-                j = buf.find("<", i + 1)
-                self.pos = len(buf) if j < 0 else j
-                return buf[i:self.pos]
             if kind == "partial":
                 return NEED
             self.pos = end
@@ -989,7 +986,7 @@ class MarkupParser:
         self.rules: Counter[str] = Counter()  # text-level repairs
         self._keys = keys  # call keys and group ids, unique within the choice
         self._input = ParserInput()
-        self._thinking = Thinking()
+        self.thinking = Thinking()
         self._line = LineStart(tools)
         self.in_section = self.in_call = False  # for the choice: which end markers a structured call needs
         self._gen = self._parse()
@@ -997,18 +994,23 @@ class MarkupParser:
     # -- the two-call contract ---------------------------------------------------------------------
 
     def feed(self, text: str, reasoning: bool = False) -> list:
-        events = self._thinking.channel_changes(reasoning) if reasoning is not self._thinking.in_reasoning else []
+        thinking = self.thinking
+        events = []
+        if reasoning is not thinking.in_reasoning or not thinking.content_came:  # not for most chunks
+            if not reasoning and thinking.head is not None:
+                return self.switch(text)
+            events = thinking.channel_changes(reasoning)
         if self._input.plain and "<" not in text and "\n" not in text:  # nothing in it can be markup
             return self._release(text) if not events else events + self._release(text)
         self._input.push(text)
         return events + self._run()
 
     def inject(self, token: Any) -> list:
-        self._input.inject(token)
+        self._input.queue.append(token)
         return self._run()
 
     def close(self) -> list:
-        self._input.close()
+        self._input.eof = True
         return self._run()
 
     def _run(self) -> list:
@@ -1020,12 +1022,16 @@ class MarkupParser:
             events.append(event)
         return events
 
-    def switch(self, lost_think: bool) -> list:
-        """SGLang's channel changes from reasoning to content. Its reasoning parser ended the reasoning
-        at a </think>, which it removed (put back, wherever it was: in a string of arguments it is
-        part of the string), or at a tool section, which it kept."""
-        self._thinking.channel_changes(False)
-        return self.feed(THINK_CLOSE_TEXT) if lost_think else []
+    def switch(self, content: str = "", end: bool = False, at_section: bool = False) -> list:
+        """SGLang's channel changes from reasoning to content (``Thinking.switch``): a </think> that its
+        reasoning parser removed is put back (wherever it was: in a string of arguments it is part of the
+        string), then the content held is read."""
+        switched = self.thinking.switch(content, end, at_section)
+        if switched is None:
+            return []
+        lost_think, head = switched
+        events = self.feed(THINK_CLOSE_TEXT) if lost_think else []
+        return events + self.feed(head) if head else events
 
     def new_group(self) -> int:
         """REPAIR.md 4.9, the one place a group begins: a section, a call outside one, or (for the
@@ -1036,15 +1042,17 @@ class MarkupParser:
     def interrupt(self) -> None:
         """A tool section starts in content while the model is thinking: the text after it may still be
         thinking. It is held until a </think> says so, or the end says it was the answer (REPAIR.md 4.8)."""
-        self._thinking.interrupt()
+        self.thinking.interrupt()
 
     # -- the tokenizer -----------------------------------------------------------------------------
 
     def _token(self, top: bool = False):
         """The next token (ParserInput.token), waiting for input while there is none (``top``: at the
         top level, where plain text may pass without the tokenizer)."""
-        while (token := self._input.token()) is NEED:
-            self._input.plain = top and self._line.idle and not self._thinking.holding and self._input.drained
+        source = self._input
+        while (token := source.token()) is NEED:
+            source.plain = top and self._line.idle and self.thinking.state is not Think.MAYBE and \
+                source.pos >= len(source.text)
             yield NEED
         return token
 
@@ -1057,15 +1065,15 @@ class MarkupParser:
             if token is EOF:
                 break
             yield from self._top_level(token)
-        yield from self._flush_lead()
-        yield from self._release_all([self._thinking.end()])  # no </think> came: what was held is the answer
+        yield from self._emit(self._line.take_lead())
+        yield from self._emit(self.thinking.end())  # no </think> came: what was held is the answer
 
     def _opening(self):
         """Text that opens with <think> (SGLang without a reasoning parser, or one that left the tag):
         reasoning, up to </think> or a tool section (REPAIR.md 4.8)."""
         space, token = yield from self._collect(lambda text: len(text) < LONGEST_MARKER and not text.strip())
         if token is THINK_OPEN:
-            if self._thinking.open():
+            if self.thinking.open():
                 self.rules["think-moved-to-reasoning"] += 1
             return
         self._input.back = token
@@ -1085,19 +1093,17 @@ class MarkupParser:
         if isinstance(token, str):
             yield from self._text(token)
             return
+        if token is not ARGUMENT_BEGIN:  # which may make the word held at the start of the line a call's id
+            yield from self._emit(self._line.take_lead())
+            self._line.at_start = True
         if token is ARGUMENT_BEGIN:
-            yield from self._headless_call()
-            return
-        yield from self._flush_lead()
-        self._line.at_start = True
-        if token is SECTION_BEGIN:
+            token = yield from self._headless_call()
+        elif token is SECTION_BEGIN:
             self.interrupt()
             token = yield from self._section()
         elif token is CALL_BEGIN or isinstance(token, StructuredCall):
             self.interrupt()
-            header = None if token is CALL_BEGIN else token
-            token = yield from self._calls(header, [] if self.structured else ["no-section-wrapper"],
-                                           self.new_group())
+            token = yield from self._calls(token, [] if self.structured else ["no-section-wrapper"], self.new_group())
         elif token is THINK_CLOSE:
             yield from self._think_close()
             token = None
@@ -1126,39 +1132,29 @@ class MarkupParser:
             self.rules["call-id-left-in-text"] += 1
         if not header:
             self.rules["stray-marker-removed"] += 1
-            return
+            return None
         self._line.at_start = True
         self.interrupt()
-        token = yield from self._calls(header, ["no-call-begin", "no-section-wrapper"], self.new_group())
-        if token not in (None, CALL_END, SECTION_END, TRUNCATED):
-            self._input.back = token
+        return (yield from self._calls(header, ["no-call-begin", "no-section-wrapper"], self.new_group()))
 
     def _text(self, text: str):
         """Text. A word at the start of a line that may still become a call's id (``functions...``, or
         a declared tool's name) is held back: it heads a call if <|tool_call_argument_begin|> follows."""
-        text = self._line.text(text)
-        if text:
-            for event in self._release(text):
-                yield event
+        yield from self._emit(self._line.text(text))
 
-    def _release_all(self, parts: list[str]):
-        text = "".join(parts)
-        parts.clear()
-        for event in self._release(text) if text else ():
-            yield event
+    def _emit(self, text: str):
+        if text:
+            yield from self._release(text)
 
     def _release(self, text: str) -> list:
-        events = self._thinking.route(text)
+        events = self.thinking.route(text)
         if events:  # sent, not held: an id at its end may still head a call (LineStart.id_sent)
             line = self._line
             line.tail = (line.tail + text)[-MAX_LINE_HEADER:]
         return events
 
-    def _flush_lead(self):
-        yield from self._release_all([self._line.take_lead()])
-
     def _think_close(self):
-        closed = self._thinking.close()
+        closed = self.thinking.close()
         if closed is None:  # inside an answer: text
             self._line.at_start = False
             yield from self._text(THINK_CLOSE_TEXT)
@@ -1166,8 +1162,7 @@ class MarkupParser:
         events, rule = closed
         if rule:
             self.rules[rule] += 1
-        for event in events:
-            yield event
+        yield from events
 
     def _role(self):
         """A leaked role header, <|im_assistant|>assistant<|im_middle|>: removed whole."""
@@ -1183,10 +1178,9 @@ class MarkupParser:
         """Inside <|tool_calls_section_begin|>: calls, and noise between them (REPAIR.md 4.7). Returns the
         token that ended the section, for the top level (None when it ended normally)."""
         self.in_section = True
-        try:
-            return (yield from self._section_calls(self.new_group()))
-        finally:
-            self.in_section = False
+        token = yield from self._section_calls(self.new_group())
+        self.in_section = False
+        return token
 
     def _section_calls(self, group: int):
         noise = ""
@@ -1208,7 +1202,7 @@ class MarkupParser:
                     continue
             else:
                 if token is CALL_BEGIN or isinstance(token, StructuredCall):
-                    token = yield from self._calls(None if token is CALL_BEGIN else token, [], group)
+                    token = yield from self._calls(token, [], group)
                 elif token is ARGUMENT_BEGIN and _ID_RE.fullmatch(noise.strip()):
                     token = yield from self._calls(noise.strip(), ["no-call-begin"], group)
                     noise = ""
@@ -1227,14 +1221,15 @@ class MarkupParser:
             return None if token is SECTION_END else token
 
     def _calls(self, header: Any, rules: list[str], group: int):
-        """A call, and those that follow it with nothing between; returns the token after the last."""
+        """A call, and those that follow it with nothing between; returns the token after the last. A call's
+        ``header``: CALL_BEGIN (the id follows), a StructuredCall, or the id (read already)."""
         follow = [r for r in rules if r == "no-section-wrapper"]
         while True:
             token, header = yield from self._call(header, rules, group)
             if header is not None:  # the arguments ran into the next call's id
                 rules = follow + ["no-call-begin", "polluted-arguments-split"]
             elif token is CALL_BEGIN or isinstance(token, StructuredCall):
-                header, rules = (None if token is CALL_BEGIN else token), follow
+                header, rules = token, follow
             else:
                 return token
 
@@ -1242,22 +1237,21 @@ class MarkupParser:
         """One call, from its header to the token that ends it. Returns (that token, the next call's id
         when the arguments ran into one)."""
         rules = list(rules)
-        channel = "tool_calls" if self.structured else self._thinking.channel
+        channel = "tool_calls" if self.structured else self.thinking.channel
+        token = None
         if isinstance(header, StructuredCall):
             header, group = header.name, header.group
-        elif header is None:
+        elif header is CALL_BEGIN:
             header, token = yield from self._header(rules)
             if token is not None and not header:  # no id, no arguments: no call the model made
                 self.rules["empty-call-removed"] += 1
                 return token, None
-            if token is not None:  # another marker before any arguments
-                key = next(self._keys)
-                yield CallStart(key, header, channel, group)
-                yield CallText(key, "{}")
-                yield CallEnd(key, rules + ["arguments-empty", _ENDING_RULES.get(token, "call-ended")])
-                return token, None
         key = next(self._keys)
         yield CallStart(key, header, channel, group)
+        if token is not None:  # another marker before any arguments
+            yield CallText(key, "{}")
+            yield CallEnd(key, rules + ["arguments-empty", _ENDING_RULES.get(token, "call-ended")])
+            return token, None
         self.in_call = True
         token, next_header, rules = yield from self._arguments(key, rules)
         self.in_call = False
@@ -1279,12 +1273,10 @@ class MarkupParser:
             if pos < len(buf):
                 i = args.scan(buf, pos, final)
                 text.pos = i
-                out = args.take()
-                if out:
+                if out := args.take():
                     yield CallText(key, out)
                 if args.rewind_now:  # a marker inside a string ended the call after all
-                    text.restart(args.rewind() + buf[i:])
-                    token = text.marker_at_start(final)
+                    token = text.restart(args.rewind() + buf[i:], final)
                     break
                 if args.consumed >= MAX_CALL_ARGUMENTS:  # the rest of the text is read as text
                     rules.append("arguments-overflow")
@@ -1311,11 +1303,9 @@ class MarkupParser:
                 yield NEED
                 continue
             if token is EOF and args.must_rewind:
-                text.restart(args.rewind())
-                token = text.marker_at_start(True)
+                token = text.restart(args.rewind(), True)
             break
-        tail = args.finish()
-        if tail:
+        if tail := args.finish():
             yield CallText(key, tail)
         return token, next_header, rules + list(args.rules)
 
@@ -1430,50 +1420,6 @@ class RepairContext:
         return fits[0] if len(fits) == 1 else None
 
 
-def canonicalize_history(request: dict) -> list[tuple[tuple, Any]]:
-    """REPAIR.md 4.13: tool-call ids in the history that are not canonical (``call_abc``, ``toolu_1``), or
-    that an earlier call already holds, become ``functions.NAME:COUNTER`` with the dialog-wide counter,
-    and the tool results' ``tool_call_id`` with them, so the model keeps seeing its own id format.
-    Returns the edits it made, each (its path in the request, the new value), for ``rewrite_request``
-    (none: the request is untouched)."""
-    messages = request.get("messages")
-    if not isinstance(messages, list):
-        return []
-    counter = 0
-    edits: list[tuple[tuple, Any]] = []
-    used: set[str] = set()
-    mapping: dict[str, str] = {}  # the latest assistant turn's id for each id as sent
-    for at, message in enumerate(messages):
-        if not isinstance(message, dict):
-            continue
-        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
-        if isinstance(calls, list):
-            for position, call in enumerate(calls):
-                if not isinstance(call, dict):
-                    continue
-                function = call.get("function") if isinstance(call.get("function"), dict) else {}
-                name, old = function.get("name"), call.get("id")
-                canonical = CANONICAL_ID_RE.fullmatch(old) if isinstance(old, str) else None
-                new = old
-                if isinstance(name, str) and not (canonical and canonical[1] == name and old not in used):
-                    new = f"functions.{name}:{counter}"
-                    while new in used:
-                        counter += 1
-                        new = f"functions.{name}:{counter}"
-                    call["id"] = new
-                    edits.append((("messages", at, "tool_calls", position, "id"), new))
-                if isinstance(old, str):
-                    mapping[old] = new
-                if isinstance(new, str):
-                    used.add(new)
-                counter += 1
-        elif message.get("role") == "tool" and isinstance(message.get("tool_call_id"), str) \
-                and mapping.get(message["tool_call_id"], message["tool_call_id"]) != message["tool_call_id"]:
-            message["tool_call_id"] = mapping[message["tool_call_id"]]
-            edits.append((("messages", at, "tool_call_id"), message["tool_call_id"]))
-    return edits
-
-
 # ---------------------------------------------------------------------------------------------------
 # Repair core: one choice, its calls resolved, numbered and sent
 # ---------------------------------------------------------------------------------------------------
@@ -1533,10 +1479,6 @@ def reasoning_keys(fields: dict) -> tuple[str | None, tuple[str, ...]]:
     return text, tuple(k for k in REASONING_KEYS if fields.get(k) == text)
 
 
-def reasoning_of(message: dict) -> str:
-    return reasoning_keys(message)[0] or ""
-
-
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -1575,7 +1517,7 @@ class Message:
     def of_choice(cls, choice: dict, message: dict, index: int = 0) -> "Message":
         """A whole completion's choice."""
         content, given = message.get("content"), choice.get("index")
-        return cls(content if isinstance(content, str) else "", reasoning_of(message),
+        return cls(content if isinstance(content, str) else "", reasoning_keys(message)[0] or "",
                    tuple(_call_tuples(message.get("tool_calls"))), _str(choice.get("finish_reason")),
                    given if type(given) is int else index)
 
@@ -1624,12 +1566,8 @@ class ChoiceRepair:
         self.sent: list[Call] = []
         self.texts: dict[str, list[str]] = {"reasoning": [], "content": []}
         self.dropped = 0
-        self._keys = keys
         self._by_name: dict[str, list[Call]] = {}
         self._ids: set[str] = set()
-        self._thinking = False  # reasoning came, and no content yet: SGLang's channel switch is ahead
-        self._content_seen = False
-        self._head = ""  # the first content, until it shows how SGLang ended the reasoning
         self._forced: list[str] | None = [] if ctx.forced else None  # content while it may be calls as JSON
         self._open: Any = None  # the upstream index of the structured call being read
         self._closed: set = set()
@@ -1654,14 +1592,12 @@ class ChoiceRepair:
 
     def finish(self) -> list:
         out: list = []
-        if self._surrogate.get("reasoning"):  # a lone half at the very end stays (as an escape)
-            self._reasoning(self._surrogate.pop("reasoning"), out)
-        if self._surrogate.get("content"):
-            self._content(self._surrogate.pop("content"), out)
+        for channel, read in (("reasoning", self._reasoning), ("content", self._content)):
+            if held := self._surrogate.pop(channel, ""):  # a lone half at the very end stays (as an escape)
+                read(held, out)
         if self._forced:
             self._forced_calls(out)
-        if self._head:
-            self._switch(out, force=True)
+        self._take(self.text.switch(end=True), out)
         self._end_structured(out)
         if self.structured.in_section:
             self._take(self.structured.inject(SECTION_END), out)
@@ -1695,40 +1631,19 @@ class ChoiceRepair:
     # -- SGLang's channels back into one text --------------------------------------------------------
 
     def _reasoning(self, text: str, out: list) -> None:
-        if not self._content_seen:
-            self._thinking = True
         self._group = -1
         self._take(self.text.feed(text, reasoning=True), out)
 
     def _content(self, text: str, out: list) -> None:
-        self._content_seen = True
         self._group = -1
         if self._forced is not None:  # while it may be the calls as a JSON array, held to the end
+            self.text.thinking.content_came = True  # content all the same (REPAIR.md 4.8)
             text = "".join(self._forced) + text
             if not text.strip() or text.lstrip().startswith("["):
                 self._forced = [text]
                 return
             self._forced = None
-        if self._thinking:
-            self._head += text
-            self._switch(out)
-        else:
-            self._take(self.text.feed(text), out)
-
-    def _switch(self, out: list, force: bool = False, lost_think: bool | None = None) -> None:
-        """The first content after reasoning: did SGLang end the reasoning at a </think> (removed) or at
-        a tool section (kept)? Decided once the content shows whether it starts with a section."""
-        if lost_think is None:
-            lead = self._head.lstrip()
-            if not force and len(self._head) < LONGEST_MARKER and \
-                    any(text.startswith(lead) for text in SECTION_BEGIN_TEXTS):
-                return  # too early to tell
-            lost_think = not lead.startswith(SECTION_BEGIN_TEXTS)
-        self._thinking = False
-        self._take(self.text.switch(lost_think), out)
-        head, self._head = self._head, ""
-        if head:
-            self._take(self.text.feed(head), out)
+        self._take(self.text.feed(text), out)
 
     def _forced_calls(self, out: list) -> None:
         """tool_choice "required" or a named tool: SGLang's grammar makes the model write its calls as a
@@ -1746,16 +1661,13 @@ class ChoiceRepair:
         if isinstance(calls, list) and calls and all(isinstance(c, dict) and isinstance(c.get("name"), str)
                                                      for c in calls):
             self.structured.rules["calls-from-json-array"] += 1
-            for rule in array.rules:  # arguments-closed: the array was cut off
-                self.structured.rules[rule] += 1
+            self.structured.rules.update(array.rules.keys())  # arguments-closed: the array was cut off
             for position, call in enumerate(calls):
                 arguments = call.get("parameters", call.get("arguments", {}))
                 arguments = arguments if isinstance(arguments, str) else _dumps(arguments)
                 self._structured({"function": {"name": call["name"], "arguments": arguments}}, ("json", position), out)
             if stripped[end:]:  # what follows the calls (a leaked <|im_end|>, more text) is content after them
                 self._content(stripped[end:], out)
-        elif self._thinking:
-            self._head += text
         else:
             self._take(self.text.feed(text), out)
 
@@ -1796,8 +1708,7 @@ class ChoiceRepair:
             self._end_structured(out)
             if not self.structured.in_section:
                 self._take(self.structured.inject(SECTION_BEGIN), out)
-            if self._thinking:  # SGLang's reasoning parser stopped at this call's section
-                self._switch(out, lost_think=False)
+            self._take(self.text.switch(at_section=True), out)  # SGLang's reasoning parser stopped here
             self.text.interrupt()
             if self._group < 0:
                 self._group = self.structured.new_group()
@@ -1879,12 +1790,11 @@ class ChoiceRepair:
         """Number the call and give it its id (REPAIR.md 4.5): the next index, in the order calls go out."""
         call.index = len(self.sent)
         self.sent.append(call)
-        dialog = self.ctx.history_calls + call.index
         structured = call.channel == "tool_calls"
         call_id = call.header.strip() if call.verbatim and not structured else None
         if call_id is None or call_id in self._ids:
             counters = [call.counter] if call.counter is not None and not structured else []
-            for counter in itertools.chain(counters, itertools.count(dialog)):
+            for counter in itertools.chain(counters, itertools.count(self.ctx.history_calls + call.index)):
                 call_id = f"functions.{call.name}:{counter}"
                 if call_id not in self._ids:
                     break
@@ -1903,40 +1813,31 @@ def repair_completion(body: dict, ctx: RepairContext) -> tuple[list[ChoiceRepair
     """Repair a whole chat.completion in place: the same machinery as a stream, fed each field whole.
     Returns the choices' repairs and whether anything changed."""
     repairs, changed = [], False
-    choices = body.get("choices")
-    for choice in choices if isinstance(choices, list) else ():
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(message, dict):
-            continue
+    for choice, message in _choices(body):
+        before = dict(message), choice.get("finish_reason")  # every edit below changes what it edits
         repair = ChoiceRepair(ctx)
         reasoning_in, keys = reasoning_keys(message)
         content_in, calls_in = message.get("content"), message.get("tool_calls")
         calls = calls_in if isinstance(calls_in, list) else None
-        # A whole message does not say whether its content came before its structured calls or after.
-        # Content with a </think> came after (thinking went on past a section; SGLang streams it so).
-        late = calls and isinstance(content_in, str) and THINK_CLOSE_TEXT in content_in
-        repair.feed(_str(reasoning_in), None if late else _str(content_in), calls, whole=True)
+        late = calls and Thinking.after_calls(content_in)  # fed after the calls (REPAIR.md 4.8)
+        repair.feed(reasoning_in, None if late else _str(content_in), calls, whole=True)
         if late:
             repair.feed(content=content_in)
         repair.finish()
-        final, sent = repair.message(), repair.sent
-        content, reasoning = final.content, final.reasoning
+        content, reasoning = "".join(repair.texts["content"]), "".join(repair.texts["reasoning"])
         if isinstance(content_in, (str, type(None))) and content != (content_in or ""):
-            message["content"] = content or ("" if content_in is not None and not sent else None)
-            changed = True
+            message["content"] = content or ("" if content_in is not None and not repair.sent else None)
         if reasoning != (reasoning_in or ""):
             for key in keys or _SGLANG_REASONING:
                 message[key] = reasoning or None
-            changed = True
         entries = [{"id": c.id, "index": c.index, "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments}} for c in sent]
+                    "function": {"name": c.name, "arguments": c.arguments}} for c in repair.sent]
         if _call_tuples(entries) != _call_tuples(calls_in):
             message["tool_calls"] = entries or None
-            changed = True
         finish = repair.finish_reason(_str(choice.get("finish_reason")))
         if finish != choice.get("finish_reason"):
             choice["finish_reason"] = finish
-            changed = True
+        changed = changed or before != (message, choice.get("finish_reason"))
         repairs.append(repair)
     return repairs, changed
 
@@ -1956,19 +1857,16 @@ def _deltas(events: list, template: dict, keys: tuple[str, ...]) -> list[dict]:
     fields (a reasoning key among ``keys`` never with its raw text; another one, with other text, as it
     came, as a whole response keeps it)."""
     deltas: list[dict] = []
-    current: dict = {}
     rank = 3
     for event in events:
         r = (0 if event.channel == "reasoning" else 1) if type(event) is Text else 2
-        if r < rank or not deltas:
-            current = {}
+        if r < rank:
+            current: dict = {}
             deltas.append(current)
         rank = r
-        if r == 0:
-            for key in keys:
+        if r < 2:
+            for key in keys if r == 0 else ("content",):
                 current[key] = current.get(key, "") + event.text
-        elif r == 1:
-            current["content"] = current.get("content", "") + event.text
         else:
             calls = current.setdefault("tool_calls", [])
             if event.id is None and calls and calls[-1]["index"] == event.index:
@@ -2021,20 +1919,10 @@ class StreamRepair:
         if not choices or not isinstance(choices, list):
             return [raw] if self.pass_usage or not chunk.get("usage") else []
         self._envelope = chunk
-        outputs: list[dict] = []
-        changed = False
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            produced = self._choice(choice)
-            if produced is None:
-                outputs.append(choice)
-            else:
-                changed = True
-                outputs += produced
-        if not changed:
+        produced = [(choice, self._choice(choice)) for choice in choices if isinstance(choice, dict)]
+        if all(out is None for _, out in produced):
             return [raw]
-        return [self._frame(chunk, choice) for choice in outputs]
+        return [self._frame(chunk, c) for choice, out in produced for c in ([choice] if out is None else out)]
 
     def close(self) -> list[bytes]:
         """The upstream stream ended: finish what it left open, then [DONE] if it never came."""
@@ -2055,9 +1943,7 @@ class StreamRepair:
             delta = {}
         content = delta.get("content")
         reasoning, keys = reasoning_keys(delta)
-        if keys:  # answered in kind: under the keys the upstream uses
-            self.keys[index] = keys
-        keys = self.keys.get(index, _SGLANG_REASONING)
+        keys = self.keys[index] = keys or self.keys.get(index, _SGLANG_REASONING)  # answered in kind: as it last sent
         content = content if type(content) is str else None
         calls = delta.get("tool_calls")
         calls = calls if type(calls) is list else None
@@ -2078,6 +1964,11 @@ class StreamRepair:
         final = self.finish[index] = repair.finish_reason(finish)
         if final == finish and _unchanged(events, content, reasoning, calls):
             return None
+        return self._last(choice, events, delta, keys, final)
+
+    @staticmethod
+    def _last(choice: dict, events: list, delta: dict, keys: tuple[str, ...], final: str) -> list[dict]:
+        """A choice's last deltas, then its finish reason in a chunk of its own."""
         out = [dict(choice, delta=d, finish_reason=None) for d in _deltas(events, delta, keys)]
         return out + [dict(choice, delta={}, finish_reason=final)]
 
@@ -2086,17 +1977,13 @@ class StreamRepair:
         self.done = True
         frames: list[bytes] = []
         for index, repair in self.choices.items():
-            if index in self.finish:
-                continue
-            if not self.ctx.enabled:
-                self.finish[index] = None
+            if index in self.finish or not self.ctx.enabled:
+                self.finish.setdefault(index, None)
                 continue
             events = repair.finish()
             final = self.finish[index] = repair.finish_reason(None) or "stop"
-            keys = self.keys.get(index, _SGLANG_REASONING)
-            choices = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
-                       for d in _deltas(events, {}, keys)]
-            choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": final})
+            choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": None}
+            choices = self._last(choice, events, {}, self.keys.get(index, _SGLANG_REASONING), final)
             frames += [self._frame(self._envelope, c) for c in choices]
         return frames
 
@@ -2560,6 +2447,46 @@ def _usage_option(request: dict) -> list[tuple[tuple, Any]]:
     if isinstance(options, dict) or options is None:
         return [(("stream_options",), {**(options or {}), "include_usage": True})]
     return []
+
+
+def canonicalize_history(request: dict) -> list[tuple[tuple, Any]]:
+    """REPAIR.md 4.13: tool-call ids in the history that are not canonical (``call_abc``, ``toolu_1``), or
+    that an earlier call already holds, become ``functions.NAME:COUNTER`` with the dialog-wide counter,
+    and the tool results' ``tool_call_id`` with them, so the model keeps seeing its own id format.
+    Returns the edits it made, each (its path in the request, the new value), for ``rewrite_request``
+    (none: the request is untouched)."""
+    messages = request.get("messages")
+    counter = 0
+    edits: list[tuple[tuple, Any]] = []
+    used: set[str] = set()
+    mapping: dict[str, str] = {}  # the latest assistant turn's id for each id as sent
+    for at, message in enumerate(messages if isinstance(messages, list) else ()):
+        if not isinstance(message, dict):
+            continue
+        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+        if isinstance(calls, list):
+            for position, call in enumerate(calls):
+                if not isinstance(call, dict):
+                    continue
+                function = call.get("function") if isinstance(call.get("function"), dict) else {}
+                name, old = function.get("name"), call.get("id")
+                canonical = CANONICAL_ID_RE.fullmatch(old) if isinstance(old, str) else None
+                new = old
+                if isinstance(name, str) and not (canonical and canonical[1] == name and old not in used):
+                    while (new := f"functions.{name}:{counter}") in used:
+                        counter += 1
+                    call["id"] = new
+                    edits.append((("messages", at, "tool_calls", position, "id"), new))
+                if isinstance(old, str):
+                    mapping[old] = new
+                if isinstance(new, str):
+                    used.add(new)
+                counter += 1
+        elif message.get("role") == "tool" and isinstance(message.get("tool_call_id"), str) \
+                and mapping.get(message["tool_call_id"], message["tool_call_id"]) != message["tool_call_id"]:
+            message["tool_call_id"] = mapping[message["tool_call_id"]]
+            edits.append((("messages", at, "tool_call_id"), message["tool_call_id"]))
+    return edits
 
 
 _JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
