@@ -2986,7 +2986,7 @@ def message_of_completion(completion: dict, message_id: str, model: str, stops: 
     """A repaired whole chat completion as Anthropic's ``message`` object (its first choice)."""
     choice, message = next(_choices(completion), ({}, {}))
     blocks: list[dict] = []
-    if reasoning := reasoning_of(message):
+    if reasoning := reasoning_keys(message)[0]:
         blocks.append({"type": "thinking", "thinking": reasoning, "signature": ANTHROPIC_SIGNATURE})
     content = message.get("content")
     if isinstance(content, str) and content.strip():
