@@ -3516,6 +3516,7 @@ class CaptureDir:
         self.max_files = settings.capture_max_files
         self.max_bytes = int(settings.capture_max_mb * 1024 * 1024)
         self._refused: str | None = None  # why CAPTURE_DIR cannot be used, once found: captures are off
+        self._checking = threading.Lock()  # captures are written in threads: one finds the refusal, and says it
 
     @property
     def usable(self) -> bool:
@@ -3525,14 +3526,15 @@ class CaptureDir:
         await trio.to_thread.run_sync(self._write, capture)
 
     def _write(self, capture: Capture) -> None:
-        if self._refused is not None:
-            return
-        try:
-            private_directory(self.path)  # like the store's: nobody else can plant or read a capture
-        except (OSError, ValueError) as exc:
-            self._refused = str(exc)
-            log.warning("CAPTURE_DIR cannot be used, captures are off in this worker: %s", exc)
-            return
+        with self._checking:
+            if self._refused is not None:
+                return
+            try:
+                private_directory(self.path)  # like the store's: nobody else can plant or read a capture
+            except (OSError, ValueError) as exc:
+                self._refused = str(exc)
+                log.warning("CAPTURE_DIR cannot be used, captures are off in this worker: %s", exc)
+                return
         # A name nobody can guess (the request id shows in every response): nothing can be planted there.
         name = f"{CAPTURE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{capture.id}-{secrets.token_hex(8)}.json"
         try:
