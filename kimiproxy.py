@@ -747,10 +747,13 @@ class Thinking:
     removes or at a tool section that it keeps: ``switch`` tells which. A whole message does not say
     whether its content came before its structured calls: ``after_calls``."""
 
-    __slots__ = ("state", "in_reasoning", "held", "answered", "content_came", "head")
+    __slots__ = ("state", "in_reasoning", "held", "answered", "content_came", "head", "prefilled")
 
-    def __init__(self) -> None:
-        self.state = Think.NONE
+    def __init__(self, prefilled: bool = False) -> None:
+        # K2.5 and later: the chat template pre-fills <think>, so the text starts inside the thinking
+        # (RepairContext.think_prefilled says so, from the request, before the first token).
+        self.prefilled = prefilled
+        self.state = Think.OPEN if prefilled else Think.NONE
         self.in_reasoning = False  # the text comes from SGLang's reasoning channel
         self.held: list[str] = []  # while MAYBE
         self.answered = False  # answer text went out
@@ -830,7 +833,7 @@ class Thinking:
             return ([Text("reasoning", text)] if text else []), "thinking-after-section-moved"
         if self.state is Think.OPEN:
             self.state = Think.NONE
-            return [], None
+            return [], ("prefilled-thinking-moved-to-reasoning" if self.prefilled and not self.in_reasoning else None)
         if self.answered:
             return None  # inside an answer it is text like any other
         return [], "stray-think-close-removed"
@@ -981,12 +984,13 @@ class MarkupParser:
     at the start of a line), whether a structured call needs a section's and a call's end markers.
     """
 
-    def __init__(self, keys: Iterator[int], tools: Iterable[str] = (), structured: bool = False) -> None:
+    def __init__(self, keys: Iterator[int], tools: Iterable[str] = (), structured: bool = False,
+                 prefilled: bool = False) -> None:
         self.structured = structured
         self.rules: Counter[str] = Counter()  # text-level repairs
         self._keys = keys  # call keys and group ids, unique within the choice
         self._input = ParserInput()
-        self.thinking = Thinking()
+        self.thinking = Thinking(prefilled)
         self._line = LineStart(tools)
         self.in_section = self.in_call = False  # for the choice: which end markers a structured call needs
         self._gen = self._parse()
@@ -1338,6 +1342,8 @@ class MarkupParser:
 # ---------------------------------------------------------------------------------------------------
 
 CANONICAL_ID_RE = re.compile(r"functions\.([^\s:]+):(\d+)")
+# K2.5, K2.6, K2.7 (Kimi-K2.5, kimi-k2-6, Kimi-K2.7-Code): their chat template pre-fills <think> (REPAIR.md 4.8).
+_PREFILLED_THINK_MODEL_RE = re.compile(r"k2[._-]?[5-9](?![\d])", re.IGNORECASE)
 _NAME_COUNTER_RE = re.compile(r"(?:functions\.)?([^\s:]+?)[:.](\d{1,18})")  # search:2, functions.x.0
 _GLUED_RE = re.compile(r"functions([A-Za-z_][\w\-.]*?)(\d{0,18})")  # functionsexec5
 _COUNTER_RE = re.compile(r"(?:call[_\-]?)?(\d{1,18})")  # call_2, call00003, a bare 0
@@ -1350,6 +1356,8 @@ class RepairContext:
     history_calls: int = 0  # tool calls already in the dialog: the next dialog-wide counter
     enabled: bool = True
     forced: bool = False  # tool_choice "required" or a named tool: SGLang constrains the output to JSON
+    history_ids: frozenset[str] = frozenset()  # the ids the history's calls hold: never given again
+    think_prefilled: bool = False  # the model's text starts inside its thinking (K2.5 and later)
 
     @classmethod
     def from_request(cls, request: dict, enabled: bool = True) -> "RepairContext":
@@ -1360,10 +1368,14 @@ class RepairContext:
                 params = function.get("parameters")
                 tools[function["name"]] = params if isinstance(params, dict) else {}
         messages = request.get("messages")
-        history = sum(len(m["tool_calls"]) for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
-                      and isinstance(m.get("tool_calls"), list)) if isinstance(messages, list) else 0
-        choice = request.get("tool_choice")
-        return cls(tools, history, enabled, bool(tools) and (choice == "required" or isinstance(choice, dict)))
+        calls = [c for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
+                 and isinstance(m.get("tool_calls"), list) for c in m["tool_calls"]] if isinstance(messages, list) else []
+        ids = frozenset(c["id"] for c in calls if isinstance(c, dict) and isinstance(c.get("id"), str))
+        choice, model, kwargs = request.get("tool_choice"), request.get("model"), request.get("chat_template_kwargs")
+        thinking_off = isinstance(kwargs, dict) and (kwargs.get("thinking") is False or kwargs.get("enable_thinking") is False)
+        prefilled = isinstance(model, str) and bool(_PREFILLED_THINK_MODEL_RE.search(model)) and not thinking_off
+        return cls(tools, len(calls), enabled, bool(tools) and (choice == "required" or isinstance(choice, dict)),
+                   ids, prefilled)
 
     def resolve(self, header: str) -> tuple[str | None, int | None, bool, str]:
         """REPAIR.md 4.4 and 4.5: (the declared name, or None when it takes the argument keys to know;
@@ -1560,7 +1572,7 @@ class ChoiceRepair:
     def __init__(self, ctx: RepairContext) -> None:
         self.ctx = ctx
         keys = itertools.count()
-        self.text = MarkupParser(keys, ctx.tools)
+        self.text = MarkupParser(keys, ctx.tools, prefilled=ctx.think_prefilled)
         self.structured = MarkupParser(keys, structured=True)
         self.calls: dict[int, Call] = {}
         self.sent: list[Call] = []
@@ -1573,6 +1585,8 @@ class ChoiceRepair:
         self._closed: set = set()
         self._group = -1  # the structured calls' group: a new one after text came between them
         self._call_ids: dict[Any, str] = {}  # the upstream id of each structured call, by its key here
+        self._sglang_id: tuple[str | None, int] = (None, 0)  # the next structured call's: (its id, its position)
+        self._live: Call | None = None  # the call going out as it streams: the others wait (REPAIR.md 4.5)
         self._current: dict[int, Any] = {}  # an upstream index's current call, once a new id reused it
         self._surrogate: dict[Any, str] = {}
 
@@ -1715,6 +1729,7 @@ class ChoiceRepair:
             self._open = index
             name = function.get("name")
             name = name[:MAX_CALL_HEADER] if isinstance(name, str) else ""
+            self._sglang_id = self._call_ids.get(index), len(self._closed)
             self._take(self.structured.inject(StructuredCall(name, self._group)), out)
         arguments = function.get("arguments")
         if type(arguments) is not str:  # a JSON value instead of its text (KTransformers, Ollama)
@@ -1753,16 +1768,37 @@ class ChoiceRepair:
                 call.canonical = _canonical(call.arguments)
                 if call.held:
                     self._decide(call, out)
+                elif call is self._live:
+                    self._live = None
+                    self._release(out)
 
     def _start(self, event: CallStart, out: list) -> None:
         call = self.calls[event.key] = Call(event.key, event.channel, event.group, event.header)
         call.name, call.counter, call.verbatim, call.written = self.ctx.resolve(event.header)
+        if event.channel == "tool_calls":  # SGLang's id, when it is the dialog counter for its position, stays
+            upstream, position = self._sglang_id
+            m = CANONICAL_ID_RE.fullmatch(upstream or "")
+            counter = self.ctx.history_calls + position
+            call.counter = counter if m and m[1] == call.name and int(m[2]) == counter else None
         if call.name is not None and call.name != call.written:
             call.rules.append("name-resolved")
         if call.name is not None:
             self._by_name.setdefault(call.name, []).append(call)
-        if call.name is not None and not any(self._twins(call)):
+        if call.name is not None and self._live is None and not any(self._twins(call)):
             self._send(call, out)
+
+    def _release(self, out: list) -> None:
+        """The live call ended: the calls that waited for it go out, in the order they started, the
+        first one still streaming live (then the rest wait for it in turn)."""
+        for call in list(self.calls.values()):
+            if self._live is not None:
+                return
+            if not call.held:
+                continue
+            if call.canonical is not None:  # complete: decided now
+                self._decide(call, out)
+            elif call.name is not None and not any(self._twins(call)):
+                self._send(call, out)
 
     def _twins(self, call: Call) -> Iterable[Call]:
         """Earlier calls of another group with the same name: ``call`` may repeat one of them."""
@@ -1772,7 +1808,14 @@ class ChoiceRepair:
     def _decide(self, call: Call, out: list, final: bool = False) -> None:
         """A held call whose arguments are complete: its name resolved, dropped if it repeats a call of
         another group (REPAIR.md 4.9), else sent whole."""
-        if call.name is None:
+        if call.name is None:  # an id that names nothing: decided at the end, where a call it repeats,
+            if not final:  # before it or after it, is known (and named)
+                return
+            if any(c.canonical == call.canonical for c in self.calls.values()
+                   if c.group != call.group and not c.dropped and c.name is not None):
+                call.dropped = True
+                self.dropped += 1
+                return
             call.name = self.ctx.infer_name(call.arguments)
             call.rules.append("name-inferred-from-arguments" if call.name else "name-unresolved")
             call.name = call.name or call.written
@@ -1784,24 +1827,27 @@ class ChoiceRepair:
             call.dropped = True
             self.dropped += 1
             return
-        self._send(call, out)
+        if self._live is None or final:
+            self._send(call, out)  # else it goes out when the live call ends (_release)
 
     def _send(self, call: Call, out: list) -> None:
         """Number the call and give it its id (REPAIR.md 4.5): the next index, in the order calls go out."""
         call.index = len(self.sent)
         self.sent.append(call)
-        structured = call.channel == "tool_calls"
+        structured, taken = call.channel == "tool_calls", self._ids.union(self.ctx.history_ids)
         call_id = call.header.strip() if call.verbatim and not structured else None
-        if call_id is None or call_id in self._ids:
-            counters = [call.counter] if call.counter is not None and not structured else []
+        if call_id is None or call_id in taken:  # never an id this answer or the history already holds
+            counters = [call.counter] if call.counter is not None else []
             for counter in itertools.chain(counters, itertools.count(self.ctx.history_calls + call.index)):
                 call_id = f"functions.{call.name}:{counter}"
-                if call_id not in self._ids:
+                if call_id not in taken:
                     break
             if not structured and call_id != call.header.strip():
                 call.rules.append("id-rewritten")
         call.id = call_id
         self._ids.add(call_id)
+        if call.canonical is None:
+            self._live = call
         out.append(ToolDelta(call.index, call.id, call.name, call.arguments))
 
 

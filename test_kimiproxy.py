@@ -3420,3 +3420,142 @@ async def test_anthropic_sglang_error_event_mid_stream_is_an_error_event(proxy: 
     assert kinds == ["message_start", "content_block_start", "content_block_delta", "content_block_delta",
                      "content_block_stop"]
     assert "scheduler failed" in str(exc) and exc.body["error"]["type"] == "api_error"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 16: ids the history holds, SGLang's own ids, repeats under ids that name nothing, calls that
+# overlap, K2.5 and later (the template pre-fills <think>)
+# ---------------------------------------------------------------------------------------------------
+
+HISTORY_TWO = [{"role": "user", "content": "go"}, {"role": "assistant", "content": "", "tool_calls": [
+    {"id": "functions.exec:0", "type": "function", "function": {"name": "exec", "arguments": '{"command": "pwd"}'}},
+    {"id": "functions.read_file:1", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "b"}'}}]},
+    {"role": "tool", "tool_call_id": "functions.exec:0", "content": "/"},
+    {"role": "tool", "tool_call_id": "functions.read_file:1", "content": "b"}]
+READ_A = {"id": "functions.read_file:0", "name": "read_file", "arguments": '{"path": "a"}'}
+# (name, request {model, messages}, upstream {reasoning_content, content, tool_calls, finish_reason},
+#  expected calls [(id, name, arguments)], expected content, reasoning that must be there)
+ID_AND_THINKING_FAMILIES = [
+    ("sglang's own id stays after a call recovered before it", {},
+     {"reasoning_content": f'Look. {S}{B}functions.exec:0{A}{{"command": "ls"}}{Z}{E}', "tool_calls": [READ_A],
+      "finish_reason": "tool_calls"},
+     [("functions.exec:0", "exec", {"command": "ls"}), ("functions.read_file:0", "read_file", {"path": "a"})], "",
+     ["Look."]),
+    ("a foreign id's digits never give an id the history holds", {"messages": HISTORY_TWO},
+     {"content": f'{S}{B}call_0{A}{{"command": "ls"}}{Z}{E}', "finish_reason": "stop"},
+     [("functions.exec:2", "exec", {"command": "ls"})], "", []),
+    ("the model's own id that the history holds is given anew", {"messages": HISTORY_TWO},
+     {"content": f'{S}{B}functions.read_file:1{A}{{"path": "c"}}{Z}{E}', "finish_reason": "stop"},
+     [("functions.read_file:2", "read_file", {"path": "c"})], "", []),
+    ("a repeat as markup under an id that names nothing is still a repeat", {},
+     {"content": f'{S}{B}call_0{A}{{"path": "a"}}{Z}{E}', "tool_calls": [READ_A], "finish_reason": "tool_calls"},
+     [("functions.read_file:0", "read_file", {"path": "a"})], "", []),
+    ("k2.5 without a reasoning parser: the answer starts inside the thinking", {"model": "moonshotai/Kimi-K2.5"},
+     {"content": "Let me think about a.py.</think>It is fine.", "finish_reason": "stop"},
+     [], "It is fine.", ["Let me think about a.py."]),
+    ("k2.6 without a reasoning parser: a section inside the thinking", {"model": "kimi-k2.6"},
+     {"content": f'I need a.py. {S}{B}functions.read_file:0{A}{{"path": "a.py"}}{Z}{E} Then edit.</think>Reading.',
+      "finish_reason": "stop"},
+     [("functions.read_file:0", "read_file", {"path": "a.py"})], "Reading.", ["I need a.py.", "Then edit."]),
+    ("k2.5 with SGLang's reasoning parser: nothing to move", {"model": "Kimi-K2.5"},
+     {"reasoning_content": "Let me think.", "content": "Hello!", "finish_reason": "stop"}, [], "Hello!",
+     ["Let me think."]),
+    ("k2.5 with thinking turned off: the answer is the answer",
+     {"model": "Kimi-K2.5", "chat_template_kwargs": {"thinking": False}},
+     {"content": "Hello, I am Kimi.", "finish_reason": "stop"}, [], "Hello, I am Kimi.", []),
+]
+
+
+def family_request(request: dict) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": "go"}], "tools": TOOLS, **request}
+
+
+def check_family(message: dict, calls: list, content: str, reasoning: list[str]) -> None:
+    assert [(c["id"], c["name"], json.loads(c["arguments"])) for c in message["tool_calls"]] == calls, message
+    assert norm(message["content"]) == content and "</think>" not in message["content"], message
+    for text in reasoning:
+        assert text in message["reasoning"], message
+
+
+@pytest.mark.parametrize("name,request_,upstream_,calls,content,reasoning", ID_AND_THINKING_FAMILIES,
+                         ids=[f[0] for f in ID_AND_THINKING_FAMILIES])
+def test_id_and_thinking_families(name: str, request_: dict, upstream_: dict, calls: list, content: str,
+                                  reasoning: list[str]) -> None:
+    """Whole, and streamed cut at every point of the reasoning and the content (and per character)."""
+    ctx = lambda: kp.RepairContext.from_request(family_request(request_))  # noqa: E731
+    whole = run_whole(ctx(), upstream_)
+    check_family(whole, calls, content, reasoning)
+    length = max(len(upstream_.get("reasoning_content") or ""), len(upstream_.get("content") or ""))
+    for points in [[p] for p in range(1, length)] + [list(range(length))]:
+        streamed = accumulate(frames_to_events(run_stream(ctx(), upstream_chunks(upstream_, points, points))))
+        check_family(streamed, calls, content, reasoning)
+
+
+@pytest.mark.edge
+async def test_id_and_thinking_families_through_the_proxy_with_the_sdk(proxy: Running) -> None:
+    for name, request_, upstream_, calls, content, reasoning in ID_AND_THINKING_FAMILIES:
+        for stream in (True, False):
+            if stream:
+                proxy.upstream.script(Script(steps=[sse(json.loads(d)) for d in upstream_chunks(upstream_)[:-1]]
+                                             + [b"data: [DONE]\n\n"]))
+            else:
+                proxy.upstream.script(Script(body=completion(
+                    content=upstream_.get("content"), reasoning=upstream_.get("reasoning_content"),
+                    finish=upstream_["finish_reason"], tool_calls=[
+                        {"id": c["id"], "index": i, "type": "function",
+                         "function": {"name": c["name"], "arguments": c["arguments"]}}
+                        for i, c in enumerate(upstream_.get("tool_calls") or ())] or None),
+                    content_type="application/json"))
+            ask = family_request(request_)
+            extra = {"chat_template_kwargs": ask.pop("chat_template_kwargs")} if "chat_template_kwargs" in ask else {}
+
+            def call() -> dict:
+                client = proxy.sdk()
+                if not stream:
+                    m = client.chat.completions.create(**ask, extra_body=extra).choices[0].message
+                    return {"content": m.content or "", "reasoning": (m.model_extra or {}).get("reasoning_content") or "",
+                            "tool_calls": [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                                           for c in m.tool_calls or ()]}
+                out: dict = {"content": "", "reasoning": "", "tool_calls": {}}
+                for ch in client.chat.completions.create(**ask, stream=True, extra_body=extra):
+                    for choice in ch.choices:
+                        out["content"] += choice.delta.content or ""
+                        out["reasoning"] += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+                        for tc in choice.delta.tool_calls or ():
+                            c = out["tool_calls"].setdefault(tc.index, {"id": tc.id, "name": tc.function.name,
+                                                                        "arguments": ""})
+                            c["arguments"] += tc.function.arguments or ""
+                out["tool_calls"] = list(out["tool_calls"].values())
+                return out
+
+            check_family(await sdk_call(call), calls, content, reasoning)
+
+
+def overlapping_calls_events() -> list[bytes]:
+    """A structured call whose arguments go on after a call in the content began (an upstream that
+    interleaves its channels)."""
+    return [json.dumps(chunk(d)).encode() for d in (
+        {"role": "assistant", "content": ""},
+        {"tool_calls": [tool_delta(0, "functions.read_file:0", "read_file", '{"pa')]},
+        {"content": f'{S}{B}functions.exec:1{A}{{"command": '},
+        {"content": f'"ls"}}{Z}{E}'},
+        {"tool_calls": [tool_delta(0, None, None, 'th": "a"}')]},
+    )] + [json.dumps(chunk({}, finish="tool_calls")).encode(), b"[DONE]"]
+
+
+def test_calls_that_overlap_go_out_one_after_another() -> None:
+    """No piece of a call goes out after a later call began (the Vercel AI SDK ends a call when the
+    next begins; Anthropic's content blocks come one after another): the call in the content waits
+    for the structured one to end, then goes out whole."""
+    frames = run_stream(ctx_for(TOOLS), overlapping_calls_events())
+    indices = [tc["index"] for e in frames_to_events(frames) if isinstance(e, dict)
+               for c in e.get("choices", ()) for tc in (c["delta"].get("tool_calls") or ())]
+    assert indices == sorted(indices) and set(indices) == {0, 1}, indices
+    message = accumulate(frames_to_events(frames))
+    assert [(c["id"], json.loads(c["arguments"])) for c in message["tool_calls"]] == [
+        ("functions.read_file:0", {"path": "a"}), ("functions.exec:1", {"command": "ls"})]
+    encoder, view = kp.AnthropicStream(ctx_for(TOOLS), "msg_1", "k", None), MessagesView()
+    view.feed([encoder.opening()] + [f for data in overlapping_calls_events() for f in encoder.feed(data)]
+              + encoder.close())
+    assert [(b["name"], b["input"]) for b in view.blocks if b["type"] == "tool_use"] == [
+        ("read_file", {"path": "a"}), ("exec", {"command": "ls"})]
