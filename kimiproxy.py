@@ -452,6 +452,7 @@ class ArgumentRepair:
         self._raw: list[str] = []  # the raw text from that marker on, to read again
         self._junk: list[str] = []  # after the value: the next call's id, or dropped
         self._junk_size = 0
+        self._rest: list[str] | None = None  # the raw text from where the JSON broke (not after a whole value)
 
     @property
     def in_string(self) -> bool:
@@ -546,6 +547,8 @@ class ArgumentRepair:
                 if state == _RAW:
                     self._put(buf[i:j], False)
                 else:
+                    if self._rest is not None:
+                        self._rest.append(buf[i:j])
                     self._junk.append(buf[i:j])
                     self._junk_size += j - i
                     if self._junk_size > 2 * MAX_CALL_HEADER:  # only its end can be an id
@@ -627,6 +630,7 @@ class ArgumentRepair:
         else:
             if self._state != _DONE:
                 self._rule("arguments-broken-off")
+                self._rest = []
             self._state = _JUNK
         return i
 
@@ -644,9 +648,17 @@ class ArgumentRepair:
 
     # -- the end -----------------------------------------------------------------------------------
 
-    def finish(self) -> str:
-        """The arguments ended: close what is open, and return the rest of them."""
+    def finish(self, ended: bool = False) -> str:
+        """The arguments ended: close what is open, and return the rest of them. ``ended``: the model
+        ended the call itself (<|tool_call_end|>, the section's end), so JSON that broke before it was not
+        cut off: it is passed as written from where it broke, with a warning, never shortened (REPAIR.md 4.6)."""
         self._check = None
+        if ended and self._rest is not None and not self._scalar:
+            del self.rules["arguments-broken-off"]
+            self._rule("arguments-not-json")
+            rest = "".join(self._out) + "".join(self._rest)
+            self._out.clear()
+            return rest
         if self._state == _LITERAL:
             self._end_literal()
         if self._scalar:
@@ -792,9 +804,11 @@ class Thinking:
             self.content_came = True
         head = self.head = self.head + content
         lead = head.lstrip()
-        if not (end or at_section) and len(head) < LONGEST_MARKER and \
-                any(text.startswith(lead) for text in SECTION_BEGIN_TEXTS):
-            return None  # too early to tell
+        # Too early to tell while what follows the whitespace may still become a section's marker: the
+        # whitespace itself, however the upstream's chunks cut it, counts for nothing (REPAIR.md 4.12).
+        if not (end or at_section) and len(lead) < LONGEST_MARKER and len(head) - len(lead) <= MAX_LINE_HEADER \
+                and any(text.startswith(lead) for text in SECTION_BEGIN_TEXTS):
+            return None
         self.head, self.in_reasoning = None, False
         return not at_section and not lead.startswith(SECTION_BEGIN_TEXTS), head
 
@@ -890,9 +904,17 @@ class LineStart:
         return lead
 
     def id_sent(self) -> str | None:
-        """An id at the end of the text sent, which may head a call."""
+        """An id at the end of the text sent, which may head a call: one ``may_head`` names, or any
+        NAME:IDX at the start of a line (an undeclared name is kept as written, rule 4.4; not being
+        held for it, it was sent as text, and stays there)."""
         m = _TRAILING_ID_RE.search(self.tail)
-        return m[1] if m and self.may_head(m[1], whole=True) else None
+        if m is None:
+            return None
+        if self.may_head(m[1], whole=True):
+            return m[1]
+        before = self.tail[:m.start()].rstrip(" \t")
+        line_start = before.endswith("\n") or not before and len(self.tail) < MAX_LINE_HEADER  # all sent so far
+        return m[1] if line_start and ":" in m[1] else None
 
     @property
     def idle(self) -> bool:
@@ -1309,7 +1331,7 @@ class MarkupParser:
             if token is EOF and args.must_rewind:
                 token = text.restart(args.rewind(), True)
             break
-        if tail := args.finish():
+        if tail := args.finish(ended=token in (CALL_END, SECTION_END) and "arguments-overflow" not in rules):
             yield CallText(key, tail)
         return token, next_header, rules + list(args.rules)
 

@@ -3463,6 +3463,18 @@ ID_AND_THINKING_FAMILIES = [
     ("k2.5 with thinking turned off: the answer is the answer",
      {"model": "Kimi-K2.5", "chat_template_kwargs": {"thinking": False}},
      {"content": "Hello, I am Kimi.", "finish_reason": "stop"}, [], "Hello, I am Kimi.", []),
+    ("malformed JSON the model ended itself passes as written, never shortened", {},
+     {"content": f'{S}{B}functions.exec:0{A}{{"command": "ls", "valid": fasle}}{Z}{E}', "finish_reason": "stop"},
+     [("functions.exec:0", "exec", '{"command": "ls", "valid": fasle}')], "", []),
+    ("a missing comma the model ended itself passes as written", {},
+     {"content": f'{S}{B}functions.exec:0{A}{{"command": "ls" "cwd": "/"}}{Z}{E}', "finish_reason": "stop"},
+     [("functions.exec:0", "exec", '{"command": "ls" "cwd": "/"}')], "", []),
+    ("malformed JSON then cut off by max_tokens is closed as a cut-off is", {},
+     {"content": f'{S}{B}functions.exec:0{A}{{"command": "ls", "valid": fasle', "finish_reason": "length"},
+     [("functions.exec:0", "exec", {"command": "ls"})], "", []),
+    ("an undeclared NAME:IDX heading a call at the start of a line is a call", {},
+     {"content": f'Calling it.\ninvalid_tool:0{A}{{"x": 1}}{Z}\nDone.', "finish_reason": "stop"},
+     [("functions.invalid_tool:0", "invalid_tool", {"x": 1})], "Calling it. invalid_tool:0 Done.", []),
 ]
 
 
@@ -3471,7 +3483,10 @@ def family_request(request: dict) -> dict:
 
 
 def check_family(message: dict, calls: list, content: str, reasoning: list[str]) -> None:
-    assert [(c["id"], c["name"], json.loads(c["arguments"])) for c in message["tool_calls"]] == calls, message
+    """``calls``: (id, name, arguments as parsed, or as the exact text when they are not JSON)."""
+    got = [(c["id"], c["name"], c["arguments"] if isinstance(want[2], str) else json.loads(c["arguments"]))
+           for c, want in zip(message["tool_calls"], calls)]
+    assert len(message["tool_calls"]) == len(calls) and got == calls, message
     assert norm(message["content"]) == content and "</think>" not in message["content"], message
     for text in reasoning:
         assert text in message["reasoning"], message
@@ -3559,3 +3574,23 @@ def test_calls_that_overlap_go_out_one_after_another() -> None:
               + encoder.close())
     assert [(b["name"], b["input"]) for b in view.blocks if b["type"] == "tool_use"] == [
         ("read_file", {"path": "a"}), ("exec", {"command": "ls"})]
+
+
+WHITESPACE_AROUND_A_SWITCH = [
+    {"reasoning_content": "Plan.", "content": f"\n\n{S}{CALL}{E}", "finish_reason": "stop"},
+    {"reasoning_content": "Plan.", "content": f" \n{S}{CALL}{E} more</think>Answer", "finish_reason": "stop"},
+    {"reasoning_content": "Plan.", "content": f"\n\nThe answer.", "finish_reason": "stop"},
+    {"content": f"<think>Plan.</think> \n {S}{CALL}{E}\n\nDone.", "finish_reason": "stop"},
+]
+
+
+@pytest.mark.parametrize("up", WHITESPACE_AROUND_A_SWITCH, ids=range(len(WHITESPACE_AROUND_A_SWITCH)))
+def test_whitespace_between_thinking_and_a_section_lands_the_same_however_chunks_fall(up: dict) -> None:
+    """Rule 12 to the byte: whitespace after the reasoning, before a section, lands in one channel
+    whatever the upstream's chunks (content compared exactly, not after collapsing whitespace)."""
+    whole = run_whole(ctx_for(TOOLS), up)
+    length = max(len(up.get("reasoning_content") or ""), len(up.get("content") or ""))
+    for points in [[p] for p in range(1, length)] + [list(range(length))]:
+        streamed = accumulate(frames_to_events(run_stream(ctx_for(TOOLS), upstream_chunks(up, points, points))))
+        assert (streamed["reasoning"], streamed["content"]) == (whole["reasoning"], whole["content"]), points
+    assert "</think>" not in whole["content"] + whole["reasoning"]
