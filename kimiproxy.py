@@ -3419,6 +3419,7 @@ class Upstream:
                  client_keys: bool | None = None) -> None:
         self.settings = settings
         self.connections = connections
+        self.named = config is not None  # one of the file's: its name goes in front of what is said of it
         config = config or UpstreamConfig("default", settings.upstream, settings.upstream_api_key,
                                           settings.upstream_credentials)
         self.name, self.url, self.models = config.name, config.url, config.models
@@ -3498,7 +3499,7 @@ class Upstream:
             if isinstance(info, dict) and ("tool_call_parser" in info or "reasoning_parser" in info):
                 parsers = {k: info.get(k) for k in ("tool_call_parser", "reasoning_parser")}
                 if self.parsers is None and parsers["tool_call_parser"]:
-                    log.warning("%s%s", f"upstream {self.name}: " if self.models else "", parser_warning(parsers))
+                    log.warning("%s%s", f"upstream {self.name}: " if self.named else "", parser_warning(parsers))
                 self.parsers = parsers
                 return parsers
         return None
