@@ -3649,15 +3649,13 @@ class Registration:
 
 def registered(config_path: str) -> list[tuple[Path, dict]]:
     """The registrations of running processes that serve ``config_path``; those of processes that are
-    gone (killed before they could remove theirs) are removed."""
+    gone (killed before they could remove theirs), whatever file they served, are removed."""
     found = []
     for path in sorted(run_directory().glob("*.json")):
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
             pid = entry["pid"]
         except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if entry.get("config") != config_path:
             continue
         try:
             os.kill(pid, 0)
@@ -3667,7 +3665,8 @@ def registered(config_path: str) -> list[tuple[Path, dict]]:
         except (PermissionError, TypeError, OverflowError):
             continue
         if alive:
-            found.append((path, entry))
+            if entry.get("config") == config_path:
+                found.append((path, entry))
         else:
             with contextlib.suppress(OSError):
                 path.unlink()
