@@ -52,6 +52,7 @@ import logging.handlers
 import math
 import multiprocessing
 import os
+import pwd
 import re
 import resource
 import secrets
@@ -2135,6 +2136,7 @@ class Settings:
     capture_dir: str = ""  # CAPTURE_DIR: write the exchanges that needed a repair or broke here ("" = off)
     capture_max_files: int = DEFAULT_CAPTURE_MAX_FILES  # CAPTURE_MAX_FILES
     capture_max_mb: float = DEFAULT_CAPTURE_MAX_MB  # CAPTURE_MAX_MB
+    config_file: str = ""  # KIMIPROXY_CONFIG: the configuration file (upstreams, models, keys); "" = none
 
     def __repr__(self) -> str:  # never print a key
         return (f"Settings(upstream={self.upstream!r}, repair={self.repair}, "
@@ -2216,6 +2218,7 @@ class Settings:
             capture_dir=text("CAPTURE_DIR", defaults.capture_dir),
             capture_max_files=int(number("CAPTURE_MAX_FILES", defaults.capture_max_files, 1)),
             capture_max_mb=number("CAPTURE_MAX_MB", defaults.capture_max_mb, 0.001),
+            config_file=text("KIMIPROXY_CONFIG", defaults.config_file),
         )
 
 
@@ -2244,6 +2247,163 @@ def read_dotenv(paths: Iterable[Path]) -> dict[str, str]:
 def load_settings() -> Settings:
     dotenv = read_dotenv([Path.cwd() / ".env", Path(__file__).resolve().parent / ".env"])
     return Settings.from_env({**dotenv, **os.environ})
+
+
+# The configuration file (KIMIPROXY_CONFIG, README: Several upstreams). JSON: the one structured format
+# the standard library reads on every Python kimiproxy runs on (tomllib is 3.11+).
+CONFIG_FIELDS = ("upstreams", "default_upstream", "models", "keys")
+UPSTREAM_FIELDS = ("url", "api_key", "models")
+MODEL_FIELDS = ("defaults", "overrides")
+# A chat request's fields that a model's defaults and overrides may not set: kimiproxy reads them (the
+# route, the stream flag, the history) or edits them itself (stream_options asks for the usage chunk).
+UNSETTABLE_FIELDS = ("model", "messages", "stream", "stream_options")
+MAX_CONFIG_BYTES = 1024 * 1024  # a configuration file larger than this is a mistake (a log, a dump)
+_UPSTREAM_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # shown in the log, /health and /v1/models
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream of the configuration file: where it is, its key, the model ids it serves."""
+    name: str
+    url: str  # the /v1 base URL, without credentials (what the log shows)
+    api_key: str = ""  # sent instead of the client's key, as UPSTREAM_API_KEY is for the single upstream
+    credentials: str = ""  # "user:password" from the URL's userinfo (never shown)
+    models: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:  # never print a key
+        return f"UpstreamConfig(name={self.name!r}, url={self.url!r}, models={self.models!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFields:
+    """A model's request fields: ``defaults`` go upstream where the client sent no such field,
+    ``overrides`` go upstream whatever the client sent (replacing its value, or added)."""
+    defaults: tuple[tuple[str, Any], ...] = ()
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class FileConfig:
+    """The configuration file, validated: nothing in it can fail later."""
+    path: str  # absolute: a reload reads the same file whatever the working directory
+    upstreams: tuple[UpstreamConfig, ...]
+    default_upstream: str | None = None  # takes the models no upstream lists, and the pass-through routes
+    models: tuple[tuple[str, ModelFields], ...] = ()
+    api_keys: tuple[tuple[str, str], ...] | None = None  # "keys": (name, key); None = PROXY_API_KEY's
+
+    def __repr__(self) -> str:  # never print a key
+        return f"FileConfig(path={self.path!r}, upstreams={self.upstreams!r})"
+
+
+def _object(value: Any, where: str, fields: Iterable[str] | None = None) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a JSON object, not {type(value).__name__}")
+    if fields is not None:
+        for key in value:
+            if key not in fields:
+                raise ConfigError(f"{where}.{key}: unknown field (known: {', '.join(fields)})")
+    return value
+
+
+def _config_upstream(name: str, entry: Any, where: str) -> UpstreamConfig:
+    entry = _object(entry, where, UPSTREAM_FIELDS)
+    if not _UPSTREAM_NAME_RE.fullmatch(name):
+        raise ConfigError(f"{where}: an upstream's name is 1 to 64 letters, digits, '_', '.' or '-'")
+    raw = entry.get("url")
+    if not isinstance(raw, str):
+        raise ConfigError(f"{where}.url: must be an http(s) URL, like {DEFAULT_UPSTREAM}")
+    url, credentials = split_credentials(raw.strip().rstrip("/"))
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+        raise ConfigError(f"{where}.url: must be an http(s) URL, like {DEFAULT_UPSTREAM}")
+    api_key = entry.get("api_key", "")
+    if not isinstance(api_key, str):
+        raise ConfigError(f"{where}.api_key: must be a string")
+    if credentials and api_key.strip():
+        raise ConfigError(f"{where}: the url holds a user and password and api_key is set: give the upstream "
+                          "one credential")
+    models = entry.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ConfigError(f"{where}.models: must be a list of model ids (strings)")
+    return UpstreamConfig(name, url, api_key.strip(), credentials, tuple(models))
+
+
+def _config_fields(value: Any, where: str) -> tuple[tuple[str, Any], ...]:
+    fields = _object(value, where)
+    for key in fields:
+        if key in UNSETTABLE_FIELDS:
+            raise ConfigError(f"{where}.{key}: kimiproxy decides this field itself; it cannot be set per model")
+    return tuple(fields.items())
+
+
+def _config_of(path: str, doc: Any) -> FileConfig:
+    doc = _object(doc, "the file", CONFIG_FIELDS)
+    entries = _object(doc.get("upstreams"), "upstreams")
+    if not entries:
+        raise ConfigError("upstreams: name at least one upstream")
+    upstreams = tuple(_config_upstream(name, entry, f"upstreams.{name}") for name, entry in entries.items())
+    default = doc.get("default_upstream")
+    if default is not None and default not in entries:
+        raise ConfigError(f"default_upstream: {str(default)[:64]!r} is not one of the upstreams "
+                          f"({', '.join(entries)})")
+    served: dict[str, str] = {}
+    for upstream in upstreams:
+        if not upstream.models and upstream.name != default:
+            raise ConfigError(f"upstreams.{upstream.name}.models: list the model ids it serves (only the "
+                              "default_upstream may list none)")
+        for at, model in enumerate(upstream.models):
+            if model in served:
+                raise ConfigError(f"upstreams.{upstream.name}.models.{at}: {model[:64]!r} is served by "
+                                  f"upstream {served[model]!r} already")
+            served[model] = upstream.name
+    models = []
+    for model, entry in _object(doc.get("models", {}), "models").items():
+        where = f"models.{model}"
+        entry = _object(entry, where, MODEL_FIELDS)
+        if model not in served:
+            raise ConfigError(f"{where}: no upstream lists this model")
+        fields = ModelFields(_config_fields(entry.get("defaults", {}), where + ".defaults"),
+                             _config_fields(entry.get("overrides", {}), where + ".overrides"))
+        both = {k for k, _ in fields.defaults} & {k for k, _ in fields.overrides}
+        if both:
+            raise ConfigError(f"{where}: {', '.join(sorted(both))} both a default and an override (an override "
+                              "is always sent: keep one)")
+        models.append((model, fields))
+    api_keys = None
+    if "keys" in doc:
+        keys = _object(doc["keys"], "keys")
+        for name, key in keys.items():
+            if not _KEY_NAME_RE.fullmatch(name):
+                raise ConfigError(f"keys.{name[:64]}: a key's name is 1 to 64 letters, digits, '_', '.' or '-'")
+            if not isinstance(key, str) or not key.strip():
+                raise ConfigError(f"keys.{name}: must be a non-empty string (the key)")
+        if not keys:  # an empty object would otherwise turn the check off
+            raise ConfigError("keys: holds no key: give at least one, or leave keys out (PROXY_API_KEY then "
+                              "applies)")
+        api_keys = tuple((name, key.strip()) for name, key in keys.items())
+    return FileConfig(path, upstreams, default, tuple(models), api_keys)
+
+
+def load_config_file(path: str) -> FileConfig:
+    """The configuration file at ``path``, validated, or ConfigError saying what is wrong and where
+    (``/etc/kimiproxy.json: upstreams.small.url: must be an http(s) URL``), in one line."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB: not a configuration file")
+    try:
+        doc = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: line {exc.lineno} column {exc.colno}: not JSON: {exc.msg}") from None
+    except ValueError as exc:  # not UTF-8
+        raise ConfigError(f"{path}: not JSON: {exc}") from None
+    try:
+        return _config_of(path, doc)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2656,6 +2816,38 @@ def rewrite_request(body: bytes, request: dict, edits: list[tuple[tuple, Any]]) 
     return "".join(out).encode(encoding)
 
 
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b  # 1 is not 1.0, nor True: such a value is sent as configured
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def apply_model_fields(request: dict, fields: ModelFields) -> tuple[list[tuple[tuple, Any]], str]:
+    """A model's defaults (for fields the client did not send) and overrides (whatever it sent) applied
+    to a chat request, in place; returns the edits for ``rewrite_request`` and what changed, for the
+    log (``defaults: temperature=1.0; overrides: max_tokens 100->32000``). A field that already has
+    its value is no edit: a request that needs none goes upstream byte for byte."""
+    edits: list[tuple[tuple, Any]] = []
+    defaults, overrides = [], []
+    for key, value in fields.defaults:
+        if key not in request:
+            request[key] = value
+            edits.append(((key,), value))
+            defaults.append(f"{key}={_shown(value)}")
+    for key, value in fields.overrides:
+        if key in request and _same(request[key], value):
+            continue
+        overrides.append(f"{key} {_shown(request[key])}->{_shown(value)}" if key in request else f"{key}={_shown(value)}")
+        request[key] = value
+        edits.append(((key,), value))
+    said = ([f"defaults: {', '.join(defaults)}"] if defaults else []) + \
+        ([f"overrides: {', '.join(overrides)}"] if overrides else [])
+    return edits, "; ".join(said)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The client protocols: OpenAI's chat completions and Anthropic's Messages, each an encoder at the edge
 # ---------------------------------------------------------------------------------------------------
@@ -2675,8 +2867,10 @@ class OpenAIChat:
     def upstream_target(self, target: bytes, query: bytes) -> tuple[bytes, bytes]:
         return target, query
 
-    def upstream_body(self, body: bytes, request: dict, edits: list[tuple[tuple, Any]]) -> bytes:
-        return rewrite_request(body, request, edits) if edits else body
+    def upstream_body(self, body: bytes, sent: dict, request: dict, edits: list[tuple[tuple, Any]]) -> bytes:
+        """The client's body with the edits written in (``sent``: the request as the client sent it, whose
+        top-level fields say which edits add a field)."""
+        return rewrite_request(body, sent, edits) if edits else body
 
     def error(self, err: ProxyError) -> tuple[int, dict]:
         return err.status, err.body()
@@ -3092,7 +3286,7 @@ class AnthropicMessages:
     def upstream_target(self, target: bytes, query: bytes) -> tuple[bytes, bytes]:
         return b"/v1/chat/completions", b""  # ?beta=true is Anthropic's, not SGLang's
 
-    def upstream_body(self, body: bytes, request: dict, edits: list[tuple[tuple, Any]]) -> bytes:
+    def upstream_body(self, body: bytes, sent: dict, request: dict, edits: list[tuple[tuple, Any]]) -> bytes:
         return json_dumps_compact(request)  # written anew: the edits are in the request already
 
     def error(self, err: ProxyError) -> tuple[int, dict]:
@@ -3186,29 +3380,58 @@ def parser_warning(parsers: dict[str, Any]) -> str | None:
             "--reasoning-parser kimi_k2): kimiproxy then recovers every call from the model's own markup.")
 
 
-class Upstream:
-    """SGLang as this process sees it: the shared httpx client (opened at start-up, closed at
-    shutdown), the key policy, and what SGLang reports of its parsers."""
+class UpstreamConnections:
+    """The one httpx client that every upstream's requests go through, opened at start-up and closed at
+    shutdown by the app. httpx pools connections per origin, so several upstreams share it, and a
+    reload that changes the upstreams has nothing to close under a stream still reading one."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.parsers: dict[str, Any] | None = None  # {"tool_call_parser", "reasoning_parser"}, once known
-        self._base_path = httpx.URL(settings.upstream).raw_path.rstrip(b"/") + b"/"  # what request() appends to
-        self._client: httpx.AsyncClient | None = None
-        self._transport: httpx.AsyncHTTPTransport | None = None
+        self.client: httpx.AsyncClient | None = None
+        self.transport: httpx.AsyncHTTPTransport | None = None
 
     async def open(self) -> None:
         s = self.settings
         # No cap on connections: each stream holds one for its whole life.
-        self._transport = httpx.AsyncHTTPTransport(
+        self.transport = httpx.AsyncHTTPTransport(
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=IDLE_UPSTREAM_CONNECTIONS))
-        self._client = httpx.AsyncClient(
-            transport=self._transport, follow_redirects=False,
+        self.client = httpx.AsyncClient(
+            transport=self.transport, follow_redirects=False,
             timeout=httpx.Timeout(s.forward_timeout, connect=UPSTREAM_CONNECT_TIMEOUT, pool=UPSTREAM_CONNECT_TIMEOUT))
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        if self.client is not None:
+            await self.client.aclose()
+
+
+class Upstream:
+    """One SGLang as this process sees it: its base URL, the key policy, the models it serves, and what
+    it reports of its parsers. Its requests go through the shared ``UpstreamConnections``. Without a
+    configuration file there is one, from SGLANG_API_BASE and UPSTREAM_API_KEY; with one, one per
+    entry of ``upstreams``, built anew at each reload (it owns nothing but its parser watcher)."""
+
+    def __init__(self, settings: Settings, connections: UpstreamConnections, config: UpstreamConfig | None = None,
+                 client_keys: bool | None = None) -> None:
+        self.settings = settings
+        self.connections = connections
+        self.named = config is not None  # one of the file's: its name goes in front of what is said of it
+        config = config or UpstreamConfig("default", settings.upstream, settings.upstream_api_key,
+                                          settings.upstream_credentials)
+        self.name, self.url, self.models = config.name, config.url, config.models
+        self.api_key, self.credentials = config.api_key, config.credentials
+        # With keys of kimiproxy's own, the client's key stays here (it is not the upstream's).
+        self.client_keys = bool(settings.api_keys) if client_keys is None else client_keys
+        self.parsers: dict[str, Any] | None = None  # {"tool_call_parser", "reasoning_parser"}, once known
+        self._base_path = httpx.URL(self.url).raw_path.rstrip(b"/") + b"/"  # what request() appends to
+        self._watcher: trio.CancelScope | None = None
+
+    @property
+    def _client(self) -> httpx.AsyncClient | None:
+        return self.connections.client
+
+    @property
+    def _transport(self) -> httpx.AsyncHTTPTransport | None:
+        return self.connections.transport
 
     def headers(self, client: Iterable[tuple[bytes, bytes]], relay_untouched: bool) -> list[tuple[bytes, bytes]]:
         """The client's end-to-end headers for the upstream: not hop-by-hop ones, Host or Content-Length
@@ -3219,13 +3442,12 @@ class Upstream:
         out = end_to_end_headers(client, REQUEST_HEADERS_DROPPED, relay_untouched)
         asked = [(k.lower(), v) for k, v in client if k.lower() == b"accept-encoding"]
         out += asked if relay_untouched and asked else [(b"accept-encoding", b"identity")]
-        s = self.settings
-        if s.api_keys or s.upstream_api_key or s.upstream_credentials:
+        if self.client_keys or self.api_key or self.credentials:
             out = [(k, v) for k, v in out if k not in (b"authorization", b"api-key", b"x-api-key")]
-            if s.upstream_api_key:
-                out.append((b"authorization", b"Bearer " + s.upstream_api_key.encode()))
-            elif s.upstream_credentials:  # user:password in SGLANG_API_BASE, as curl would send them
-                out.append((b"authorization", b"Basic " + base64.b64encode(s.upstream_credentials.encode())))
+            if self.api_key:
+                out.append((b"authorization", b"Bearer " + self.api_key.encode()))
+            elif self.credentials:  # user:password in the URL, as curl would send them
+                out.append((b"authorization", b"Basic " + base64.b64encode(self.credentials.encode())))
         return out
 
     def request(self, method: str, raw_path: bytes, query: bytes, body: bytes,
@@ -3235,7 +3457,7 @@ class Upstream:
         made exactly that path of it (it would resolve a dot segment, say)."""
         assert self._client is not None
         tail = raw_path.split(b"/", 2)[2]
-        url = self.settings.upstream + "/" + tail.decode("ascii")
+        url = self.url + "/" + tail.decode("ascii")
         request = self._client.build_request(method, url + "?" + query.decode("latin-1") if query else url,
                                              content=body, headers=headers)
         if request.url.raw_path.partition(b"?")[0] != self._base_path + tail:
@@ -3261,7 +3483,7 @@ class Upstream:
         """Which parsers SGLang runs (GET /server_info; /get_server_info before 0.5.2x), or None when the
         upstream is not SGLang or does not answer. With --tool-call-parser, SGLang drops the calls it
         cannot parse before kimiproxy sees them (REPAIR.md 2): warned once, with the fix."""
-        root = self.settings.upstream.removesuffix("/v1")
+        root = self.url.removesuffix("/v1")
         for path in ("/server_info", "/get_server_info"):
             try:
                 with trio.fail_after(HEALTH_UPSTREAM_TIMEOUT):
@@ -3272,15 +3494,34 @@ class Upstream:
             if isinstance(info, dict) and ("tool_call_parser" in info or "reasoning_parser" in info):
                 parsers = {k: info.get(k) for k in ("tool_call_parser", "reasoning_parser")}
                 if self.parsers is None and parsers["tool_call_parser"]:
-                    log.warning("%s", parser_warning(parsers))
+                    log.warning("%s%s", f"upstream {self.name}: " if self.named else "", parser_warning(parsers))
                 self.parsers = parsers
                 return parsers
         return None
 
     async def watch_parsers(self) -> None:
-        """Ask until SGLang answers (it may start after kimiproxy)."""
-        while await self.check_parsers() is None:
-            await trio.sleep(PARSER_CHECK_INTERVAL)
+        """Ask until SGLang answers (it may start after kimiproxy), or until a reload retires this upstream."""
+        with trio.CancelScope() as self._watcher:
+            while await self.check_parsers() is None:
+                await trio.sleep(PARSER_CHECK_INTERVAL)
+
+    def retire(self) -> None:
+        """A reload replaced this upstream: its watcher stops (exchanges in flight still use it)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def health(self) -> tuple[bool, dict]:
+        """(whether it answers, what /health?upstream=1 says of it): its /models within
+        HEALTH_UPSTREAM_TIMEOUT, then its parsers."""
+        try:
+            with trio.fail_after(HEALTH_UPSTREAM_TIMEOUT):
+                response = await self.get(f"{self.url}/models")
+        except (httpx.HTTPError, trio.TooSlowError) as exc:
+            return False, {"status": "degraded", "upstream": f"unreachable: {type(exc).__name__}"}
+        if response.status_code >= 400:
+            return False, {"status": "degraded", "upstream": f"HTTP {response.status_code}"}
+        parsers = await self.check_parsers()
+        return True, {"status": "ok", "upstream": "ok", "parsers": parsers, "warning": parser_warning(parsers or {})}
 
 
 def body_chunks(response: httpx.Response) -> Any:
@@ -3306,7 +3547,7 @@ async def read_upstream_body(response: httpx.Response) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Files only kimiproxy's user can touch: the reasoning store and the captures
+# Files only kimiproxy's user can touch: the reasoning store, the captures, the run directory
 # ---------------------------------------------------------------------------------------------------
 
 def private_directory(path: Path) -> None:
@@ -3334,6 +3575,128 @@ def private_file(path: Path | str) -> bool:
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise ValueError(f"{path} must be a regular file of this user's, readable by it alone (chmod 600)")
     return True
+
+
+# `python kimiproxy.py reload`: every serving process with a configuration file registers in the run
+# directory (one file per pid), and reload signals those that serve the same file, then waits this long
+# for each to write what its reload did.
+RELOAD_WAIT = 10.0  # seconds
+RELOAD_POLL = 0.05  # seconds between looks at the registrations while waiting
+
+
+def run_directory() -> Path:
+    """Where the serving processes register: ``~/.cache/kimiproxy/run`` in the home directory of the
+    user they run as, taken from the password database, not from $HOME or $XDG_*, which differ between
+    a systemd service and its administrator's shell."""
+    try:
+        home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:  # a uid without an entry: a private directory of our own in the temp directory
+        return Path(tempfile.gettempdir()) / f"kimiproxy-{os.getuid()}" / "run"
+    return home / ".cache" / "kimiproxy" / "run"
+
+
+def process_start(pid: int) -> str:
+    """When the process began (/proc/PID/stat, field 22, in clock ticks since boot): with the pid, it
+    names one process, so a registration left by a process that was killed never gets a SIGHUP sent to
+    a later process that reuses its pid. "" where there is no /proc."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat_line.rpartition(")")[2].split()[19]  # after the command name, which may hold spaces
+
+
+class Registration:
+    """This process's file in the run directory, ``PID.json``: its pid and start, the configuration
+    file it serves, and how many reloads it did with the last one's outcome (what ``reload`` waits for
+    and prints). Written whole each time (a temporary file renamed over it), 0600; removed at shutdown."""
+
+    def __init__(self, config_path: str) -> None:
+        self.pid = os.getpid()
+        self.entry = {"pid": self.pid, "start": process_start(self.pid), "config": config_path, "reloads": 0,
+                      "result": ""}
+        self.path: Path | None = None
+
+    def write(self, result: str | None = None) -> None:
+        if result is not None:
+            self.entry["reloads"] += 1
+            self.entry["result"] = result
+        directory = run_directory()
+        try:
+            private_directory(directory)
+            temporary = directory / f".{self.pid}.json.tmp"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with open(fd, "w", encoding="utf-8") as f:
+                json.dump(self.entry, f)
+            os.replace(temporary, directory / f"{self.pid}.json")
+            self.path = directory / f"{self.pid}.json"
+        except (OSError, ValueError) as exc:
+            if result is None:  # said once, at start-up
+                log.warning("cannot register for `python kimiproxy.py reload` in %s (%s): send SIGHUP to pid %d "
+                            "to reload", directory, exc, self.pid)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self.path = None
+
+
+def registered(config_path: str) -> list[tuple[Path, dict]]:
+    """The registrations of running processes that serve ``config_path``; those of processes that are
+    gone (killed before they could remove theirs), whatever file they served, are removed."""
+    found = []
+    for path in sorted(run_directory().glob("*.json")):
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            pid = entry["pid"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        try:
+            os.kill(pid, 0)
+            alive = process_start(pid) == entry.get("start")
+        except ProcessLookupError:
+            alive = False
+        except (PermissionError, TypeError, OverflowError):
+            continue
+        if alive:
+            if entry.get("config") == config_path:
+                found.append((path, entry))
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return found
+
+
+def reload_servers(config_path: str, wait: float = RELOAD_WAIT) -> int:
+    """``python kimiproxy.py reload``: SIGHUP to every process serving ``config_path`` (each worker of
+    ``hypercorn -w N``, or ``python kimiproxy.py``), then what each says its reload did. Exit status 0
+    when every one reloaded, 1 when one refused the file, did not answer or none was found."""
+    config_path = os.path.abspath(config_path)
+    found = registered(config_path)
+    if not found:
+        print(f"kimiproxy: no running kimiproxy serves {config_path} (each registers in {run_directory()} "
+              "at start-up)", file=sys.stderr)
+        return 1
+    before = {entry["pid"]: entry.get("reloads", 0) for _, entry in found}
+    for _, entry in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(entry["pid"], signal.SIGHUP)
+    results: dict[int, str] = {}
+    deadline = time.monotonic() + wait
+    while len(results) < len(found) and time.monotonic() < deadline:
+        time.sleep(RELOAD_POLL)
+        for path, entry in found:
+            with contextlib.suppress(OSError, ValueError):
+                now = json.loads(path.read_text(encoding="utf-8"))
+                if now.get("reloads", 0) > before[entry["pid"]]:
+                    results[entry["pid"]] = str(now.get("result"))
+    ok = True
+    for pid in sorted(before):
+        result = results.get(pid, f"no answer within {wait:g}s (see its log)")
+        ok = ok and result.startswith("reloaded")
+        print(f"kimiproxy: pid {pid}: {result}")
+    return 0 if ok else 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -3818,13 +4181,85 @@ class Collector:
             self.collect()
 
 
+class Routing:
+    """One configuration as the exchanges use it: the upstreams, which one serves which model, each
+    model's request fields and the access keys. Built at start-up and at each reload and never changed
+    after: an Exchange takes the one in force when it begins and keeps it to its end, so a stream
+    finishes with the configuration it began with. Without a configuration file: the one upstream of
+    SGLANG_API_BASE takes every request, and /v1/models is passed through, as without routing."""
+
+    def __init__(self, upstreams: list[Upstream], api_keys: tuple[tuple[str, str], ...],
+                 file: FileConfig | None = None) -> None:
+        self.upstreams = upstreams
+        self.api_keys = api_keys
+        self.file = file
+        self.by_model = {model: upstream for upstream in upstreams for model in upstream.models}
+        named = {upstream.name: upstream for upstream in upstreams}
+        self.default = named.get(file.default_upstream) if file is not None else upstreams[0]
+        # The pass-through routes (/v1/completions, /v1/embeddings...) are relayed unread, so no model
+        # routes them: the default upstream takes them, else the first the file lists.
+        self.passthrough = self.default or upstreams[0]
+        self.fields = dict(file.models) if file is not None else {}
+        self.loaded_at = int(time.time())  # /v1/models' "created"
+
+    def route(self, model: Any) -> Upstream:
+        """The upstream for a chat request's model; an unknown one goes to the default upstream, or is a 404."""
+        upstream = self.by_model.get(model) if isinstance(model, str) else None
+        if upstream is None:
+            upstream = self.default
+        if upstream is None:
+            shown = repr(model[:100]) if isinstance(model, str) else "none"
+            raise ClientError(f"model {shown} is not served here: GET /v1/models lists the models", 404)
+        return upstream
+
+    def model(self, model_id: str) -> dict | None:
+        upstream = self.by_model.get(model_id)
+        return None if upstream is None else {"id": model_id, "object": "model", "created": self.loaded_at,
+                                              "owned_by": upstream.name}
+
+    def models(self) -> dict:
+        """GET /v1/models: the ids the file lists, each with the upstream that serves it (``owned_by``),
+        in the file's order. The configured ids, not each upstream's own answer: an upstream that is down
+        or slow leaves the list as it is, and a client sees only the ids it can use."""
+        return {"object": "list", "data": [self.model(m) for u in self.upstreams for m in u.models]}
+
+
+def reload_summary(old: Routing, new: Routing) -> str:
+    """What a reload changed, in counts: ``upstreams 2 (1 added, 0 removed, 1 changed); models 3 ...``."""
+    def counts(label: str, before: dict, after: dict, changed: str = "changed") -> str:
+        added = sum(1 for k in after if k not in before)
+        removed = sum(1 for k in before if k not in after)
+        differ = sum(1 for k in after if k in before and before[k] != after[k])
+        return f"{label} {len(after)} ({added} added, {removed} removed, {differ} {changed})"
+
+    def upstreams(routing: Routing) -> dict:
+        return {u.name: (u.url, u.api_key, u.credentials) for u in routing.upstreams}
+
+    def served(routing: Routing) -> dict:
+        return {m: u.name for m, u in routing.by_model.items()}
+
+    def keys(routing: Routing) -> dict:
+        return dict(routing.api_keys)
+
+    parts = [counts("upstreams", upstreams(old), upstreams(new)), counts("models", served(old), served(new), "moved"),
+             counts("model fields", old.fields, new.fields), counts("keys", keys(old), keys(new))]
+    before, after = (r.default.name if r.default is not None else "none" for r in (old, new))
+    if before != after:
+        parts.append(f"default upstream {before} -> {after}")
+    return "; ".join(parts)
+
+
 class Proxy:
-    """What every exchange shares: the settings, the upstream, the metrics, the access keys, and the
-    count of requests in flight (the garbage collector's clock, in a serving process)."""
+    """What every exchange shares: the settings, the configuration in force (``routing``: the upstreams,
+    the models, the access keys; replaced whole by a reload), the connections to the upstreams, the
+    metrics, and the count of requests in flight (the garbage collector's clock, in a serving process)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.upstream = Upstream(settings)
+        self.connections = UpstreamConnections(settings)
+        self.routing = self._routing(load_config_file(settings.config_file) if settings.config_file else None)
+        self.registration: Registration | None = None  # with a configuration file, in a serving process
+        self._nursery: trio.Nursery | None = None  # where the upstreams' parser watchers run
         self.metrics = Metrics()
         self.collector: Collector | None = None
         self.reasoning = ReasoningStore(settings) if settings.restore_reasoning and settings.repair else None
@@ -3832,6 +4267,62 @@ class Proxy:
         self._exposure_checked = False
         self.bodies_held = 0  # bytes of request body the exchanges in flight hold (hold_body)
         self._host_names = frozenset({socket.gethostname().lower(), *settings.allowed_hosts})  # see check_host
+
+    @property
+    def upstream(self) -> Upstream:
+        """The upstream of the pass-through routes (without a configuration file, the only one)."""
+        return self.routing.passthrough
+
+    def _routing(self, file: FileConfig | None, old: Routing | None = None) -> Routing:
+        if file is None:
+            return Routing([Upstream(self.settings, self.connections)], self.settings.api_keys)
+        keys = file.api_keys if file.api_keys is not None else self.settings.api_keys
+        known = {u.url: u.parsers for u in old.upstreams} if old is not None else {}
+        upstreams = []
+        for config in file.upstreams:
+            upstream = Upstream(self.settings, self.connections, config, client_keys=bool(keys))
+            upstream.parsers = known.get(upstream.url)  # asked once per upstream, not once per reload
+            upstreams.append(upstream)
+        return Routing(upstreams, keys, file)
+
+    def watch_upstreams(self, nursery: trio.Nursery) -> None:
+        """Ask each upstream whose parsers are not known yet for them (Upstream.watch_parsers)."""
+        self._nursery = nursery
+        for upstream in self.routing.upstreams:
+            if upstream.parsers is None:
+                nursery.start_soon(upstream.watch_parsers)
+
+    def reload(self) -> str:
+        """Read the configuration file again and put it in force for the exchanges that begin from now
+        on; those in flight keep theirs (Exchange.routing). A file that does not validate changes
+        nothing: one ERROR line says why. Returns what happened, in one line (for ``reload``)."""
+        assert self.routing.file is not None
+        path = self.routing.file.path
+        try:
+            file = load_config_file(path)
+        except ConfigError as exc:
+            log.error("configuration not reloaded, the running one stays: %s", exc)
+            return f"refused: {exc}"
+        old, self.routing = self.routing, self._routing(file, self.routing)
+        for upstream in old.upstreams:
+            upstream.retire()
+        if self._nursery is not None:
+            self.watch_upstreams(self._nursery)
+        summary = reload_summary(old, self.routing)
+        log.info("configuration reloaded from %s: %s", path, summary)
+        return f"reloaded: {summary}"
+
+    async def reload_on_sighup(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """In a serving process with a configuration file: each SIGHUP reloads it (several at once, one
+        reload). The process registers for ``python kimiproxy.py reload`` only once the handler is in
+        place: SIGHUP's default would kill it."""
+        assert self.routing.file is not None
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            self.registration = Registration(self.routing.file.path)
+            self.registration.write()
+            task_status.started()
+            async for _ in signals:
+                self.registration.write(self.reload())
 
     def hold_body(self, size: int) -> None:
         """Count ``size`` more bytes of request body held by this worker, or refuse with a 503 past
@@ -3854,11 +4345,12 @@ class Proxy:
         if self.collector is not None:
             self.collector.end()
 
-    def check_host(self, scope: dict) -> None:
-        """Without PROXY_API_KEY, the Host a request names must be an IP address, localhost, this
-        machine's name or one in ALLOWED_HOSTS: a web page whose own name was made to resolve to
-        127.0.0.1 (DNS rebinding) names its own host, and is refused. With keys, such a page has none."""
-        if self.settings.api_keys or "*" in self.settings.allowed_hosts:
+    def check_host(self, scope: dict, keys: tuple[tuple[str, str], ...] | None = None) -> None:
+        """Without access keys (``keys``: the exchange's, else those in force), the Host a request names
+        must be an IP address, localhost, this machine's name or one in ALLOWED_HOSTS: a web page whose
+        own name was made to resolve to 127.0.0.1 (DNS rebinding) names its own host, and is refused.
+        With keys, such a page has none."""
+        if (self.routing.api_keys if keys is None else keys) or "*" in self.settings.allowed_hosts:
             return
         host = next((v for k, v in scope["headers"] if k == b"host"), None)
         if host is None:
@@ -3876,11 +4368,12 @@ class Proxy:
                           f"its own host name, not {name[:64]!r}: set PROXY_API_KEY, or add the name to "
                           f"ALLOWED_HOSTS", 403)
 
-    def authorise(self, scope: dict) -> str:
-        """With PROXY_API_KEY: ``Authorization: Bearer <one of the keys>``, compared in constant time
-        with every key, or a 401; returns the key's name. Without it, a warning once if the proxy answers
-        on a non-loopback address: anyone there can use the GPU."""
-        keys = self.settings.api_keys
+    def authorise(self, scope: dict, keys: tuple[tuple[str, str], ...] | None = None) -> str:
+        """With access keys (PROXY_API_KEY, or the file's ``keys``): ``Authorization: Bearer <one of the
+        keys>``, compared in constant time with every key, or a 401; returns the key's name. Without,
+        a warning once if the proxy answers on a non-loopback address: anyone there can use the GPU.
+        ``keys``: the exchange's, else those in force."""
+        keys = self.routing.api_keys if keys is None else keys
         if not keys:
             if not self._exposure_checked:
                 self._exposure_checked = True
@@ -3991,6 +4484,9 @@ class Exchange:
 
     def __init__(self, proxy: "Proxy", scope: dict, receive: Any, send: Any, anthropic: str | None = None) -> None:
         self.proxy = proxy
+        # The configuration this exchange began with, kept to its end (a reload changes the proxy's).
+        self.routing = proxy.routing
+        self.backend = self.routing.passthrough  # the upstream it goes to, once its model is known
         self.scope = scope
         self._receive = receive
         self._send = send
@@ -4047,28 +4543,41 @@ class Exchange:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("headers %s", redact_headers(self.scope["headers"]))
         self.target = checked_path(self.scope)
-        self.proxy.check_host(self.scope)
-        self.key_name = self.proxy.authorise(self.scope)
+        self.proxy.check_host(self.scope, self.routing.api_keys)
+        self.key_name = self.proxy.authorise(self.scope, self.routing.api_keys)
         body = await self._read_body()
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_client)
         if not chat:
-            await self._passthrough(body)
+            if self.routing.file is not None and self.method == "GET" and (
+                    self.path == "/v1/models" or self.path.startswith("/v1/models/")):
+                await self._models()
+            else:
+                await self._passthrough(body)
             return
         if self.proxy.captures is not None:
             self.capture = Capture(self, body)
         protocol = self.protocol
         request = protocol.parse(self.scope, body)
         log.info("%s %s %s", self.method, self.path, summarize_request(request, len(body)))
+        model = request.get("model")
+        self.backend = self.routing.route(model)
         if protocol.counting:
             await self._count_tokens(request)
             return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request body %s", body.decode("utf-8", "replace"))
         settings = self.proxy.settings
+        sent, edits = request, []  # ``sent``: the request as the client sent it, to its top-level fields
+        fields = self.routing.fields.get(model) if isinstance(model, str) and self.routing.fields else None
+        if fields is not None:
+            sent = dict(request)
+            edits, changed = apply_model_fields(request, fields)
+            if changed:
+                log.info("model %r: %s", model, changed)
         ctx = RepairContext.from_request(request, enabled=settings.repair)
         self.messages = request["messages"]
-        edits = await self._restore_reasoning(request)
+        edits += await self._restore_reasoning(request)
         rewritten = canonicalize_history(request) if settings.repair else []
         if rewritten:
             log.info("repair: rewrote non-canonical tool-call ids in the history for the upstream")
@@ -4077,10 +4586,10 @@ class Exchange:
         # key) and keeps it. A transparent proxy changes nothing.
         pass_usage = not settings.repair or _usage_asked(request)
         edits += rewritten + (_usage_option(request) if stream and not pass_usage else [])
-        body = protocol.upstream_body(body, request, edits)
+        body = protocol.upstream_body(body, sent, request, edits)
         if self.capture is not None and protocol.name != "openai":  # what replays: the chat request
             self.capture.body = body
-        upstream = self.proxy.upstream
+        upstream = self.backend
         outgoing = upstream.request("POST", *protocol.upstream_target(self.target, self.scope["query_string"]), body,
                                     upstream.headers(self.scope["headers"], relay_untouched=False))
         if stream:
@@ -4249,7 +4758,7 @@ class Exchange:
     # -- the upstream ------------------------------------------------------------------------------
 
     async def _open(self, request: httpx.Request) -> httpx.Response:
-        self.upstream = await self.proxy.upstream.send(request)
+        self.upstream = await self.backend.send(request)
         self.first_byte = time.monotonic() - self.started_at
         return self.upstream
 
@@ -4415,7 +4924,7 @@ class Exchange:
         log.info("%s %s (pass-through, %d bytes)", self.method, self.path, len(body))
         if self.method == "POST":
             require_json(self.scope)
-        upstream = self.proxy.upstream
+        upstream = self.backend
         response = await self._open(upstream.request(
             self.method, self.target, self.scope["query_string"], body,
             upstream.headers(self.scope["headers"], relay_untouched=True)))
@@ -4428,11 +4937,23 @@ class Exchange:
             raise upstream_failure(exc, str(response.url)) from None
         await self._body(b"", more=False)
 
+    async def _models(self) -> None:
+        """GET /v1/models (and /v1/models/ID) with a configuration file: the models of every upstream
+        (Routing.models), answered here."""
+        log.info("%s %s (the configured models)", self.method, self.path)
+        if self.path == "/v1/models":
+            await self._send_json(200, self.routing.models())
+            return
+        found = self.routing.model(self.path.removeprefix("/v1/models/"))
+        if found is None:
+            raise ClientError("no such model: GET /v1/models lists the models", 404)
+        await self._send_json(200, found)
+
     async def _count_tokens(self, request: dict) -> None:
         """POST /v1/messages/count_tokens: the chat request counted by SGLang's own tokenizer and chat
         template (POST /v1/tokenize, SGLang 0.5.2x); an upstream without it gets an estimate, which the
         answer says it is (``estimate``) and the log too."""
-        upstream = self.proxy.upstream
+        upstream = self.backend
         asked = {"model": request["model"], "messages": request["messages"], **(
             {"tools": request["tools"]} if request.get("tools") else {})}
         count = None
@@ -4502,8 +5023,9 @@ class Exchange:
         else:
             first = f"{self.first_byte:.3f}s" if self.first_byte is not None else "-"
             tokens = f", tokens {usage.get('prompt_tokens')}+{usage.get('completion_tokens')}" if usage else ""
-            log.info("%s %s -> %s in %.3fs (upstream first byte %s, %d bytes out%s, key %s)", self.method,
-                     self.path, self.status or "-", elapsed, first, self.bytes, tokens, self.key_name)
+            via = f", upstream {self.backend.name}" if self.routing.file is not None else ""
+            log.info("%s %s -> %s in %.3fs (upstream first byte %s, %d bytes out%s, key %s%s)", self.method,
+                     self.path, self.status or "-", elapsed, first, self.bytes, tokens, self.key_name, via)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -4640,14 +5162,21 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
             forward_sigterm_to_supervisor()
             proxy.collector = Collector()
             app.nursery.start_soon(proxy.collector.run)
-        await proxy.upstream.open()
-        app.nursery.start_soon(proxy.upstream.watch_parsers)
-        log.info("kimiproxy %s serving, upstream %s, repair %s, heartbeat %gs", __version__, settings.upstream,
+        await proxy.connections.open()
+        proxy.watch_upstreams(app.nursery)
+        file = proxy.routing.file
+        if serving_process and file is not None:
+            await app.nursery.start(proxy.reload_on_sighup)
+        where = f"upstream {settings.upstream}" if file is None else f"configuration {file.path} (" + ", ".join(
+            f"{u.name} {u.url}: {len(u.models)} models" for u in proxy.routing.upstreams) + ")"
+        log.info("kimiproxy %s serving, %s, repair %s, heartbeat %gs", __version__, where,
                  "on" if settings.repair else "off", settings.heartbeat_interval)
 
     @app.after_serving
     async def shutdown() -> None:
-        await proxy.upstream.aclose()
+        if proxy.registration is not None:
+            proxy.registration.remove()
+        await proxy.connections.aclose()
         if proxy.reasoning is not None:
             await proxy.reasoning.aclose()
 
@@ -4664,16 +5193,22 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
         """Liveness; with ?upstream=1 also whether the upstream answers, and its parsers."""
         if request.args.get("upstream") not in ("1", "true", "yes"):
             return jsonify({"status": "ok"})
-        try:
-            with trio.fail_after(HEALTH_UPSTREAM_TIMEOUT):
-                response = await proxy.upstream.get(f"{settings.upstream}/models")
-        except (httpx.HTTPError, trio.TooSlowError) as exc:
-            return jsonify({"status": "degraded", "upstream": f"unreachable: {type(exc).__name__}"}), 503
-        if response.status_code >= 400:
-            return jsonify({"status": "degraded", "upstream": f"HTTP {response.status_code}"}), 503
-        parsers = await proxy.upstream.check_parsers()
-        return jsonify({"status": "ok", "upstream": "ok", "parsers": parsers,
-                        "warning": parser_warning(parsers or {})})
+        routing = proxy.routing
+        if routing.file is None:
+            ok, report = await proxy.upstream.health()
+            return jsonify(report), 200 if ok else 503
+        # With a configuration file, every upstream, asked at once: 503 when any one does not answer.
+        reports: list[Any] = [None] * len(routing.upstreams)
+
+        async def ask(i: int, upstream: Upstream) -> None:
+            ok, report = await upstream.health()
+            reports[i] = (ok, {"name": upstream.name, "models": list(upstream.models), **report})
+
+        async with trio.open_nursery() as nursery:
+            for i, upstream in enumerate(routing.upstreams):
+                nursery.start_soon(ask, i, upstream)
+        ok = all(answered for answered, _ in reports)
+        return jsonify({"status": "ok" if ok else "degraded", "upstreams": [r for _, r in reports]}), 200 if ok else 503
 
     @app.get("/metrics")
     async def metrics() -> Any:
@@ -4681,13 +5216,17 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
 
     @app.get("/")
     async def index() -> Any:
+        routing = proxy.routing
         parsers = proxy.upstream.parsers
+        warning = next((w for u in routing.upstreams if (w := parser_warning(u.parsers or {}))), None)
+        upstreams = {"upstreams": [{"name": u.name, "models": list(u.models), "parsers": u.parsers}
+                                   for u in routing.upstreams]} if routing.file is not None else {}
         return jsonify({
             "name": "kimiproxy", "version": __version__,  # not the upstream's address: it is nobody's business
-            "upstream_parsers": parsers, "warning": parser_warning(parsers or {}),
+            "upstream_parsers": parsers, "warning": warning, **upstreams,
             "repairs": {"tool_calls": settings.repair, "think_in_content": settings.repair,
                         "history_ids": settings.repair},
-            "heartbeat_interval": settings.heartbeat_interval, "auth": bool(settings.api_keys),
+            "heartbeat_interval": settings.heartbeat_interval, "auth": bool(routing.api_keys),
             "reasoning_continuity": proxy.reasoning is not None and proxy.reasoning.usable,
             "capture": proxy.captures is not None and proxy.captures.usable,
         })
@@ -4710,7 +5249,8 @@ def _module_app() -> KimiProxyApp:
         raise SystemExit(f"kimiproxy: bad configuration: {exc}") from None
 
 
-app = _module_app()  # what `hypercorn kimiproxy:app` serves; importing it starts nothing
+if __name__ != "__main__":  # python kimiproxy.py builds its own app in main(), with its flags
+    app = _module_app()  # what `hypercorn kimiproxy:app` serves; importing it starts nothing
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -4743,27 +5283,43 @@ def main(argv: list[str] | None = None) -> int:
             print("usage: python kimiproxy.py replay CAPTURE.json...", file=sys.stderr)
             return 2
         return replay(argv[1:])
+    dotenv = read_dotenv([Path.cwd() / ".env", Path(__file__).resolve().parent / ".env"])
+    if argv[:1] == ["reload"]:
+        reloading = argparse.ArgumentParser(prog="kimiproxy.py reload", description=(
+            "Make every running kimiproxy that serves the configuration file (each worker of hypercorn -w N, "
+            "or python kimiproxy.py) read it again, and print what each did."))
+        reloading.add_argument("--config", help="the configuration file (KIMIPROXY_CONFIG)")
+        path = reloading.parse_args(argv[1:]).config or {**dotenv, **os.environ}.get("KIMIPROXY_CONFIG", "").strip()
+        if not path:
+            print("kimiproxy: no configuration file to reload: give --config FILE or set KIMIPROXY_CONFIG",
+                  file=sys.stderr)
+            return 2
+        try:  # checked here first: a file that does not validate signals nobody
+            load_config_file(path)
+        except ConfigError as exc:
+            print(f"kimiproxy: bad configuration: {exc}", file=sys.stderr)
+            return 1
+        return reload_servers(path)
     parser = argparse.ArgumentParser(description="OpenAI- and Anthropic-compatible proxy that repairs "
                                                  "Kimi-K2 tool calls leaked by SGLang.",
-                                     epilog="python kimiproxy.py replay CAPTURE.json... replays captures offline.")
+                                     epilog="python kimiproxy.py replay CAPTURE.json... replays captures offline; "
+                                            "python kimiproxy.py reload [--config FILE] reloads the configuration "
+                                            "file of the running ones.")
     parser.add_argument("--host", help="bind address (PROXY_HOST)")
     parser.add_argument("--port", type=int, help="port (PROXY_PORT)")
     parser.add_argument("--upstream", help="SGLang /v1 base URL (SGLANG_API_BASE)")
+    parser.add_argument("--config", help="the configuration file: upstreams, models, keys (KIMIPROXY_CONFIG)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING... (LOG_LEVEL)")
     parser.add_argument("--enable-streaming-tool-parser", dest="repair", action=argparse.BooleanOptionalAction,
                         default=None, help="the Kimi-K2 repair (ENABLE_STREAMING_TOOL_PARSER)")
     args = parser.parse_args(argv)
     overrides = {"PROXY_HOST": args.host, "PROXY_PORT": args.port, "SGLANG_API_BASE": args.upstream,
-                 "LOG_LEVEL": args.log_level,
+                 "LOG_LEVEL": args.log_level, "KIMIPROXY_CONFIG": args.config,
                  "ENABLE_STREAMING_TOOL_PARSER": None if args.repair is None else str(args.repair)}
-    dotenv = read_dotenv([Path.cwd() / ".env", Path(__file__).resolve().parent / ".env"])
     env = {**dotenv, **os.environ, **{k: str(v) for k, v in overrides.items() if v is not None}}
     try:
         settings = Settings.from_env(env)
-    except ConfigError as exc:
-        print(f"kimiproxy: bad configuration: {exc}", file=sys.stderr)
-        return 1
-    try:
+        app = create_app(settings, serving_process=True)  # reads the configuration file, if any
         setup_logging(settings)
     except ConfigError as exc:
         print(f"kimiproxy: bad configuration: {exc}", file=sys.stderr)
@@ -4774,7 +5330,7 @@ def main(argv: list[str] | None = None) -> int:
     config.graceful_timeout = settings.shutdown_grace
     if not settings.api_keys and not _is_loopback(settings.host):
         log.warning("binding %s without PROXY_API_KEY: anyone on the network can use the GPU", settings.host)
-    trio.run(_serve, create_app(settings, serving_process=True), config)
+    trio.run(_serve, app, config)
     logging.shutdown()  # flush the log files
     return 0
 

@@ -3579,7 +3579,7 @@ def test_calls_that_overlap_go_out_one_after_another() -> None:
 WHITESPACE_AROUND_A_SWITCH = [
     {"reasoning_content": "Plan.", "content": f"\n\n{S}{CALL}{E}", "finish_reason": "stop"},
     {"reasoning_content": "Plan.", "content": f" \n{S}{CALL}{E} more</think>Answer", "finish_reason": "stop"},
-    {"reasoning_content": "Plan.", "content": f"\n\nThe answer.", "finish_reason": "stop"},
+    {"reasoning_content": "Plan.", "content": "\n\nThe answer.", "finish_reason": "stop"},
     {"content": f"<think>Plan.</think> \n {S}{CALL}{E}\n\nDone.", "finish_reason": "stop"},
 ]
 
@@ -3594,3 +3594,315 @@ def test_whitespace_between_thinking_and_a_section_lands_the_same_however_chunks
         streamed = accumulate(frames_to_events(run_stream(ctx_for(TOOLS), upstream_chunks(up, points, points))))
         assert (streamed["reasoning"], streamed["content"]) == (whole["reasoning"], whole["content"]), points
     assert "</think>" not in whole["content"] + whole["reasoning"]
+# Several upstreams: a configuration file, routing by model, per-model request fields, reloads
+# ---------------------------------------------------------------------------------------------------
+
+def config_file(tmp_path: Path, doc: Any, name: str = "kimiproxy.json") -> str:
+    path = tmp_path / name
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc), encoding="utf-8")
+    return str(path)
+
+
+def two_upstreams(big: FakeSGLang, small: FakeSGLang, **more: Any) -> dict:
+    return {"upstreams": {"big": {"url": big.url, "api_key": "key-of-big", "models": ["kimi-k2-thinking"]},
+                          "small": {"url": small.url, "api_key": "key-of-small", "models": ["kimi-small"]}},
+            **more}
+
+
+def chats(fake: FakeSGLang) -> list[Any]:
+    return [seen for seen in fake.seen if seen.path == "/v1/chat/completions"]
+
+
+@pytest.mark.edge
+async def test_each_model_goes_to_its_own_upstream_with_either_sdk(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                                   tmp_path: Path) -> None:
+    """Two models, two upstreams: the OpenAI SDK (streamed, whole) and the Anthropic SDK (streamed, whole,
+    count_tokens) reach the upstream that serves the model, with that upstream's key; /v1/models lists
+    both; an unknown model is a 404 in each protocol's shape, and reaches no upstream; /health?upstream=1
+    reports each upstream."""
+    small = await nursery.start(FakeSGLang().serve)
+    running = await start_proxy(nursery, upstream.url, KIMIPROXY_CONFIG=config_file(tmp_path, two_upstreams(upstream, small)))
+    hi = [{"role": "user", "content": "hi"}]
+    for model, fake, key in (("kimi-k2-thinking", upstream, "key-of-big"), ("kimi-small", small, "key-of-small")):
+        other = small if fake is upstream else upstream
+        before, others = len(chats(fake)), len(other.seen)
+
+        def openai_both() -> tuple[str, str]:
+            stream = running.sdk().chat.completions.create(model=model, messages=hi, stream=True)
+            streamed = "".join(ev.choices[0].delta.content or "" for ev in stream if ev.choices)
+            whole = running.sdk().chat.completions.create(model=model, messages=hi).choices[0].message.content
+            return streamed, whole
+
+        def anthropic_all() -> tuple[str, str, int]:
+            with claude(running).messages.stream(model=model, max_tokens=50, messages=hi) as stream:
+                streamed = "".join(stream.text_stream)
+            whole = claude(running).messages.create(model=model, max_tokens=50, messages=hi).content[0].text
+            return streamed, whole, claude(running).messages.count_tokens(model=model, messages=hi).input_tokens
+
+        assert await sdk_call(openai_both) == ("Hello!", "Hello!")
+        streamed, whole, tokens = await sdk_call(anthropic_all)
+        assert (streamed, whole) == ("Hello!", "Hello!") and tokens > 0
+        went = chats(fake)[before:]
+        assert [seen.json()["model"] for seen in went] == [model] * 4
+        assert {seen.headers["authorization"] for seen in went} == {f"Bearer {key}"}  # its own key
+        assert [s.path for s in fake.seen[-1:]] == ["/v1/tokenize"]  # count_tokens, by the model's upstream
+        assert len(other.seen) == others
+    models = await sdk_call(lambda: running.sdk().models.list())
+    assert [(m.id, m.owned_by) for m in models.data] == [("kimi-k2-thinking", "big"), ("kimi-small", "small")]
+    one = await sdk_call(lambda: running.sdk().models.retrieve("kimi-small"))
+    assert one.owned_by == "small"
+    assert not [s for fake in (upstream, small) for s in fake.seen if "models" in s.path]  # answered by kimiproxy
+
+    with pytest.raises(openai.NotFoundError) as openai_404:
+        await sdk_call(lambda: running.sdk().chat.completions.create(model="gpt-4o", messages=hi))
+    error = openai_404.value.body
+    assert (error["code"], error["type"]) == (404, "invalid_request_error") and "'gpt-4o'" in error["message"]
+    with pytest.raises(anthropic.NotFoundError) as anthropic_404:
+        await sdk_call(lambda: claude(running).messages.create(model="claude-opus-4", max_tokens=5, messages=hi))
+    assert anthropic_404.value.body["type"] == "error"
+    assert anthropic_404.value.body["error"]["type"] == "not_found_error"
+    assert not [s for fake in (upstream, small) for s in fake.seen if b"gpt-4o" in s.body or b"claude" in s.body]
+
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        health = await client.get("/health?upstream=1")
+        completions = await client.post("/v1/completions", json={"model": "kimi-small", "prompt": "p"})
+    assert health.status_code == 200, health.text
+    assert [(u["name"], u["status"], u["models"], u["parsers"]["reasoning_parser"])
+            for u in health.json()["upstreams"]] == [("big", "ok", ["kimi-k2-thinking"], "kimi_k2"),
+                                                     ("small", "ok", ["kimi-small"], "kimi_k2")]
+    # Pass-through routes are not read: without a default upstream they go to the first one listed.
+    assert completions.status_code == 200 and upstream.seen[-1].path == "/v1/completions"
+
+
+@pytest.mark.edge
+async def test_a_default_upstream_takes_the_models_no_upstream_lists(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                                     tmp_path: Path) -> None:
+    small = await nursery.start(FakeSGLang().serve)
+    doc = two_upstreams(upstream, small, default_upstream="small")
+    running = await start_proxy(nursery, upstream.url, KIMIPROXY_CONFIG=config_file(tmp_path, doc))
+    hi = [{"role": "user", "content": "hi"}]
+    whole = await sdk_call(lambda: running.sdk().chat.completions.create(model="gpt-4o", messages=hi))
+    message = await sdk_call(lambda: claude(running).messages.create(model="claude-opus-4", max_tokens=5, messages=hi))
+    assert whole.choices[0].message.content == "Hello!" and message.content[0].text == "Hello!"
+    assert [s.json()["model"] for s in chats(small)] == ["gpt-4o", "claude-opus-4"] and not chats(upstream)
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        await client.post("/v1/embeddings", json={"model": "kimi-k2-thinking", "input": "x"})
+        assert small.seen[-1].path == "/v1/embeddings"  # pass-through: the default upstream
+        health = await client.get("/health?upstream=1")
+    assert health.status_code == 200
+    # An upstream that does not answer makes /health?upstream=1 a 503 that says which.
+    doc["upstreams"]["big"]["url"] = f"http://127.0.0.1:{_free_port()}/v1"
+    down = await start_proxy(nursery, upstream.url, KIMIPROXY_CONFIG=config_file(tmp_path, doc, "down.json"))
+    async with httpx.AsyncClient(base_url=down.base) as client:
+        health = await client.get("/health?upstream=1")
+    assert health.status_code == 503 and health.json()["status"] == "degraded"
+    assert [(u["name"], u["status"]) for u in health.json()["upstreams"]] == [("big", "degraded"), ("small", "ok")]
+
+
+@pytest.mark.edge
+async def test_a_models_defaults_and_overrides_reach_the_upstream_and_are_logged(
+        nursery: trio.Nursery, upstream: FakeSGLang, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A default fills a field the client did not send, an override replaces the one it sent; the
+    request's log line says which; every other byte is the client's; a request that needs no change,
+    or is for a model without fields, arrives byte for byte. For Anthropic, on the chat request."""
+    caplog.set_level(logging.INFO, logger="kimiproxy")
+    small = await nursery.start(FakeSGLang().serve)
+    doc = two_upstreams(upstream, small, models={"kimi-k2-thinking": {
+        "defaults": {"temperature": 1.0, "top_p": 0.95}, "overrides": {"max_tokens": 32000}}})
+    running = await start_proxy(nursery, upstream.url, KIMIPROXY_CONFIG=config_file(tmp_path, doc))
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        edited = (b'{"model": "kimi-k2-thinking", "max_tokens": 100, "seed": 123456789012345678901234567890,\n'
+                  b' "messages": [{"role": "user", "content": "hi"}]}')
+        assert (await client.post("/v1/chat/completions", content=edited, headers=headers)).status_code == 200
+        sent = upstream.seen[-1]
+        assert {k: sent.json()[k] for k in ("temperature", "top_p", "max_tokens")} == {
+            "temperature": 1.0, "top_p": 0.95, "max_tokens": 32000}
+        assert b"123456789012345678901234567890" in sent.body and b'"content": "hi"}]}' in sent.body
+        lines = await logged(caplog, "model 'kimi-k2-thinking': ")
+        assert [r.getMessage() for r in lines] == [
+            "model 'kimi-k2-thinking': defaults: temperature=1.0, top_p=0.95; overrides: max_tokens 100->32000"]
+
+        untouched = (b'{"model":"kimi-k2-thinking",  "temperature": 0.2, "top_p": 1,\n "max_tokens": 32000, '
+                     b'"messages": [{"role": "user", "content": "hi"}]}')
+        other = b'{"model": "kimi-small", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}'
+        for body, fake in ((untouched, upstream), (other, small)):
+            assert (await client.post("/v1/chat/completions", content=body, headers=headers)).status_code == 200
+            assert fake.seen[-1].body == body
+    assert len(await logged(caplog, "model 'kimi-k2-thinking': ")) == 1  # nothing changed: nothing said
+
+    await sdk_call(lambda: claude(running).messages.create(model="kimi-k2-thinking", max_tokens=100,
+                                                           messages=[{"role": "user", "content": "hi"}]))
+    chat = upstream.seen[-1].json()
+    assert (chat["max_tokens"], chat["temperature"], chat["top_p"]) == (32000, 1.0, 0.95)
+    assert len(await logged(caplog, "max_tokens 100->32000")) == 2
+
+
+def test_a_configuration_file_that_does_not_validate_says_what_and_where(tmp_path: Path) -> None:
+    good = {"url": "http://127.0.0.1:30000/v1", "models": ["k"]}
+    for doc, said in [
+        ("{nope", "line 1 column 2: not JSON"),
+        ([], "the file: must be a JSON object, not list"),
+        ({"upstream": {}}, "the file.upstream: unknown field"),
+        ({"upstreams": {}}, "upstreams: name at least one upstream"),
+        ({"upstreams": {"small": {"url": "gpu:30000", "models": ["k"]}}},
+         "upstreams.small.url: must be an http(s) URL"),
+        ({"upstreams": {"a": {**good, "key": "x"}}}, "upstreams.a.key: unknown field"),
+        ({"upstreams": {"a": {**good, "models": "k"}}}, "upstreams.a.models: must be a list of model ids"),
+        ({"upstreams": {"a": {"url": good["url"]}}}, "upstreams.a.models: list the model ids it serves"),
+        ({"upstreams": {"a": good, "b": good}}, "upstreams.b.models.0: 'k' is served by upstream 'a' already"),
+        ({"upstreams": {"a": good}, "default_upstream": "c"}, "default_upstream: 'c' is not one of the upstreams"),
+        ({"upstreams": {"a": {"url": "http://u:p@gpu/v1", "api_key": "x", "models": ["k"]}}}, "one credential"),
+        ({"upstreams": {"a": good}, "models": {"z": {}}}, "models.z: no upstream lists this model"),
+        ({"upstreams": {"a": good}, "models": {"k": {"defaults": {"stream": True}}}},
+         "models.k.defaults.stream: kimiproxy decides this field itself"),
+        ({"upstreams": {"a": good}, "models": {"k": {"defaults": {"top_p": 1}, "overrides": {"top_p": 1}}}},
+         "models.k: top_p both a default and an override"),
+        ({"upstreams": {"a": good}, "keys": {}}, "keys: holds no key"),
+        ({"upstreams": {"a": good}, "keys": {"alice": ""}}, "keys.alice: must be a non-empty string"),
+    ]:
+        path = config_file(tmp_path, doc)
+        with pytest.raises(kp.ConfigError) as caught:
+            kp.load_config_file(path)
+        assert str(caught.value).startswith(f"{path}: ") and said in str(caught.value), (said, str(caught.value))
+        assert "\n" not in str(caught.value)
+    missing = str(tmp_path / "missing.json")
+    with pytest.raises(kp.ConfigError, match="missing.json: cannot be read"):
+        kp.load_config_file(missing)
+    doc = {"upstreams": {"a": {"url": "http://u:p%40ss@gpu:30000/v1/", "models": ["k"]}}, "default_upstream": "a",
+           "models": {"k": {"defaults": {"temperature": 1.0}}}, "keys": {"alice": " KEY1 "}}
+    config = kp.load_config_file(config_file(tmp_path, doc))
+    assert (config.upstreams[0].url, config.upstreams[0].credentials) == ("http://gpu:30000/v1", "u:p@ss")
+    assert config.api_keys == (("alice", "KEY1"),) and "KEY1" not in repr(config) and "p@ss" not in repr(config)
+
+
+@pytest.mark.slow
+@pytest.mark.edge
+def test_a_configuration_file_that_does_not_validate_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    path = config_file(tmp_path, {"upstreams": {"small": {"url": "gpu:30000", "models": ["kimi-small"]}}})
+    said = (f"kimiproxy: bad configuration: {path}: upstreams.small.url: must be an http(s) URL, like "
+            "http://127.0.0.1:30000/v1")
+    r = _run([sys.executable, "kimiproxy.py", "--config", path, "--port", str(_free_port())], {})
+    assert (r.returncode, r.stderr.strip()) == (1, said)
+    r = _run([sys.executable, "-m", "hypercorn", "kimiproxy:app", "-k", "trio", "-b", "127.0.0.1:0"],
+             {"KIMIPROXY_CONFIG": path})
+    assert "Traceback" not in r.stderr and r.stderr.strip().endswith(said)
+
+
+async def reload_cli(path: str) -> subprocess.CompletedProcess:
+    return await trio.to_thread.run_sync(lambda: _run([sys.executable, "kimiproxy.py", "reload", "--config", path], {},
+                                                      timeout=PROCESS_START_LIMIT))
+
+
+async def registered(path: str, count: int) -> list:
+    """The registrations of the processes serving ``path``, once there are ``count`` (each worker
+    registers when its start-up is done, after its SIGHUP handler is in place)."""
+    with trio.fail_after(PROCESS_START_LIMIT):
+        while len(found := kp.registered(path)) < count:
+            await trio.sleep(0.05)
+    return found
+
+
+def process_log(proc: Any) -> str:
+    """What a proxy_process wrote to stderr so far (pread: the child shares the file's offset)."""
+    return os.pread(proc.log.fileno(), 1 << 24, 0).decode(errors="replace")
+
+
+async def logged_by(proc: Any, words: str) -> list[str]:
+    with trio.fail_after(PROCESS_START_LIMIT):
+        while words not in process_log(proc):
+            await trio.sleep(0.05)
+    return [line for line in process_log(proc).splitlines() if words in line]
+
+
+@pytest.mark.slow
+@pytest.mark.edge
+async def test_a_reload_that_does_not_validate_keeps_the_running_configuration(
+        nursery: trio.Nursery, upstream: FakeSGLang, tmp_path: Path) -> None:
+    """python kimiproxy.py: `reload` checks the file first and signals nobody; a SIGHUP with the file
+    as it is anyway is refused with one ERROR line, and requests go on as before. A good file then
+    takes effect at the next reload, keys included."""
+    other = await nursery.start(FakeSGLang().serve)
+    doc = {"upstreams": {"main": {"url": upstream.url, "models": ["kimi-k2-thinking"]}}}
+    path = config_file(tmp_path, doc)
+    ask = {"model": "kimi-k2-thinking", "messages": []}
+    async with proxy_process(PYTHON_ARGS + ["--config", path], {}) as (base, proc):
+        await registered(path, 1)
+        Path(path).write_text(json.dumps({"upstreams": {"main": {"url": "gpu:30000", "models": ["k"]}}}))
+        said = f"{path}: upstreams.main.url: must be an http(s) URL, like http://127.0.0.1:30000/v1"
+        refused = await reload_cli(path)
+        assert (refused.returncode, refused.stderr.strip()) == (1, f"kimiproxy: bad configuration: {said}")
+        os.kill(proc.pid, signal.SIGHUP)
+        lines = await logged_by(proc, "configuration not reloaded")
+        assert len(lines) == 1 and " ERROR " in lines[0]
+        assert lines[0].endswith(f"configuration not reloaded, the running one stays: {said}")
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.post("/v1/chat/completions", json=ask)).status_code == 200
+        assert len(chats(upstream)) == 1 and proc.returncode is None
+
+        doc = {"upstreams": {"main": {"url": other.url, "models": ["kimi-k2-thinking"]}},
+               "keys": {"alice": "key-alice-1"}}
+        Path(path).write_text(json.dumps(doc))
+        reloaded = await reload_cli(path)
+        assert reloaded.returncode == 0, reloaded
+        assert reloaded.stdout.strip() == (
+            f"kimiproxy: pid {proc.pid}: reloaded: upstreams 1 (0 added, 0 removed, 1 changed); models 1 "
+            "(0 added, 0 removed, 0 moved); model fields 0 (0 added, 0 removed, 0 changed); keys 1 (1 added, "
+            "0 removed, 0 changed)")
+        async with httpx.AsyncClient(base_url=base) as client:
+            assert (await client.post("/v1/chat/completions", json=ask)).status_code == 401
+            keyed = await client.post("/v1/chat/completions", json=ask, headers={"authorization": "Bearer key-alice-1"})
+        assert keyed.status_code == 200 and len(chats(other)) == 1 and len(chats(upstream)) == 1
+        assert len(await logged_by(proc, "configuration reloaded from")) == 1
+        assert "key-alice-1" not in process_log(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.edge
+async def test_a_reload_under_hypercorn_workers_leaves_a_stream_in_flight_on_its_upstream(
+        nursery: trio.Nursery, upstream: FakeSGLang, tmp_path: Path) -> None:
+    """hypercorn -w 2 and `python kimiproxy.py reload` while a stream is in flight: the stream finishes
+    from the upstream it began with; new requests, in both workers, go to the new one."""
+    new = await nursery.start(FakeSGLang().serve)
+    doc = {"upstreams": {"main": {"url": upstream.url, "models": ["kimi-k2-thinking"]}}}
+    path = config_file(tmp_path, doc)
+    go_on = trio.Event()
+    steps = stream_of(content=["old ", "upstream"])
+    upstream.script(Script(steps=[*steps[:2], go_on, *steps[2:]]))
+    ask = {"model": "kimi-k2-thinking", "messages": []}
+    async with proxy_process(HYPERCORN_ARGS + ["-w", "2"], {"KIMIPROXY_CONFIG": path}) as (base, proc):
+        await registered(path, 2)
+        got: list[str] = []
+        workers: set[str] = set()
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            async with client.stream("POST", "/v1/chat/completions", json={**ask, "stream": True}) as stream:
+                lines = stream.aiter_lines()
+                async for line in lines:
+                    got.append(line)
+                    if "old " in line:
+                        break
+                doc["upstreams"]["main"]["url"] = new.url
+                Path(path).write_text(json.dumps(doc))
+                reloaded = await reload_cli(path)
+                assert reloaded.returncode == 0, reloaded
+                assert reloaded.stdout.count(": reloaded: upstreams 1 (0 added, 0 removed, 1 changed)") == 2
+
+                async def one() -> None:  # a connection of its own: either worker may take it
+                    async with httpx.AsyncClient(base_url=base, timeout=30) as fresh:
+                        r = await fresh.post("/v1/chat/completions", json=ask)
+                    assert r.status_code == 200
+                    workers.add(r.headers["x-request-id"].rsplit("-", 1)[0])  # each process has its own prefix
+
+                with trio.fail_after(PROCESS_START_LIMIT):
+                    while len(workers) < 2:
+                        async with trio.open_nursery() as batch:
+                            for _ in range(8):
+                                batch.start_soon(one)
+                go_on.set()
+                async for line in lines:
+                    got.append(line)
+        events = frames_to_events([(line + "\n").encode() for line in got])
+        assert accumulate(events)["content"] == "old upstream"
+        assert len(chats(upstream)) == 1 and upstream.seen[-1].completed
+        assert len(chats(new)) >= 8 and len(workers) == 2
+        assert len(await logged_by(proc, "configuration reloaded from")) == 2
