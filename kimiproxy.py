@@ -1610,6 +1610,8 @@ class ChoiceRepair:
         self._call_ids: dict[Any, str] = {}  # the upstream id of each structured call, by its key here
         self._sglang_id: tuple[str | None, int] = (None, 0)  # the next structured call's: (its id, its position)
         self._live: Call | None = None  # the call going out as it streams: the others wait (REPAIR.md 4.5)
+        self._reading: Call | None = None  # the structured call the structured parser reads
+        self._later: list[tuple[dict, Any]] = []  # deltas of other structured calls, until it is complete
         self._current: dict[int, Any] = {}  # an upstream index's current call, once a new id reused it
         self._surrogate: dict[Any, str] = {}
 
@@ -1635,6 +1637,9 @@ class ChoiceRepair:
         if self._forced:
             self._forced_calls(out)
         self._take(self.text.switch(end=True), out)
+        while self._later:  # calls that waited for one whose arguments never completed
+            self._end_structured(out)
+            self._read_later(out)
         self._end_structured(out)
         if self.structured.in_section:
             self._take(self.structured.inject(SECTION_END), out)
@@ -1739,6 +1744,10 @@ class ChoiceRepair:
         if call_id:
             self._call_ids.setdefault(index, call_id)
         function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
+        if index != self._open and self._open is not None and (self._later or self._reading is not None and
+                                                                _load_lenient(self._reading.arguments) is None):
+            self._later.append((delta, None if type(index) is not tuple or index[0] != "whole" else index))
+            return  # another call began while this one's arguments go on (some engines interleave): after it
         if index != self._open:
             if index in self._closed:
                 return  # a late piece of a call already ended
@@ -1759,6 +1768,15 @@ class ChoiceRepair:
             arguments = _dumps(arguments) if isinstance(arguments, (dict, list)) else None
         if arguments and (arguments := self._pair(index, arguments)):
             self._take(self.structured.feed(arguments), out)
+            if self._later and self._reading is not None and _load_lenient(self._reading.arguments) is not None:
+                self._end_structured(out)
+                self._read_later(out)
+
+    def _read_later(self, out: list) -> None:
+        """The deltas that waited, read now, in the order they came (they may wait again, for another)."""
+        later, self._later = self._later, []
+        for delta, index in later:
+            self._structured(delta, index, out)
 
     def _end_structured(self, out: list) -> None:
         """The structured call being read is complete: its end, unless its arguments held one."""
@@ -1799,6 +1817,7 @@ class ChoiceRepair:
         call = self.calls[event.key] = Call(event.key, event.channel, event.group, event.header)
         call.name, call.counter, call.verbatim, call.written = self.ctx.resolve(event.header)
         if event.channel == "tool_calls":  # SGLang's id, when it is the dialog counter for its position, stays
+            self._reading = call
             upstream, position = self._sglang_id
             m = CANONICAL_ID_RE.fullmatch(upstream or "")
             counter = self.ctx.history_calls + position
@@ -1834,8 +1853,8 @@ class ChoiceRepair:
         if call.name is None:  # an id that names nothing: decided at the end, where a call it repeats,
             if not final:  # before it or after it, is known (and named)
                 return
-            if any(c.canonical == call.canonical for c in self.calls.values()
-                   if c.group != call.group and not c.dropped and c.name is not None):
+            if call.canonical != "{}" and any(c.canonical == call.canonical for c in self.calls.values()
+                                               if c.group != call.group and not c.dropped and c.name is not None):
                 call.dropped = True
                 self.dropped += 1
                 return
