@@ -436,8 +436,11 @@ class ArgumentRepair:
     counted from the start (``_base`` pieces were taken already).
     """
 
-    def __init__(self, markers: bool = True) -> None:
+    def __init__(self, markers: bool = True, objects_only: bool = False) -> None:
         self.markers = markers  # False for the decoded text of a double-encoded string
+        # The client takes only an object (Anthropic's tool input): broken JSON is closed as a cut-off
+        # is, never passed as written, and a value that is no object becomes {} (with a rule).
+        self.objects_only = objects_only
         self.rules: dict[str, None] = {}  # the repairs made, in order
         self.consumed = 0  # characters read: a call ends at MAX_CALL_ARGUMENTS, wherever chunks end
         self.rewind_now = False
@@ -458,6 +461,11 @@ class ArgumentRepair:
     @property
     def in_string(self) -> bool:
         return self._state in (_STRING, _KEY_STRING)
+
+    @property
+    def complete(self) -> bool:
+        """The value is whole (or broke beyond repair): nothing more can belong to it."""
+        return self._state == _DONE or self._state == _JUNK
 
     @property
     def must_rewind(self) -> bool:
@@ -654,16 +662,20 @@ class ArgumentRepair:
         ended the call itself (<|tool_call_end|>, the section's end), so JSON that broke before it was not
         cut off: it is passed as written from where it broke, with a warning, never shortened (REPAIR.md 4.6)."""
         self._check = None
-        if ended and self._rest is not None and not self._scalar:
+        if self._state == _LITERAL:
+            self._end_literal()
+        if ended and self._rest is not None and not self._scalar and not self.objects_only:
             del self.rules["arguments-broken-off"]
             self._rule("arguments-not-json")
             rest = "".join(self._out) + "".join(self._rest)
             self._out.clear()
             return rest
-        if self._state == _LITERAL:
-            self._end_literal()
         if self._scalar:
-            return self._finish_scalar()
+            value = self._finish_scalar()
+            if self.objects_only and not isinstance(_load_lenient(value), dict):
+                self._rule("arguments-not-an-object")
+                return "{}"
+            return value
         if self._state == _START:
             self._rule("arguments-empty")
             return "{}"
@@ -1008,14 +1020,16 @@ class MarkupParser:
     """
 
     def __init__(self, keys: Iterator[int], tools: Iterable[str] = (), structured: bool = False,
-                 prefilled: bool = False) -> None:
+                 prefilled: bool = False, objects_only: bool = False) -> None:
         self.structured = structured
         self.rules: Counter[str] = Counter()  # text-level repairs
         self._keys = keys  # call keys and group ids, unique within the choice
         self._input = ParserInput()
         self.thinking = Thinking(prefilled)
         self._line = LineStart(tools)
-        self.in_section = self.in_call = False  # for the choice: which end markers a structured call needs
+        self.in_section = False  # for the choice: whether a structured call needs a section's end marker
+        self.objects_only = objects_only  # arguments must be objects (ArgumentRepair.objects_only)
+        self.arguments: ArgumentRepair | None = None  # the call's, while they are read: it needs its end marker
         self._gen = self._parse()
 
     # -- the two-call contract ---------------------------------------------------------------------
@@ -1279,9 +1293,7 @@ class MarkupParser:
             yield CallText(key, "{}")
             yield CallEnd(key, rules + ["arguments-empty", _ENDING_RULES.get(token, "call-ended")])
             return token, None
-        self.in_call = True
         token, next_header, rules = yield from self._arguments(key, rules)
-        self.in_call = False
         if next_header is not None:
             token = ARGUMENT_BEGIN
         elif token is not CALL_END:
@@ -1291,7 +1303,7 @@ class MarkupParser:
 
     def _arguments(self, key: int, rules: list[str]):
         """A call's arguments, through ArgumentRepair, up to the token that ends them."""
-        args = ArgumentRepair()
+        args = self.arguments = ArgumentRepair(objects_only=self.objects_only)
         text = self._input
         next_header = None
         while True:
@@ -1332,6 +1344,7 @@ class MarkupParser:
             if token is EOF and args.must_rewind:
                 token = text.restart(args.rewind(), True)
             break
+        self.arguments = None
         if tail := args.finish(ended=token in (CALL_END, SECTION_END) and "arguments-overflow" not in rules):
             yield CallText(key, tail)
         return token, next_header, rules + list(args.rules)
@@ -1381,6 +1394,7 @@ class RepairContext:
     forced: bool = False  # tool_choice "required" or a named tool: SGLang constrains the output to JSON
     history_ids: frozenset[str] = frozenset()  # the ids the history's calls hold: never given again
     think_prefilled: bool = False  # the model's text starts inside its thinking (K2.5 and later)
+    objects_only: bool = False  # the client takes a call's arguments only as an object (Anthropic's)
 
     @classmethod
     def from_request(cls, request: dict, enabled: bool = True) -> "RepairContext":
@@ -1595,8 +1609,8 @@ class ChoiceRepair:
     def __init__(self, ctx: RepairContext) -> None:
         self.ctx = ctx
         keys = itertools.count()
-        self.text = MarkupParser(keys, ctx.tools, prefilled=ctx.think_prefilled)
-        self.structured = MarkupParser(keys, structured=True)
+        self.text = MarkupParser(keys, ctx.tools, prefilled=ctx.think_prefilled, objects_only=ctx.objects_only)
+        self.structured = MarkupParser(keys, structured=True, objects_only=ctx.objects_only)
         self.calls: dict[int, Call] = {}
         self.sent: list[Call] = []
         self.texts: dict[str, list[str]] = {"reasoning": [], "content": []}
@@ -1610,7 +1624,6 @@ class ChoiceRepair:
         self._call_ids: dict[Any, str] = {}  # the upstream id of each structured call, by its key here
         self._sglang_id: tuple[str | None, int] = (None, 0)  # the next structured call's: (its id, its position)
         self._live: Call | None = None  # the call going out as it streams: the others wait (REPAIR.md 4.5)
-        self._reading: Call | None = None  # the structured call the structured parser reads
         self._later: list[tuple[dict, Any]] = []  # deltas of other structured calls, until it is complete
         self._current: dict[int, Any] = {}  # an upstream index's current call, once a new id reused it
         self._surrogate: dict[Any, str] = {}
@@ -1729,7 +1742,7 @@ class ChoiceRepair:
         index already in use starts another call: two calls sharing one index, as some engines send),
         or without one, the open call unless it brings an id. Arguments given as a JSON value rather
         than a string are that value's JSON text."""
-        call_id = delta.get("id") or None
+        given, call_id = index, delta.get("id") or None
         if type(call_id) is not str:
             call_id = None
         if index is None:
@@ -1744,9 +1757,9 @@ class ChoiceRepair:
         if call_id:
             self._call_ids.setdefault(index, call_id)
         function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
-        if index != self._open and self._open is not None and (self._later or self._reading is not None and
-                                                                _load_lenient(self._reading.arguments) is None):
-            self._later.append((delta, None if type(index) is not tuple or index[0] != "whole" else index))
+        if index != self._open and self._open is not None and (self._later or self.structured.arguments is not None
+                                                                and not self.structured.arguments.complete):
+            self._later.append((delta, given))
             return  # another call began while this one's arguments go on (some engines interleave): after it
         if index != self._open:
             if index in self._closed:
@@ -1768,7 +1781,7 @@ class ChoiceRepair:
             arguments = _dumps(arguments) if isinstance(arguments, (dict, list)) else None
         if arguments and (arguments := self._pair(index, arguments)):
             self._take(self.structured.feed(arguments), out)
-            if self._later and self._reading is not None and _load_lenient(self._reading.arguments) is not None:
+            if self._later and (self.structured.arguments is None or self.structured.arguments.complete):
                 self._end_structured(out)
                 self._read_later(out)
 
@@ -1785,7 +1798,7 @@ class ChoiceRepair:
                 self._take(self.structured.feed(held), out)
             self._closed.add(self._open)
             self._open = None
-            if self.structured.in_call:
+            if self.structured.arguments is not None:
                 self._take(self.structured.inject(CALL_END), out)
 
     # -- calls -------------------------------------------------------------------------------------
@@ -1817,7 +1830,6 @@ class ChoiceRepair:
         call = self.calls[event.key] = Call(event.key, event.channel, event.group, event.header)
         call.name, call.counter, call.verbatim, call.written = self.ctx.resolve(event.header)
         if event.channel == "tool_calls":  # SGLang's id, when it is the dialog counter for its position, stays
-            self._reading = call
             upstream, position = self._sglang_id
             m = CANONICAL_ID_RE.fullmatch(upstream or "")
             counter = self.ctx.history_calls + position
@@ -2877,6 +2889,7 @@ class OpenAIChat:
     OpenAI's ``{"error": {...}}``. One per exchange, like AnthropicMessages."""
 
     name = "openai"
+    objects_only = False  # a call's arguments may be any JSON, or text (RepairContext.objects_only)
     heartbeat = HEARTBEAT_FRAME
     counting = False  # a token count, not a completion (AnthropicMessages: count_tokens)
 
@@ -2901,7 +2914,8 @@ class OpenAIChat:
     def stream(self, ctx: RepairContext, pass_usage: bool) -> Any:
         return StreamRepair(ctx, pass_usage=pass_usage)
 
-    def opening(self, repair: Any) -> bytes:
+    def opening(self) -> bytes:
+        """What a stream starts with, before anything of the upstream's: nothing, in OpenAI's protocol."""
         return b""
 
     def broken_off(self, repair: Any) -> list[bytes]:
@@ -3133,6 +3147,13 @@ def _event(kind: str, payload: dict) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + json_dumps_compact(payload) + b"\n\n"
 
 
+def message_start(message_id: str, model: str) -> bytes:
+    """The Messages stream's first event: it owes nothing to SGLang, so it goes out when the stream does."""
+    return _event("message_start", {"type": "message_start", "message": {
+        "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})
+
+
 class AnthropicStream:
     """The repair's events as Anthropic's Messages stream: ``message_start`` (``opening``), content
     blocks one after another (``thinking`` with its ``thinking_delta``s and a ``signature_delta``,
@@ -3153,11 +3174,10 @@ class AnthropicStream:
         self._kind: Any = None  # what it holds: "thinking", "text", or a call's index
         self._space = ""  # whitespace while no block of its kind is open: it opens none on its own
         self._tools: dict[int, int] = {}  # a call's index -> its block's
+        self._held: list[Text] = []  # text that came while a tool_use block's input is incomplete
 
     def opening(self) -> bytes:
-        return _event("message_start", {"type": "message_start", "message": {
-            "id": self._id, "type": "message", "role": "assistant", "model": self._model, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})
+        return message_start(self._id, self._model)
 
     def feed(self, data: bytes) -> list[bytes]:
         if self.done:
@@ -3206,6 +3226,7 @@ class AnthropicStream:
         if 0 not in self.finish:
             self._encode(self.repair.finish(), frames)
             self.finish[0] = self.repair.finish_reason(None)
+        self._release(frames)
         self._close_block(frames)
         self.done = True
         return frames
@@ -3221,6 +3242,9 @@ class AnthropicStream:
     def _encode(self, events: list, frames: list[bytes]) -> None:
         for event in events:
             if type(event) is Text:
+                if type(self._kind) is int:  # blocks come one after another: text that the repair gives
+                    self._held.append(event)  # while a call's input streams (engines that interleave) waits
+                    continue
                 kind = "thinking" if event.channel == "reasoning" else "text"
                 text = event.text
                 if self._kind != kind:
@@ -3236,6 +3260,7 @@ class AnthropicStream:
                                                              "delta": delta}))
                 continue
             if event.id is not None:  # a call's first delta: its block starts, name before arguments
+                self._release(frames)  # (the call before it has ended: the repair sends one at a time)
                 self._space = ""
                 self._open(event.index, {"type": "tool_use", "id": tool_use_id(event.id), "name": event.name,
                                          "input": {}}, frames)
@@ -3244,6 +3269,15 @@ class AnthropicStream:
                 frames.append(_event("content_block_delta", {
                     "type": "content_block_delta", "index": self._tools[event.index],
                     "delta": {"type": "input_json_delta", "partial_json": event.arguments}}))
+        if self._held and self.repair.sent[self._kind].canonical is not None:  # its input is complete
+            self._release(frames)
+
+    def _release(self, frames: list[bytes]) -> None:
+        """The tool_use block ends: the text that waited for it follows."""
+        if self._held:
+            self._close_block(frames)
+            held, self._held = self._held, []
+            self._encode(held, frames)
 
     def _open(self, kind: Any, block: dict, frames: list[bytes]) -> None:
         self._close_block(frames)
@@ -3287,6 +3321,7 @@ class AnthropicMessages:
     Anthropic's ``{"type": "error", "error": {...}}``, with its statuses and types."""
 
     name = "anthropic"
+    objects_only = True  # a tool_use input is an object
     heartbeat = ANTHROPIC_PING_FRAME
 
     def __init__(self, message_id: str, counting: bool = False) -> None:
@@ -3317,8 +3352,8 @@ class AnthropicMessages:
     def stream(self, ctx: RepairContext, pass_usage: bool) -> AnthropicStream:
         return AnthropicStream(ctx, self.id, self.model, self.stops)
 
-    def opening(self, repair: AnthropicStream) -> bytes:
-        return repair.opening()
+    def opening(self) -> bytes:
+        return message_start(self.id, self.model)
 
     def broken_off(self, repair: AnthropicStream) -> list[bytes]:
         return repair.broken_off()
@@ -3664,12 +3699,23 @@ class Registration:
 def registered(config_path: str) -> list[tuple[Path, dict]]:
     """The registrations of running processes that serve ``config_path``; those of processes that are
     gone (killed before they could remove theirs), whatever file they served, are removed."""
-    found = []
-    for path in sorted(run_directory().glob("*.json")):
+    found: list[tuple[Path, dict]] = []
+    directory = run_directory()
+    try:  # a directory (and files) only this user can write: nobody else can name a pid to signal
+        private_directory(directory)
+    except (OSError, ValueError):
+        return found
+    for path in sorted(directory.glob("*.json")):
         try:
+            st = os.lstat(path)
             entry = json.loads(path.read_text(encoding="utf-8"))
             pid = entry["pid"]
         except (OSError, ValueError, KeyError, TypeError):
+            continue
+        # A pid of 0 or below names a process group (or every process); without /proc (no start time)
+        # a pid reused by another process could not be told apart: neither is ever signalled.
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022 \
+                or type(pid) is not int or pid <= 0 or not entry.get("start"):
             continue
         try:
             os.kill(pid, 0)
@@ -4594,12 +4640,17 @@ class Exchange:
             edits, changed = apply_model_fields(request, fields)
             if changed:
                 log.info("model %r: %s", model, changed)
-        ctx = RepairContext.from_request(request, enabled=settings.repair)
         self.messages = request["messages"]
         edits += await self._restore_reasoning(request)
         rewritten = canonicalize_history(request) if settings.repair else []
         if rewritten:
             log.info("repair: rewrote non-canonical tool-call ids in the history for the upstream")
+        ctx = RepairContext.from_request(request, enabled=settings.repair)  # the history as SGLang sees it
+        ctx.objects_only = protocol.objects_only
+        # A pre-filled <think> is SGLang's to read when it runs a reasoning parser (its force_reasoning);
+        # kimiproxy reads it only where the upstream says it runs none (REPAIR.md 4.8).
+        parsers = self.backend.parsers
+        ctx.think_prefilled &= parsers is not None and not parsers.get("reasoning_parser")
         stream = request.get("stream") is True
         # The usage chunk goes to the client if it asked for it; else kimiproxy asks for it (tokens per
         # key) and keeps it. A transparent proxy changes nothing.
@@ -4728,6 +4779,8 @@ class Exchange:
 
     async def _start_stream(self) -> None:
         await self._start(200, list(SSE_HEADERS), stream=True)
+        if opening := self.protocol.opening():  # Anthropic's message_start: before even a ping
+            await self._body(opening)
 
     async def _body(self, data: bytes, more: bool = True) -> None:
         if not more:
@@ -4823,8 +4876,6 @@ class Exchange:
         if capture is not None:
             capture.stream, capture.status = True, response.status_code
         chunks = body_chunks(response)
-        if opening := self.protocol.opening(repair):
-            await _put(frames, opening)
         try:
             async for chunk in chunks:
                 out = []

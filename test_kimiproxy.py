@@ -3255,7 +3255,9 @@ async def test_anthropic_pings_while_sglang_is_silent(nursery: trio.Nursery, ups
         r = await client.post("/v1/messages?beta=true", json={"model": "k", "max_tokens": 5, "stream": True,
                                                               "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    assert r.text.startswith(kp.ANTHROPIC_PING_FRAME.decode()) and ": keep-alive" not in r.text
+    first, second = r.text.split("\n\n")[:2]  # message_start first, as Anthropic's grammar says, then pings
+    assert first.startswith("event: message_start") and second + "\n\n" == kp.ANTHROPIC_PING_FRAME.decode()
+    assert ": keep-alive" not in r.text
     assert upstream.seen[-1].path == "/v1/chat/completions"  # ?beta=true stays here
 
 
@@ -3511,7 +3513,15 @@ def test_id_and_thinking_families(name: str, request_: dict, upstream_: dict, ca
 
 
 @pytest.mark.edge
-async def test_id_and_thinking_families_through_the_proxy_with_the_sdk(proxy: Running) -> None:
+async def test_id_and_thinking_families_through_the_proxy_with_the_sdk(nursery: trio.Nursery) -> None:
+    """Through the running proxy, in front of an SGLang that says it runs no reasoning parser (the
+    deployment where a pre-filled <think> is kimiproxy's to read)."""
+    nursery.start_soon(_deadline)
+    upstream = await nursery.start(FakeSGLang({**SERVER_INFO, "reasoning_parser": None}).serve)
+    proxy = await start_proxy(nursery, upstream.url)
+    proxy.upstream = upstream
+    async with httpx.AsyncClient(base_url=proxy.base) as client:  # the parsers known before the first request
+        assert (await client.get("/health?upstream=1")).json()["parsers"]["reasoning_parser"] is None
     for name, request_, upstream_, calls, content, reasoning in ID_AND_THINKING_FAMILIES:
         for stream in (True, False):
             if stream:
@@ -3910,3 +3920,76 @@ async def test_a_reload_under_hypercorn_workers_leaves_a_stream_in_flight_on_its
         assert len(chats(upstream)) == 1 and upstream.seen[-1].completed
         assert len(chats(new)) >= 8 and len(workers) == 2
         assert len(await logged_by(proc, "configuration reloaded from")) == 2
+
+
+def anthropic_view(ctx: kp.RepairContext, events: list[bytes]) -> MessagesView:
+    encoder, view = kp.AnthropicStream(ctx, "msg_1", "k", None), MessagesView()
+    view.feed([encoder.opening()] + [f for data in events for f in encoder.feed(data)] + encoder.close())
+    return view
+
+
+def anthropic_ctx(tools: list[dict] = TOOLS, **request: Any) -> kp.RepairContext:
+    ctx = kp.RepairContext.from_request({"tools": tools, "messages": [], **request})
+    ctx.objects_only = True  # as an Anthropic exchange makes it
+    return ctx
+
+
+def test_anthropic_text_while_a_call_streams_waits_for_its_input() -> None:
+    """An upstream that sends content between two pieces of a structured call's arguments: the
+    tool_use block gets all its input before the text block opens (no delta for a closed block)."""
+    events = [json.dumps(chunk(d)).encode() for d in (
+        {"role": "assistant", "content": ""}, {"tool_calls": [tool_delta(0, "functions.read_file:0", "read_file",
+                                                                         '{"path": "a')]},
+        {"content": "hello"}, {"tool_calls": [tool_delta(0, None, None, 'bc"}')]})]
+    events += [json.dumps(chunk({}, finish="tool_calls")).encode(), b"[DONE]"]
+    view = anthropic_view(anthropic_ctx(), events)
+    assert [(b["type"], b.get("input"), b.get("text")) for b in view.blocks] == [
+        ("tool_use", {"path": "abc"}, None), ("text", None, "hello")]
+
+
+@pytest.mark.parametrize("arguments", ['{"command": "ls", "valid": fasle}', '"just a string"', "fasle", '{"command": "ls" "x": 1}'])
+def test_anthropic_tool_input_is_always_an_object_streamed_and_whole(arguments: str) -> None:
+    """Anthropic's clients parse a tool_use input as an object (the SDK raises otherwise, mid-stream):
+    arguments that broke are closed as a cut-off is, and a value that is no object becomes {}, the
+    same streamed and whole. (The OpenAI side passes them as written.)"""
+    up = {"content": f"{S}{B}functions.exec:0{A}{arguments}{Z}{E}", "finish_reason": "stop"}
+    whole = run_whole(anthropic_ctx(), up)
+    assert isinstance(json.loads(whole["tool_calls"][0]["arguments"]), dict)
+    for points in [[p] for p in range(1, len(up["content"]))]:
+        view = anthropic_view(anthropic_ctx(), upstream_chunks(up, [], points))
+        (block,) = [b for b in view.blocks if b["type"] == "tool_use"]
+        assert block["input"] == json.loads(whole["tool_calls"][0]["arguments"]), points
+    openai = run_whole(ctx_for(TOOLS), up)["tool_calls"][0]["arguments"]
+    assert openai == arguments or json.loads(openai) == json.loads(arguments)
+
+
+def test_structured_arguments_broken_at_a_literal_pass_as_written() -> None:
+    up = {"tool_calls": [{"id": "functions.read_file:0", "name": "read_file", "arguments": '{"path": fasle'}],
+          "finish_reason": "tool_calls"}
+    assert run_whole(ctx_for(TOOLS), up)["tool_calls"][0]["arguments"] == '{"path": fasle'
+
+
+def test_forced_calls_after_one_that_waits_are_all_read() -> None:
+    """tool_choice required: the array's calls, read one after another, the first broken: none lost."""
+    ctx = kp.RepairContext.from_request({"tools": TOOLS, "messages": [], "tool_choice": "required"})
+    array = ('[{"name": "read_file", "parameters": "{\\"path\\": fasle}"}, {"name": "exec", "parameters": '
+             '{"command": "ls"}}, {"name": "search", "parameters": {"query": "q"}}]')
+    whole = run_whole(ctx, {"content": array, "finish_reason": "stop"})
+    assert [c["name"] for c in whole["tool_calls"]] == ["read_file", "exec", "search"]
+    assert [json.loads(c["arguments"]) for c in whole["tool_calls"][1:]] == [{"command": "ls"}, {"query": "q"}]
+
+
+@pytest.mark.edge
+async def test_k25_answer_with_sglangs_reasoning_parser_on_stays_the_answer(proxy: Running) -> None:
+    """A pre-filled <think> is SGLang's to read when it runs a reasoning parser: content that came
+    without reasoning (the model closed its thinking at once) is the answer, not thinking."""
+    proxy.upstream.script(Script(body=completion(content="The answer is 42."), content_type="application/json"))
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        assert (await client.get("/health?upstream=1")).json()["parsers"]["reasoning_parser"] == "kimi_k2"
+    message = await sdk_call(lambda: proxy.sdk().chat.completions.create(
+        model="moonshotai/Kimi-K2.5", messages=[{"role": "user", "content": "x"}]).choices[0].message)
+    proxy.upstream.script(Script(steps=stream_of(content=["The answer ", "is 42."])))
+    chunks = await sdk_call(lambda: list(proxy.sdk().chat.completions.create(
+        model="moonshotai/Kimi-K2.5", messages=[{"role": "user", "content": "x"}], stream=True)))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "The answer is 42."
+    assert message.content == "The answer is 42." and not (message.model_extra or {}).get("reasoning_content")
