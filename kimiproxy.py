@@ -2372,8 +2372,8 @@ MAX_QUEUE_SECONDS = 120.0
 class Limits:
     """One key's limits, ``None`` = none. Tokens are prompt plus completion tokens, from SGLang's usage."""
     concurrent: int | None = None  # requests in flight at once
-    requests_per_minute: int | None = None  # requests admitted in the last 60 s
-    tokens_per_minute: int | None = None  # tokens of the requests that ended in the last 60 s
+    requests_per_minute: int | None = None  # requests admitted in the last 60 s, to the second
+    tokens_per_minute: int | None = None  # tokens of the requests that ended in the last 60 s, to the second
     tokens_per_day: int | None = None  # ... in the last 24 hours, to the minute
     queue_seconds: float = DEFAULT_QUEUE_SECONDS  # how long a request over "concurrent" waits for a slot
 
@@ -4382,11 +4382,10 @@ class FairUse:
         db.execute("CREATE TABLE IF NOT EXISTS slots (id INTEGER PRIMARY KEY, scope TEXT NOT NULL, key TEXT NOT NULL, "
                    "owner TEXT NOT NULL, since REAL NOT NULL)")
         db.execute("CREATE INDEX IF NOT EXISTS slots_key ON slots (scope, key)")
-        # The last minute: a row per request admitted (requests 1) and per request ended with tokens.
-        db.execute("CREATE TABLE IF NOT EXISTS recent (scope TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL, "
-                   "requests INTEGER NOT NULL, tokens INTEGER NOT NULL)")
-        db.execute("CREATE INDEX IF NOT EXISTS recent_key ON recent (scope, key, at)")
-        db.execute("CREATE INDEX IF NOT EXISTS recent_at ON recent (at)")
+        # The last minute: requests admitted and tokens of requests ended, per key and second (at most 60
+        # rows a key, whatever the rate: a look at it costs the same at 1 request a minute and at 500 a second).
+        db.execute("CREATE TABLE IF NOT EXISTS recent (scope TEXT NOT NULL, key TEXT NOT NULL, second INTEGER NOT NULL, "
+                   "requests INTEGER NOT NULL, tokens INTEGER NOT NULL, PRIMARY KEY (scope, key, second))")
         # The last day: tokens per key and minute (at most 1,440 rows a key).
         db.execute("CREATE TABLE IF NOT EXISTS daily (scope TEXT NOT NULL, key TEXT NOT NULL, minute INTEGER NOT NULL, "
                    "tokens INTEGER NOT NULL, PRIMARY KEY (scope, key, minute))")
@@ -4396,11 +4395,12 @@ class FairUse:
     def _admit(self, db: sqlite3.Connection, where: str, key: str, limits: Limits) -> int | RateLimited:
         now = self.clock()
         db.execute("BEGIN IMMEDIATE")
-        db.execute("DELETE FROM recent WHERE at <= ?", (now - MINUTE,))
+        db.execute("DELETE FROM recent WHERE scope = ? AND key = ? AND second <= ?", (where, key, now - MINUTE))
         refused = self._over(db, where, key, limits, now)
         slot: int | RateLimited = refused if refused is not None else 0
         if refused is None:
-            db.execute("INSERT INTO recent VALUES (?, ?, ?, 1, 0)", (where, key, now))
+            db.execute("INSERT INTO recent VALUES (?, ?, ?, 1, 0) ON CONFLICT (scope, key, second) DO UPDATE SET "
+                       "requests = requests + 1", (where, key, math.floor(now)))
             slot = db.execute("INSERT INTO slots (scope, key, owner, since) VALUES (?, ?, ?, ?)",
                               (where, key, self._owner, now)).lastrowid or 0
         db.execute("COMMIT")  # a refusal too: the dead processes' slots it found stay freed
@@ -4409,23 +4409,28 @@ class FairUse:
     def _over(self, db: sqlite3.Connection, where: str, key: str, limits: Limits, now: float) -> RateLimited | None:
         """The first limit the key is at or over, as its refusal. Tokens first: waiting for a slot is no
         use to a key that has spent its tokens."""
+        # Sums first, the rows only for a refusal's Retry-After: the common answer is one row of SQLite's.
         if limits.tokens_per_day is not None:
             first = math.floor((now - DAY) / MINUTE)  # the oldest minute still (partly) in the last day
-            rows = db.execute("SELECT minute, tokens FROM daily WHERE scope = ? AND key = ? AND minute >= ? "
-                              "ORDER BY minute", (where, key, first)).fetchall()
-            used = sum(tokens for _, tokens in rows)
+            (used,), = db.execute("SELECT COALESCE(SUM(tokens), 0) FROM daily WHERE scope = ? AND key = ? AND "
+                                  "minute >= ?", (where, key, first))
             if used >= limits.tokens_per_day:
+                rows = db.execute("SELECT minute, tokens FROM daily WHERE scope = ? AND key = ? AND minute >= ? "
+                                  "ORDER BY minute", (where, key, first))
                 leaving = (((minute + 1) * MINUTE + DAY, tokens) for minute, tokens in rows)
                 return RateLimited(key, "tokens_per_day", limits.tokens_per_day, used,
                                    _retry_after(leaving, used, limits.tokens_per_day, now))
         if limits.tokens_per_minute is not None or limits.requests_per_minute is not None:
-            rows = db.execute("SELECT at, requests, tokens FROM recent WHERE scope = ? AND key = ? ORDER BY at",
-                              (where, key)).fetchall()
-            for limit, column in (("tokens_per_minute", 2), ("requests_per_minute", 1)):
+            # A second's requests and tokens leave the minute together, at the second's start + 60 s.
+            sums = db.execute("SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(tokens), 0) FROM recent WHERE "
+                              "scope = ? AND key = ?", (where, key)).fetchone()
+            for limit, column in (("requests_per_minute", "requests"), ("tokens_per_minute", "tokens")):
                 value = getattr(limits, limit)
-                used = sum(row[column] for row in rows)
+                used = sums[column == "tokens"]
                 if value is not None and used >= value:
-                    leaving = ((row[0] + MINUTE, row[column]) for row in rows)
+                    rows = db.execute(f"SELECT second, {column} FROM recent WHERE scope = ? AND key = ? ORDER BY "
+                                      "second", (where, key))
+                    leaving = ((second + MINUTE, amount) for second, amount in rows)
                     return RateLimited(key, limit, value, used, _retry_after(leaving, used, value, now))
         if limits.concurrent is not None:
             owners = db.execute("SELECT owner, COUNT(*) FROM slots WHERE scope = ? AND key = ? GROUP BY owner",
@@ -4444,11 +4449,13 @@ class FairUse:
         db.execute("BEGIN IMMEDIATE")
         db.execute("DELETE FROM slots WHERE id = ?", (slot,))
         if tokens > 0:
-            db.execute("INSERT INTO recent VALUES (?, ?, ?, 0, ?)", (where, key, now, tokens))
+            db.execute("INSERT INTO recent VALUES (?, ?, ?, 0, ?) ON CONFLICT (scope, key, second) DO UPDATE SET "
+                       "tokens = tokens + excluded.tokens", (where, key, math.floor(now), tokens))
             db.execute("INSERT INTO daily VALUES (?, ?, ?, ?) ON CONFLICT (scope, key, minute) DO UPDATE SET "
                        "tokens = tokens + excluded.tokens", (where, key, math.floor(now / MINUTE), tokens))
-        if self._ends % LIMITS_PRUNE_EVERY == 0:
+        if self._ends % LIMITS_PRUNE_EVERY == 0:  # every key's, also of keys that send no more requests
             db.execute("DELETE FROM daily WHERE minute < ?", (math.floor((now - DAY) / MINUTE),))
+            db.execute("DELETE FROM recent WHERE second <= ?", (now - MINUTE,))
         self._ends += 1
         db.execute("COMMIT")
 
@@ -4466,7 +4473,7 @@ class FairUse:
             if owner == self._owner or alive.setdefault(owner, owner_alive(owner)):
                 of(key)["in_flight"] += count
         for key, requests, tokens in db.execute("SELECT key, SUM(requests), SUM(tokens) FROM recent WHERE scope = ? "
-                                                "AND at > ? GROUP BY key", (where, now - MINUTE)):
+                                                "AND second > ? GROUP BY key", (where, now - MINUTE)):
             of(key).update(requests_last_minute=requests, tokens_last_minute=tokens)
         for key, tokens in db.execute("SELECT key, SUM(tokens) FROM daily WHERE scope = ? AND minute >= ? GROUP BY key",
                                       (where, math.floor((now - DAY) / MINUTE))):
