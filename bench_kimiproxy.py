@@ -390,7 +390,8 @@ RUNNERS = {  # the README's two commands
 
 
 class Bench:
-    def __init__(self, quick: bool, runner: str = "hypercorn", baseline: Path | None = None) -> None:
+    def __init__(self, quick: bool, runner: str = "hypercorn", baseline: Path | None = None,
+                 limits: bool = False) -> None:
         self.runner = runner
         self.quick = quick
         self.fast_chunks = 20_000
@@ -401,14 +402,32 @@ class Bench:
         self.upstream = start([sys.executable, __file__, "--upstream", str(self.up_port)], {}, self.up_port)
         self.checkouts = {"proxy": HERE, **({"baseline": baseline} if baseline else {})}
         self.ports, self.procs = {"direct": self.up_port}, {}
+        self.limits = limits
+        self._files = tempfile.TemporaryDirectory(prefix="bench-config-")
         for target, checkout in self.checkouts.items():
             port = self.ports[target] = free_port()
+            env = {"SGLANG_API_BASE": f"http://127.0.0.1:{self.up_port}/v1", "ENABLE_STREAMING_TOOL_PARSER": "true",
+                   "ENABLE_FILE_LOGGING": "false", "LOG_LEVEL": "WARNING"}
+            if limits:  # a configuration file for both; limits (never reached) for this checkout only
+                env["KIMIPROXY_CONFIG"] = self.config_file(target, with_limits=target == "proxy")
+                env["REASONING_STORE"] = os.path.join(self._files.name, f"{target}.sqlite3")
             self.procs[target] = start(
                 [sys.executable, *[a.format(port=port) for a in RUNNERS[runner]],
-                 *(EXTRA_HYPERCORN_ARGS if runner == "hypercorn" else [])],
-                {"SGLANG_API_BASE": f"http://127.0.0.1:{self.up_port}/v1", "ENABLE_STREAMING_TOOL_PARSER": "true",
-                 "ENABLE_FILE_LOGGING": "false", "LOG_LEVEL": "WARNING"}, port, cwd=checkout)
+                 *(EXTRA_HYPERCORN_ARGS if runner == "hypercorn" else [])], env, port, cwd=checkout)
         self.results: dict[str, dict[str, list]] = {target: {} for target in ("direct", *self.checkouts)}
+
+    def config_file(self, target: str, with_limits: bool) -> str:
+        """--limits: the one upstream as a configuration file, and for this checkout every fair-use limit
+        set far above what the workloads send, so each request pays for both transactions and none is
+        refused (the cost of the limits, not of refusals)."""
+        doc: dict = {"upstreams": {"bench": {"url": f"http://127.0.0.1:{self.up_port}/v1", "models": []}},
+                     "default_upstream": "bench"}
+        if with_limits:
+            doc["limits"] = {"default": {"concurrent": 100_000, "requests_per_minute": 10**9,
+                                         "tokens_per_minute": 10**12, "tokens_per_day": 10**15}}
+        path = os.path.join(self._files.name, f"{target}.json")
+        Path(path).write_text(json.dumps(doc), encoding="utf-8")
+        return path
 
     def close(self) -> None:
         for proc in (*self.procs.values(), self.upstream):
@@ -652,6 +671,8 @@ def report(bench: Bench, as_json: bool) -> int:
     print(f"kimiproxy benchmark ({'quick' if bench.quick else 'full'}, {bench.runner}); {machine()}")
     if baseline:
         print(f"baseline: {bench.checkouts['baseline']}")
+    if bench.limits:
+        print("--limits: kimiproxy with fair-use limits in its configuration file; the baseline the same file without")
     print(f"{'figure':52} {'direct':>10} {'kimiproxy':>10} {'vs direct':>10}"
           + (f" {'baseline':>10} {'vs base':>8}" if baseline else "") + f" {'target':>9}")
     for r in rows:
@@ -690,6 +711,9 @@ def main() -> int:
                         help="start kimiproxy with hypercorn (3 processes: supervisor, resource tracker, "
                              "worker) or python kimiproxy.py (1 process)")
     parser.add_argument("--baseline", type=Path, help="another kimiproxy checkout, measured side by side")
+    parser.add_argument("--limits", action="store_true",
+                        help="serve through a configuration file (KIMIPROXY_CONFIG) with fair-use limits for this "
+                             "checkout (none is ever reached), the same file without them for the baseline")
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--core", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--chars", type=int, default=1_000_000, help=argparse.SUPPRESS)
@@ -700,7 +724,7 @@ def main() -> int:
     if args.core:
         print(json.dumps(core_figures(args.core, args.chars)))
         return 0
-    bench = Bench(args.quick, args.runner, args.baseline.resolve() if args.baseline else None)
+    bench = Bench(args.quick, args.runner, args.baseline.resolve() if args.baseline else None, args.limits)
     try:
         for _ in range(args.rounds or (1 if args.quick else 3)):
             bench.round()

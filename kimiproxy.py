@@ -27,7 +27,7 @@ codecs, the repair core (pure: no I/O, no async, no logging), configuration, log
 client edge (what a request must be, and what kimiproxy writes anew of it), the client protocols
 (OpenAI's chat completions and Anthropic's Messages, each an encoder of the repair's events), the
 upstream edge (httpx), files only kimiproxy's user can touch, reasoning continuity, capture and
-replay, what the exchanges share, one exchange (a request from its first byte in to its last byte
+replay, fair use (limits per key, shared by the workers), what the exchanges share, one exchange (a request from its first byte in to its last byte
 out), the server process, the app, main().
 """
 
@@ -2282,7 +2282,7 @@ def load_settings() -> Settings:
 
 # The configuration file (KIMIPROXY_CONFIG, README: Several upstreams). JSON: the one structured format
 # the standard library reads on every Python kimiproxy runs on (tomllib is 3.11+).
-CONFIG_FIELDS = ("upstreams", "default_upstream", "models", "keys")
+CONFIG_FIELDS = ("upstreams", "default_upstream", "models", "keys", "limits")
 UPSTREAM_FIELDS = ("url", "api_key", "models")
 MODEL_FIELDS = ("defaults", "overrides")
 # A chat request's fields that a model's defaults and overrides may not set: kimiproxy reads them (the
@@ -2321,6 +2321,7 @@ class FileConfig:
     default_upstream: str | None = None  # takes the models no upstream lists, and the pass-through routes
     models: tuple[tuple[str, ModelFields], ...] = ()
     api_keys: tuple[tuple[str, str], ...] | None = None  # "keys": (name, key); None = PROXY_API_KEY's
+    limits: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # "limits": name -> its fields (fair use)
 
     def __repr__(self) -> str:  # never print a key
         return f"FileConfig(path={self.path!r}, upstreams={self.upstreams!r})"
@@ -2364,6 +2365,60 @@ def _config_fields(value: Any, where: str) -> tuple[tuple[str, Any], ...]:
         if key in UNSETTABLE_FIELDS:
             raise ConfigError(f"{where}.{key}: kimiproxy decides this field itself; it cannot be set per model")
     return tuple(fields.items())
+
+
+# Fair use (README: Fair use): the limits one access key's requests are held to, per key name, in the
+# file's "limits". Each limit is a positive whole number, or null for none.
+LIMIT_NAMES = ("concurrent", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
+LIMIT_FIELDS = (*LIMIT_NAMES, "queue_seconds")
+DEFAULT_LIMITS = "default"  # the entry that applies to every key, under each key's own entry
+# A request over "concurrent" waits this long for one of its key's requests to end before its 429: an
+# agent that fires a few calls at once gets them served in turn rather than failed.
+DEFAULT_QUEUE_SECONDS = 10.0
+# Nothing reaches the client while a request waits (the answer is decided before the response starts):
+# past this, clients give up on their own (Node's 300 s without a byte is the longest we know).
+MAX_QUEUE_SECONDS = 120.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """One key's limits, ``None`` = none. Tokens are prompt plus completion tokens, from SGLang's usage."""
+    concurrent: int | None = None  # requests in flight at once
+    requests_per_minute: int | None = None  # requests admitted in the last 60 s, to the second
+    tokens_per_minute: int | None = None  # tokens of the requests that ended in the last 60 s, to the second
+    tokens_per_day: int | None = None  # ... in the last 24 hours, to the minute
+    queue_seconds: float = DEFAULT_QUEUE_SECONDS  # how long a request over "concurrent" waits for a slot
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, name) is not None for name in LIMIT_NAMES)
+
+    def shown(self) -> dict:
+        return {name: getattr(self, name) for name in LIMIT_FIELDS}
+
+
+def _config_limits(value: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    """The file's "limits": name -> the fields its entry sets (a key's entry is laid over "default",
+    field by field: limits_of). Which names are keys is checked where the keys are known (Routing)."""
+    entries = []
+    for name, entry in _object(value, "limits").items():
+        where = f"limits.{name[:64]}"
+        entry = _object(entry, where, LIMIT_FIELDS)
+        for field, limit in entry.items():
+            if field == "queue_seconds":
+                if type(limit) not in (int, float) or not 0 <= limit <= MAX_QUEUE_SECONDS:
+                    raise ConfigError(f"{where}.queue_seconds: must be a number of seconds from 0 to "
+                                      f"{MAX_QUEUE_SECONDS:g}")
+            elif limit is not None and (type(limit) is not int or limit < 1):
+                raise ConfigError(f"{where}.{field}: must be a whole number >= 1, or null for no limit")
+        entries.append((name, tuple(entry.items())))
+    return tuple(entries)
+
+
+def limits_of(entries: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...], name: str) -> Limits:
+    """The limits of key ``name``: "default"'s fields, then its own entry's over them."""
+    fields = dict(dict(entries).get(DEFAULT_LIMITS, ()))
+    fields.update(dict(entries).get(name, ()))
+    return Limits(**fields)
 
 
 def _config_of(path: str, doc: Any) -> FileConfig:
@@ -2411,7 +2466,8 @@ def _config_of(path: str, doc: Any) -> FileConfig:
             raise ConfigError("keys: holds no key: give at least one, or leave keys out (PROXY_API_KEY then "
                               "applies)")
         api_keys = tuple((name, key.strip()) for name, key in keys.items())
-    return FileConfig(path, upstreams, default, tuple(models), api_keys)
+    limits = _config_limits(doc.get("limits", {}))
+    return FileConfig(path, upstreams, default, tuple(models), api_keys, limits)
 
 
 def load_config_file(path: str) -> FileConfig:
@@ -2552,6 +2608,7 @@ METRICS_HELP = {
     "kimiproxy_key_requests_total": ("counter", "Requests by access key name (PROXY_API_KEY)"),
     "kimiproxy_key_tokens_total": ("counter", "Prompt and completion tokens, from the upstream's usage, by key name"),
     "kimiproxy_key_repairs_total": ("counter", "Repairs applied to the responses of each key name"),
+    "kimiproxy_key_refused_total": ("counter", "Requests refused with a 429, by key name and the limit it was over"),
     "kimiproxy_reasoning_restored_total": ("counter", "Assistant turns whose dropped reasoning was put back"),
     "kimiproxy_reasoning_missed_total": ("counter", "Assistant turns without reasoning that the store did not have"),
     "kimiproxy_upstream_first_byte_seconds": ("histogram", "Time from request to the upstream's response headers"),
@@ -4197,6 +4254,280 @@ def replay(paths: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Fair use: each key's requests in flight, requests and tokens, limited across the workers of a box
+# ---------------------------------------------------------------------------------------------------
+
+MINUTE = 60.0  # seconds: the window of requests_per_minute and tokens_per_minute
+DAY = 86400.0  # seconds: the window of tokens_per_day, counted in minutes (a minute's tokens leave it whole)
+# Another worker's request that ends sends no news to this one: a request waiting for a slot looks at the
+# shared state again this often (one short transaction), and at once when a request of this worker ends.
+QUEUE_POLL = 0.25  # seconds
+# When one of the key's requests in flight will end nobody can tell: the client is told to try again soon.
+RETRY_AFTER_CONCURRENT = 1  # seconds
+LIMITS_PRUNE_EVERY = 200  # requests ended, per worker, between removing the minutes that left the day
+
+
+class RateLimited(ProxyError):
+    """A key over one of its limits: 429 with Retry-After. In OpenAI's shape it is OpenAI's own rate-limit
+    error (``type`` "requests" or "tokens", ``code`` "rate_limit_exceeded"), which its SDKs raise as
+    RateLimitError (as every 429); in Anthropic's, ``rate_limit_error``."""
+    status = 429
+
+    def __init__(self, key: str, limit: str, value: int, used: int, retry_after: int) -> None:
+        what = {"concurrent": "requests in flight", "requests_per_minute": "requests in the last minute",
+                "tokens_per_minute": "tokens in the last minute", "tokens_per_day": "tokens in the last day"}[limit]
+        super().__init__(f"rate limit: key {key!r} has {used} {what}, its limit is {value} ({limit}); retry "
+                         f"after {retry_after} s")
+        self.limit = limit
+        self.error_type = "tokens" if limit.startswith("tokens") else "requests"
+        self.headers = ((b"retry-after", str(retry_after).encode()),)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type, "param": None,
+                          "code": "rate_limit_exceeded"}}
+
+
+def limits_store(reasoning_store: str) -> str:
+    """The limits' SQLite file: beside the reasoning store, named after it (``reasoning.limits.sqlite3``),
+    so what decides who shares the one decides who shares the other."""
+    path = Path(reasoning_store)
+    return str(path.with_name(path.stem + ".limits" + (path.suffix or ".sqlite3")))
+
+
+def owner_alive(owner: str) -> bool:
+    """Whether the process ``pid:start`` (Registration's pair: a pid reused by a later process is not
+    it) still runs: a slot it held is free once it does not."""
+    pid, _, start = owner.partition(":")
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):  # another user's process (its pid reused): not it
+        return False
+    return process_start(int(pid)) == start
+
+
+def _retry_after(leaving: Iterable[tuple[float, int]], used: int, limit: int, now: float) -> int:
+    """Seconds until ``used`` falls under ``limit`` as the counted amounts leave their window, each at
+    its time (in order); at least 1."""
+    for at, amount in leaving:
+        used -= amount
+        if used < limit:
+            return max(1, math.ceil(at - now))
+    return 1
+
+
+class FairUse:
+    """The shared state of the limits: in a SQLite file beside the reasoning store that every worker on
+    the box shares, as the store is (the same file checks: Exposing it safely, Files). A request with
+    limits costs two short transactions, each in a worker thread: one when it starts (is the key under
+    its limits? then it takes a slot and counts a request), one when it ends (the slot freed, its tokens
+    counted). A slot belongs to a process (pid and start): a worker that dies leaves slots that the next
+    look frees. Nothing opens the file until a key with limits sends a request. If the file cannot be
+    used, the limits are off in this worker, with a warning: fair use, not access control."""
+
+    def __init__(self, settings: Settings, clock: Any = time.time) -> None:
+        self.path = limits_store(settings.reasoning_store or default_store())
+        # The default file is every instance's of this user: each (port) keeps its own counts in it, as
+        # the reasoning store does. A REASONING_STORE given is shared by whoever is given it.
+        self.per_port = not settings.reasoning_store
+        self.clock = clock  # wall-clock seconds: the file outlives processes
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._limiter = trio.CapacityLimiter(1)  # its own: waiting exchanges do not hold trio's thread pool
+        self._broken = False
+        self._owner = ""
+        self._ends = 0
+        self._freed = trio.Event()  # set (and replaced) whenever a request of this worker ends
+
+    def where(self, scope: dict) -> str:
+        """Whose counts: every instance's sharing the file, or this port's."""
+        return f"port {(scope.get('server') or (None, None))[1]}" if self.per_port else ""
+
+    async def admit(self, where: str, key: str, limits: Limits) -> int | None:
+        """A slot for a request of ``key``, or RateLimited. Over ``concurrent`` it waits up to
+        ``limits.queue_seconds`` for one; over the others it is refused at once (a request that waits
+        cannot make a minute pass sooner). None: the file cannot be used, and the request goes on."""
+        deadline = trio.current_time() + limits.queue_seconds
+        waited = False
+        while True:
+            freed = self._freed
+            # Shielded: a transaction that took a slot must get it to the exchange, which frees it. No
+            # checkpoint stands between here and the exchange's assignment.
+            with trio.CancelScope(shield=True):
+                answer = await trio.to_thread.run_sync(self._run, self._admit, where, key, limits,
+                                                       limiter=self._limiter)
+            if answer is None or isinstance(answer, int):
+                return answer
+            if answer.limit != "concurrent" or trio.current_time() >= deadline:
+                raise answer
+            if not waited:
+                waited = True
+                log.info("fair use: key %s has %d requests in flight (concurrent): waiting up to %gs for one to end",
+                         key, limits.concurrent, limits.queue_seconds)
+            with trio.move_on_at(min(deadline, trio.current_time() + QUEUE_POLL)):
+                await freed.wait()
+
+    async def release(self, where: str, key: str, slot: int, tokens: int) -> None:
+        await trio.to_thread.run_sync(self._run, self._release, where, key, slot, tokens, limiter=self._limiter)
+        self._freed.set()
+        self._freed = trio.Event()
+
+    async def report(self, where: str, limits: dict[str, Limits]) -> dict:
+        """GET /: each key's use against its limits, from the shared state (every worker's)."""
+        use = await trio.to_thread.run_sync(self._run, self._use, where, limiter=self._limiter) or {}
+        return {name: {"limits": key_limits.shown(), "use": use.get(name, {
+            "in_flight": 0, "requests_last_minute": 0, "tokens_last_minute": 0, "tokens_last_day": 0})}
+            for name, key_limits in limits.items()}
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _run(self, operation: Any, *args: Any) -> Any:
+        with self._lock:
+            if self._broken:
+                return None
+            if self._db is None:
+                try:
+                    self._db = self._open()
+                except (sqlite3.Error, OSError, ValueError) as exc:
+                    self._broken = True
+                    log.warning("limits file %s cannot be used, fair use limits are off in this worker: %s",
+                                self.path, exc)
+                    return None
+            try:
+                return operation(self._db, *args)
+            except Exception as exc:  # busy past the timeout: this request goes on without the limits
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                log.warning("limits file %s: %s skipped: %s", self.path, operation.__name__.strip("_"), exc)
+                return None
+
+    def _open(self) -> sqlite3.Connection:
+        # As the reasoning store's (ReasoningStore._open): another user who could write these files could
+        # free anyone's slots, or fill a key's day.
+        private_directory(Path(self.path).parent)
+        for suffix in STORE_FILE_SUFFIXES:
+            private_file(self.path + suffix)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        private_file(self.path)
+        # Autocommit: each operation is one explicit transaction (BEGIN IMMEDIATE takes the write lock
+        # first, so two workers never both see the last slot free).
+        db = sqlite3.connect(self.path, timeout=STORE_BUSY_TIMEOUT, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        for suffix in STORE_FILE_SUFFIXES:
+            private_file(self.path + suffix)
+        db.execute("PRAGMA synchronous=NORMAL")  # a power cut may forget the last counts: every process with them too
+        db.execute("CREATE TABLE IF NOT EXISTS slots (id INTEGER PRIMARY KEY, scope TEXT NOT NULL, key TEXT NOT NULL, "
+                   "owner TEXT NOT NULL, since REAL NOT NULL)")
+        db.execute("CREATE INDEX IF NOT EXISTS slots_key ON slots (scope, key)")
+        # The last minute: requests admitted and tokens of requests ended, per key and second (at most 60
+        # rows a key, whatever the rate: a look at it costs the same at 1 request a minute and at 500 a second).
+        db.execute("CREATE TABLE IF NOT EXISTS recent (scope TEXT NOT NULL, key TEXT NOT NULL, second INTEGER NOT NULL, "
+                   "requests INTEGER NOT NULL, tokens INTEGER NOT NULL, PRIMARY KEY (scope, key, second))")
+        # The last day: tokens per key and minute (at most 1,440 rows a key).
+        db.execute("CREATE TABLE IF NOT EXISTS daily (scope TEXT NOT NULL, key TEXT NOT NULL, minute INTEGER NOT NULL, "
+                   "tokens INTEGER NOT NULL, PRIMARY KEY (scope, key, minute))")
+        self._owner = f"{os.getpid()}:{process_start(os.getpid())}"
+        return db
+
+    def _admit(self, db: sqlite3.Connection, where: str, key: str, limits: Limits) -> int | RateLimited:
+        now = self.clock()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM recent WHERE scope = ? AND key = ? AND second <= ?", (where, key, now - MINUTE))
+        refused = self._over(db, where, key, limits, now)
+        slot: int | RateLimited = refused if refused is not None else 0
+        if refused is None:
+            db.execute("INSERT INTO recent VALUES (?, ?, ?, 1, 0) ON CONFLICT (scope, key, second) DO UPDATE SET "
+                       "requests = requests + 1", (where, key, math.floor(now)))
+            slot = db.execute("INSERT INTO slots (scope, key, owner, since) VALUES (?, ?, ?, ?)",
+                              (where, key, self._owner, now)).lastrowid or 0
+        db.execute("COMMIT")  # a refusal too: the dead processes' slots it found stay freed
+        return slot
+
+    def _over(self, db: sqlite3.Connection, where: str, key: str, limits: Limits, now: float) -> RateLimited | None:
+        """The first limit the key is at or over, as its refusal. Tokens first: waiting for a slot is no
+        use to a key that has spent its tokens."""
+        # Sums first, the rows only for a refusal's Retry-After: the common answer is one row of SQLite's.
+        if limits.tokens_per_day is not None:
+            first = math.floor((now - DAY) / MINUTE)  # the oldest minute still (partly) in the last day
+            (used,), = db.execute("SELECT COALESCE(SUM(tokens), 0) FROM daily WHERE scope = ? AND key = ? AND "
+                                  "minute >= ?", (where, key, first))
+            if used >= limits.tokens_per_day:
+                rows = db.execute("SELECT minute, tokens FROM daily WHERE scope = ? AND key = ? AND minute >= ? "
+                                  "ORDER BY minute", (where, key, first))
+                leaving = (((minute + 1) * MINUTE + DAY, tokens) for minute, tokens in rows)
+                return RateLimited(key, "tokens_per_day", limits.tokens_per_day, used,
+                                   _retry_after(leaving, used, limits.tokens_per_day, now))
+        if limits.tokens_per_minute is not None or limits.requests_per_minute is not None:
+            # A second's requests and tokens leave the minute together, at the second's start + 60 s.
+            sums = db.execute("SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(tokens), 0) FROM recent WHERE "
+                              "scope = ? AND key = ?", (where, key)).fetchone()
+            for limit, column in (("requests_per_minute", "requests"), ("tokens_per_minute", "tokens")):
+                value = getattr(limits, limit)
+                used = sums[column == "tokens"]
+                if value is not None and used >= value:
+                    rows = db.execute(f"SELECT second, {column} FROM recent WHERE scope = ? AND key = ? ORDER BY "
+                                      "second", (where, key))
+                    leaving = ((second + MINUTE, amount) for second, amount in rows)
+                    return RateLimited(key, limit, value, used, _retry_after(leaving, used, value, now))
+        if limits.concurrent is not None:
+            owners = db.execute("SELECT owner, COUNT(*) FROM slots WHERE scope = ? AND key = ? GROUP BY owner",
+                                (where, key)).fetchall()
+            dead = [owner for owner, _ in owners if owner != self._owner and not owner_alive(owner)]
+            if dead:  # every key's slots of a process that is gone
+                db.execute(f"DELETE FROM slots WHERE owner IN ({','.join('?' * len(dead))})", dead)
+                log.info("fair use: freed the slots of %d process(es) that ended without freeing them", len(dead))
+            in_flight = sum(count for owner, count in owners if owner not in dead)
+            if in_flight >= limits.concurrent:
+                return RateLimited(key, "concurrent", limits.concurrent, in_flight, RETRY_AFTER_CONCURRENT)
+        return None
+
+    def _release(self, db: sqlite3.Connection, where: str, key: str, slot: int, tokens: int) -> None:
+        now = self.clock()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM slots WHERE id = ?", (slot,))
+        if tokens > 0:
+            db.execute("INSERT INTO recent VALUES (?, ?, ?, 0, ?) ON CONFLICT (scope, key, second) DO UPDATE SET "
+                       "tokens = tokens + excluded.tokens", (where, key, math.floor(now), tokens))
+            db.execute("INSERT INTO daily VALUES (?, ?, ?, ?) ON CONFLICT (scope, key, minute) DO UPDATE SET "
+                       "tokens = tokens + excluded.tokens", (where, key, math.floor(now / MINUTE), tokens))
+        if self._ends % LIMITS_PRUNE_EVERY == 0:  # every key's, also of keys that send no more requests
+            db.execute("DELETE FROM daily WHERE minute < ?", (math.floor((now - DAY) / MINUTE),))
+            db.execute("DELETE FROM recent WHERE second <= ?", (now - MINUTE,))
+        self._ends += 1
+        db.execute("COMMIT")
+
+    def _use(self, db: sqlite3.Connection, where: str) -> dict[str, dict[str, int]]:
+        now = self.clock()
+        use: dict[str, dict[str, int]] = {}
+
+        def of(key: str) -> dict[str, int]:
+            return use.setdefault(key, {"in_flight": 0, "requests_last_minute": 0, "tokens_last_minute": 0,
+                                        "tokens_last_day": 0})
+
+        alive: dict[str, bool] = {}
+        for key, owner, count in db.execute("SELECT key, owner, COUNT(*) FROM slots WHERE scope = ? "
+                                            "GROUP BY key, owner", (where,)):
+            if owner == self._owner or alive.setdefault(owner, owner_alive(owner)):
+                of(key)["in_flight"] += count
+        for key, requests, tokens in db.execute("SELECT key, SUM(requests), SUM(tokens) FROM recent WHERE scope = ? "
+                                                "AND second > ? GROUP BY key", (where, now - MINUTE)):
+            of(key).update(requests_last_minute=requests, tokens_last_minute=tokens)
+        for key, tokens in db.execute("SELECT key, SUM(tokens) FROM daily WHERE scope = ? AND minute >= ? GROUP BY key",
+                                      (where, math.floor((now - DAY) / MINUTE))):
+            of(key)["tokens_last_day"] = tokens
+        return use
+
+
+# ---------------------------------------------------------------------------------------------------
 # What the exchanges share
 # ---------------------------------------------------------------------------------------------------
 
@@ -4266,6 +4597,20 @@ class Routing:
         self.passthrough = self.default or upstreams[0]
         self.fields = dict(file.models) if file is not None else {}
         self.loaded_at = int(time.time())  # /v1/models' "created"
+        # Fair use: the limits of each key name that has any. Empty without the file's "limits": then
+        # no request touches the limits' file (FairUse).
+        self.limits = self._limits(file)
+
+    def _limits(self, file: FileConfig | None) -> dict[str, Limits]:
+        if file is None or not file.limits:
+            return {}
+        names = [name for name, _ in self.api_keys] or [NO_KEY]  # without keys, every request is NO_KEY's
+        for name, _ in file.limits:
+            if name != DEFAULT_LIMITS and name not in names:
+                raise ConfigError(f"{file.path}: limits.{name[:64]}: no key has this name (the keys: "
+                                  f"{', '.join(names)}; or {DEFAULT_LIMITS}, for every key)")
+        every = {name: limits_of(file.limits, name) for name in names}
+        return {name: limits for name, limits in every.items() if limits}
 
     def route(self, model: Any) -> Upstream:
         """The upstream for a chat request's model; an unknown one goes to the default upstream, or is a 404."""
@@ -4308,6 +4653,8 @@ def reload_summary(old: Routing, new: Routing) -> str:
 
     parts = [counts("upstreams", upstreams(old), upstreams(new)), counts("models", served(old), served(new), "moved"),
              counts("model fields", old.fields, new.fields), counts("keys", keys(old), keys(new))]
+    if old.limits or new.limits:  # keys with limits (fair use)
+        parts.append(counts("limits", old.limits, new.limits))
     before, after = (r.default.name if r.default is not None else "none" for r in (old, new))
     if before != after:
         parts.append(f"default upstream {before} -> {after}")
@@ -4329,6 +4676,7 @@ class Proxy:
         self.collector: Collector | None = None
         self.reasoning = ReasoningStore(settings) if settings.restore_reasoning and settings.repair else None
         self.captures = CaptureDir(settings) if settings.capture_dir else None
+        self.fair_use = FairUse(settings)  # opens its file only for a key with limits
         self._exposure_checked = False
         self.bodies_held = 0  # bytes of request body the exchanges in flight hold (hold_body)
         self._host_names = frozenset({socket.gethostname().lower(), *settings.allowed_hosts})  # see check_host
@@ -4364,11 +4712,11 @@ class Proxy:
         assert self.routing.file is not None
         path = self.routing.file.path
         try:
-            file = load_config_file(path)
+            routing = self._routing(load_config_file(path), self.routing)  # limits name keys: checked here
         except ConfigError as exc:
             log.error("configuration not reloaded, the running one stays: %s", exc)
             return f"refused: {exc}"
-        old, self.routing = self.routing, self._routing(file, self.routing)
+        old, self.routing = self.routing, routing
         for upstream in old.upstreams:
             upstream.retire()
         if self._nursery is not None:
@@ -4578,6 +4926,7 @@ class Exchange:
         self.delivered: list[Message] = []  # a stream's choices as the client got them
         self.messages: list = []  # the chat request's, as the client sent them
         self._owner: str | None = None  # whose turns, of which task: the reasoning store's scope (loop_scope)
+        self._slot: tuple[str, int] | None = None  # fair use: (whose counts, the slot) this request holds
 
     async def run(self, chat: bool) -> None:
         token = REQUEST_ID.set(self.id)
@@ -4596,6 +4945,8 @@ class Exchange:
                 self._nursery.cancel_scope.cancel()  # the watcher
         finally:
             await self._close_upstream()
+            if self._slot is not None:
+                await self._release()
             if self.capture is not None and self.capture.reasons and self.proxy.captures is not None:
                 with trio.CancelScope(shield=True):
                     await self.proxy.captures.write(self.capture)
@@ -4613,6 +4964,8 @@ class Exchange:
         body = await self._read_body()
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_client)
+        if self.routing.limits:
+            await self._admit(chat)
         if not chat:
             if self.routing.file is not None and self.method == "GET" and (
                     self.path == "/v1/models" or self.path.startswith("/v1/models/")):
@@ -4711,6 +5064,36 @@ class Exchange:
                      for key in [turn_key(self._loop(), before, turn.calls)] if key is not None]
             if keyed:
                 await store.remember(keyed)
+
+    async def _admit(self, chat: bool) -> None:
+        """Fair use: the key's limits, decided before anything reaches the upstream or the client (a
+        refusal is a 429 of its own, never a stream cut short). Limited are the requests that make the
+        model generate: chat completions, Messages, and POSTs passed through (/v1/completions); not
+        count_tokens, /v1/models or other GETs. After the body and with the watcher running: a client
+        that leaves while its request waits for a slot is noticed, and was not cut off mid-upload."""
+        limits = self.routing.limits.get(self.key_name)
+        if limits is None or self.protocol.counting or not chat and self.method != "POST":
+            return
+        fair_use = self.proxy.fair_use
+        where = fair_use.where(self.scope)
+        try:
+            slot = await fair_use.admit(where, self.key_name, limits)
+        except RateLimited as refused:
+            self.proxy.metrics.inc("kimiproxy_key_refused_total", key=self.key_name, limit=refused.limit)
+            raise
+        if slot is not None:
+            self._slot = (where, slot)
+
+    async def _release(self) -> None:
+        """The slot freed and the request's tokens counted (prompt and completion, from SGLang's usage),
+        whatever ended it: the key's next request may be waiting for it."""
+        assert self._slot is not None
+        usage = self.usage if isinstance(self.usage, dict) else {}
+        tokens = sum(n for n in (usage.get("prompt_tokens"), usage.get("completion_tokens")) if type(n) is int and n > 0)
+        where, slot = self._slot
+        self._slot = None
+        with trio.CancelScope(shield=True):
+            await self.proxy.fair_use.release(where, self.key_name, slot, tokens)
 
     # -- the client --------------------------------------------------------------------------------
 
@@ -5249,6 +5632,7 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
         await proxy.connections.aclose()
         if proxy.reasoning is not None:
             await proxy.reasoning.aclose()
+        await proxy.fair_use.aclose()
 
     @app.before_request
     async def check_host() -> Any:
@@ -5299,6 +5683,8 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
             "heartbeat_interval": settings.heartbeat_interval, "auth": bool(routing.api_keys),
             "reasoning_continuity": proxy.reasoning is not None and proxy.reasoning.usable,
             "capture": proxy.captures is not None and proxy.captures.usable,
+            "fair_use": await proxy.fair_use.report(proxy.fair_use.where(request.scope), routing.limits)
+            if routing.limits else None,  # each key's use against its limits, every worker's
         })
 
     @app.errorhandler(404)

@@ -13,10 +13,12 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -3993,3 +3995,315 @@ async def test_k25_answer_with_sglangs_reasoning_parser_on_stays_the_answer(prox
         model="moonshotai/Kimi-K2.5", messages=[{"role": "user", "content": "x"}], stream=True)))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "The answer is 42."
     assert message.content == "The answer is 42." and not (message.model_extra or {}).get("reasoning_content")
+# ---------------------------------------------------------------------------------------------------
+# Fair use: per-key limits on requests in flight, requests and tokens per minute and per day
+# ---------------------------------------------------------------------------------------------------
+
+FAIR_KEYS = {"alice": "key-alice-1", "bob": "key-bob-2", "carol": "key-carol-3"}
+
+
+def limited(upstream: FakeSGLang, limits: dict, keys: dict = FAIR_KEYS) -> dict:
+    return {"upstreams": {"main": {"url": upstream.url, "models": ["kimi-k2-thinking"]}}, "keys": keys,
+            "limits": limits}
+
+
+def sdk_of(running: Running, name: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=running.base + "/v1", api_key=FAIR_KEYS[name], max_retries=0, timeout=20)
+
+
+def ask_whole(running: Running, name: str) -> Any:
+    return sdk_of(running, name).chat.completions.create(model="kimi-k2-thinking", messages=[
+        {"role": "user", "content": "hi"}])
+
+
+def refused_by(call: Any, kind: type) -> Any:
+    """The exception the SDK raised for a refused request (fails when it was served)."""
+    try:
+        call()
+    except kind as exc:
+        return exc
+    raise AssertionError("served, not refused")
+
+
+async def settled(running: Running, name: str) -> dict:
+    """The key's use on / once none of its requests is in flight: a request's tokens are counted in the
+    same transaction that frees its slot, after the client already has the whole response."""
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        with trio.fail_after(TEST_TIMEOUT / 2):
+            while (use := (await client.get("/")).json()["fair_use"][name]["use"])["in_flight"]:
+                await trio.sleep(0.01)
+    return use
+
+
+async def until(condition: Any, what: str) -> None:
+    """Wait for ``condition()`` (no sleeps as synchronisation: a deadline, then a failure saying what)."""
+    with trio.fail_after(TEST_TIMEOUT / 2):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+@pytest.mark.edge
+async def test_a_key_over_its_concurrency_limit_gets_429_with_retry_after_while_another_key_streams_on(
+        nursery: trio.Nursery, upstream: FakeSGLang, tmp_path: Path) -> None:
+    """alice may have one request in flight and does not wait: her second gets a 429 with Retry-After,
+    as the OpenAI SDK's RateLimitError (OpenAI's own error shape) and the Anthropic SDK's (rate_limit_error),
+    and reaches no upstream; bob streams on meanwhile. /metrics counts the refusals, / shows the use."""
+    path = config_file(tmp_path, limited(upstream, {"default": {"concurrent": 1}, "alice": {"queue_seconds": 0}}))
+    running = await start_proxy(nursery, upstream.url, KIMIPROXY_CONFIG=path)
+    go_on = trio.Event()
+    steps = stream_of(content=["held ", "stream"])
+    upstream.script(Script(steps=[*steps[:2], go_on, *steps[2:]]))
+
+    def held() -> str:
+        stream = sdk_of(running, "alice").chat.completions.create(
+            model="kimi-k2-thinking", messages=[{"role": "user", "content": "hi"}], stream=True)
+        return "".join(c.delta.content or "" for ev in stream for c in ev.choices)
+
+    got: list[str] = []
+
+    async def first() -> None:
+        got.append(await sdk_call(held))
+
+    nursery.start_soon(first)
+    await until(lambda: len(upstream.seen) == 1, "alice's first request upstream")
+    exc = await sdk_call(lambda: refused_by(lambda: ask_whole(running, "alice"), openai.RateLimitError))
+    assert exc.status_code == 429 and exc.response.headers["retry-after"] == "1"
+    assert exc.body["type"] == "requests" and exc.body["code"] == "rate_limit_exceeded"
+    assert exc.body["message"] == ("rate limit: key 'alice' has 1 requests in flight, its limit is 1 (concurrent); "
+                                   "retry after 1 s")
+    claude_exc = await sdk_call(lambda: refused_by(lambda: claude(running, key=FAIR_KEYS["alice"]).messages.create(
+        model="kimi-k2-thinking", max_tokens=10, messages=[{"role": "user", "content": "hi"}]), anthropic.RateLimitError))
+    assert claude_exc.status_code == 429 and claude_exc.response.headers["retry-after"] == "1"
+    assert claude_exc.body["type"] == "error" and claude_exc.body["error"]["type"] == "rate_limit_error"
+
+    def bob_streams() -> str:
+        stream = sdk_of(running, "bob").chat.completions.create(
+            model="kimi-k2-thinking", messages=[{"role": "user", "content": "hi"}], stream=True)
+        return "".join(c.delta.content or "" for ev in stream for c in ev.choices)
+
+    assert await sdk_call(bob_streams) == "Hello!"
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        info = (await client.get("/")).json()["fair_use"]
+        assert info["alice"]["use"]["in_flight"] == 1 and info["alice"]["limits"]["concurrent"] == 1
+        assert info["alice"]["limits"]["queue_seconds"] == 0 and info["bob"]["limits"]["queue_seconds"] == 10
+        assert (await settled(running, "bob"))["requests_last_minute"] == 1
+        go_on.set()
+        await until(lambda: got, "alice's first stream to end")
+        assert got == ["held stream"]
+        assert (await settled(running, "alice"))["requests_last_minute"] == 1
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert len(chats(upstream)) == 2  # the refused never reached it
+    assert metrics['kimiproxy_key_refused_total{key="alice",limit="concurrent"}'] == 2
+    assert metrics['kimiproxy_requests_total{route="/v1/chat/completions",status="429"}'] == 1
+    assert metrics['kimiproxy_requests_total{route="/v1/messages",status="429"}'] == 1
+    assert not any(k.startswith('kimiproxy_key_refused_total{key="bob"') for k in metrics)
+
+
+@pytest.mark.edge
+async def test_a_queued_request_is_served_when_a_slot_frees_within_queue_seconds(
+        nursery: trio.Nursery, upstream: FakeSGLang, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Over its concurrency limit a request waits (up to queue_seconds) and goes on as soon as the key's
+    request in flight ends: it is served, not refused."""
+    caplog.set_level(logging.INFO, logger="kimiproxy")
+    path = config_file(tmp_path, limited(upstream, {"alice": {"concurrent": 1, "queue_seconds": 30}}))
+    running = await start_proxy(nursery, upstream.url, KIMIPROXY_CONFIG=path)
+    go_on = trio.Event()
+    steps = stream_of(content=["first"])
+    upstream.script(Script(steps=[*steps[:2], go_on, *steps[2:]]))
+    done: list[Any] = []
+
+    async def one(stream: bool) -> None:
+        async with httpx.AsyncClient(base_url=running.base, timeout=30) as client:
+            r = await client.post("/v1/chat/completions", headers={"authorization": "Bearer key-alice-1"},
+                                  json={"model": "kimi-k2-thinking", "messages": [], "stream": stream})
+        done.append((stream, r.status_code))
+
+    nursery.start_soon(one, True)
+    await until(lambda: len(upstream.seen) == 1, "the first request upstream")
+    nursery.start_soon(one, False)
+    await logged(caplog, "fair use: key alice has 1 requests in flight (concurrent): waiting up to 30s")
+    assert len(upstream.seen) == 1 and not done  # the second waits, upstream has not seen it
+    go_on.set()
+    await until(lambda: len(done) == 2, "both requests")
+    assert sorted(done) == [(False, 200), (True, 200)]
+    assert upstream.seen[1].started >= upstream.seen[0].started and upstream.seen[0].completed
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        metrics = (await client.get("/metrics")).text
+    assert "kimiproxy_key_refused_total{" not in metrics
+
+
+@pytest.mark.edge
+async def test_requests_and_tokens_per_minute_and_per_day_are_refused_until_they_pass(
+        nursery: trio.Nursery, upstream: FakeSGLang, tmp_path: Path) -> None:
+    """On a clock of the test's: alice may send 2 requests a minute, bob's requests may end with 30 tokens
+    a minute, carol's with 50 a day (each request: SGLang's usage, 12 + 8 tokens). Over, a 429 says how
+    many seconds until the oldest counted ones leave the window; then it passes. Tokens of a request
+    count when it ends, streamed or whole; / shows each key's use."""
+    path = config_file(tmp_path, limited(upstream, {"alice": {"requests_per_minute": 2},
+                                                    "bob": {"tokens_per_minute": 30},
+                                                    "carol": {"tokens_per_day": 50}}))
+    running = await start_proxy(nursery, upstream.url, KIMIPROXY_CONFIG=path)
+    now = [1_000_000.0]
+    running.app.proxy.fair_use.clock = lambda: now[0]
+    per_request = USAGE["prompt_tokens"] + USAGE["completion_tokens"]
+
+    async def served(name: str) -> None:
+        assert (await sdk_call(lambda: ask_whole(running, name))).choices
+        await settled(running, name)  # its tokens counted, at the clock's time
+
+    async def refused(name: str) -> Any:
+        return await sdk_call(lambda: refused_by(lambda: ask_whole(running, name), openai.RateLimitError))
+
+    await served("alice")
+    now[0] += 10
+    await served("alice")
+    now[0] += 10
+    exc = await refused("alice")
+    assert exc.response.headers["retry-after"] == "40" and exc.body["type"] == "requests"
+    assert "(requests_per_minute)" in exc.body["message"]
+    now[0] += 41  # the first left the minute
+    await served("alice")
+
+    await served("bob")  # 20 tokens
+    def bob_streams() -> None:
+        stream = sdk_of(running, "bob").chat.completions.create(
+            model="kimi-k2-thinking", messages=[{"role": "user", "content": "hi"}], stream=True)
+        assert "".join(c.delta.content or "" for ev in stream for c in ev.choices) == "Hello!"
+    now[0] += 5
+    await sdk_call(bob_streams)  # 40 tokens: a stream's usage counts too (kimiproxy asked for it)
+    await settled(running, "bob")
+    exc = await refused("bob")
+    assert exc.response.headers["retry-after"] == "55" and exc.body["type"] == "tokens"
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        info = (await client.get("/")).json()["fair_use"]
+    assert info["bob"]["use"]["tokens_last_minute"] == 2 * per_request
+    assert info["alice"]["use"]["requests_last_minute"] == 2
+    now[0] += 56  # the first 20 left: 20 < 30
+    await served("bob")
+
+    for _ in range(3):  # 60 tokens
+        await served("carol")
+    exc = await refused("carol")
+    assert "(tokens_per_day)" in exc.body["message"]
+    minute = int(now[0] // 60)
+    assert exc.response.headers["retry-after"] == str(math.ceil((minute + 1) * 60 + 86400 - now[0]))
+    now[0] += 3600
+    await refused("carol")  # still the same day
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        info = (await client.get("/")).json()["fair_use"]
+        assert info["carol"]["use"] == {"in_flight": 0, "requests_last_minute": 0, "tokens_last_minute": 0,
+                                        "tokens_last_day": 3 * per_request}
+        assert info["carol"]["limits"]["tokens_per_day"] == 50 and info["carol"]["limits"]["concurrent"] is None
+        now[0] += 86400
+        await served("carol")
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert metrics['kimiproxy_key_refused_total{key="alice",limit="requests_per_minute"}'] == 1
+    assert metrics['kimiproxy_key_refused_total{key="bob",limit="tokens_per_minute"}'] == 1
+    assert metrics['kimiproxy_key_refused_total{key="carol",limit="tokens_per_day"}'] == 2
+
+
+@pytest.mark.edge
+async def test_without_limits_no_limits_file_is_created(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                        tmp_path: Path) -> None:
+    """With keys and no "limits" (and without a configuration file), requests touch no limits' file, and /
+    says there are no limits."""
+    path = config_file(tmp_path, {"upstreams": {"main": {"url": upstream.url, "models": ["kimi-k2-thinking"]}},
+                                  "keys": FAIR_KEYS})
+    for running in (await start_proxy(nursery, upstream.url, KIMIPROXY_CONFIG=path),
+                    await start_proxy(nursery, upstream.url, PROXY_API_KEY="alice:key-alice-1")):
+        for _ in range(3):
+            assert (await sdk_call(lambda: ask_whole(running, "alice"))).choices
+        async with httpx.AsyncClient(base_url=running.base) as client:
+            assert (await client.get("/")).json()["fair_use"] is None
+        fair_use = running.app.proxy.fair_use
+        assert fair_use._db is None and not Path(fair_use.path).exists()
+        assert fair_use.path.endswith(".limits.sqlite3")
+
+
+def test_limits_that_do_not_validate_say_what_and_where(tmp_path: Path) -> None:
+    upstreams = {"main": {"url": "http://127.0.0.1:30000/v1", "models": ["k"]}}
+    for limits, said in [
+        ({"alice": {"concurrent": 0}}, "limits.alice.concurrent: must be a whole number >= 1, or null for no limit"),
+        ({"alice": {"tokens_per_day": "lots"}}, "limits.alice.tokens_per_day: must be a whole number >= 1"),
+        ({"alice": {"requests_per_minute": 1.5}}, "limits.alice.requests_per_minute: must be a whole number"),
+        ({"alice": {"queue_seconds": 1000}}, "limits.alice.queue_seconds: must be a number of seconds from 0 to 120"),
+        ({"alice": {"per_hour": 1}}, "limits.alice.per_hour: unknown field (known: concurrent, "),
+        ({"alice": 4}, "limits.alice: must be a JSON object, not int"),
+        ([], "limits: must be a JSON object, not list"),
+    ]:
+        path = config_file(tmp_path, {"upstreams": upstreams, "keys": FAIR_KEYS, "limits": limits})
+        with pytest.raises(kp.ConfigError) as caught:
+            kp.load_config_file(path)
+        assert str(caught.value).startswith(f"{path}: {said}"), caught.value
+    # Names are keys' names: the file's keys, else PROXY_API_KEY's, else "anonymous" (no keys at all).
+    path = config_file(tmp_path, {"upstreams": upstreams, "keys": FAIR_KEYS, "limits": {"alcie": {"concurrent": 1}}})
+    with pytest.raises(kp.ConfigError) as caught:
+        kp.Proxy(kp.Settings(config_file=path))
+    assert str(caught.value) == (f"{path}: limits.alcie: no key has this name (the keys: alice, bob, carol; or "
+                                 "default, for every key)")
+    path = config_file(tmp_path, {"upstreams": upstreams, "limits": {"anonymous": {"concurrent": 1}, "default": {}}})
+    assert kp.Proxy(kp.Settings(config_file=path)).routing.limits == {"anonymous": kp.Limits(concurrent=1)}
+    dave = kp.Settings(config_file=path, api_keys=(("dave", "k"),))  # PROXY_API_KEY's names
+    with pytest.raises(kp.ConfigError, match="limits.anonymous: no key has this name"):
+        kp.Proxy(dave)
+    # At a reload too: refused, and the running configuration stays.
+    Path(path).write_text(json.dumps({"upstreams": upstreams, "limits": {"dave": {"concurrent": 2}}}))
+    keyed = kp.Proxy(dave)
+    Path(path).write_text(json.dumps({"upstreams": upstreams, "limits": {"anonymous": {"concurrent": 1}}}))
+    assert keyed.reload().startswith(f"refused: {path}: limits.anonymous: no key has this name (the keys: dave;")
+    assert keyed.routing.limits == {"dave": kp.Limits(concurrent=2)}
+
+
+@pytest.mark.slow
+@pytest.mark.edge
+async def test_limits_hold_across_two_workers_and_a_killed_workers_slots_are_freed(
+        nursery: trio.Nursery, upstream: FakeSGLang, tmp_path: Path) -> None:
+    """hypercorn -w 2 and python kimiproxy.py on one store and one file: alice may have one request in
+    flight. While a stream of hers is held in one worker, each worker and the other process refuse her;
+    the worker holding it is killed (SIGKILL: it frees nothing), and her next request is served."""
+    path = config_file(tmp_path, limited(upstream, {"alice": {"concurrent": 1, "queue_seconds": 0}}))
+    env = {"KIMIPROXY_CONFIG": path, "REASONING_STORE": store_path()}
+    go_on = trio.Event()  # never set: the worker dies holding the stream
+    upstream.script(Script(steps=[*stream_of(content=["held"])[:2], go_on]))
+    alice = {"authorization": "Bearer key-alice-1"}
+    ask = {"model": "kimi-k2-thinking", "messages": []}
+    async with proxy_process(HYPERCORN_ARGS + ["-w", "2"], env) as (hyper, supervisor), \
+            proxy_process(PYTHON_ARGS, env) as (single, _):
+        held = httpx.AsyncClient(base_url=hyper, timeout=30)
+        stream = await held.send(held.build_request("POST", "/v1/chat/completions", headers=alice,
+                                                    json={**ask, "stream": True}), stream=True)
+        assert stream.status_code == 200
+        refusals: set[str] = set()
+
+        async def one(base: str) -> None:  # a connection of its own: either worker may take it
+            async with httpx.AsyncClient(base_url=base, timeout=30) as fresh:
+                r = await fresh.post("/v1/chat/completions", headers=alice, json=ask)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+            refusals.add(r.headers["x-request-id"].rsplit("-", 1)[0])  # each process has its own prefix
+
+        with trio.fail_after(PROCESS_START_LIMIT):
+            await one(single)
+            while len(refusals) < 3:  # the python process and both workers
+                async with trio.open_nursery() as batch:
+                    for _ in range(6):
+                        batch.start_soon(one, hyper)
+        db = sqlite3.connect(kp.limits_store(env["REASONING_STORE"]))
+        (owner,), = db.execute("SELECT owner FROM slots").fetchall()
+        db.close()
+        worker = int(owner.split(":")[0])
+        assert worker in [int(p) for t in Path(f"/proc/{supervisor.pid}/task").iterdir()
+                          for p in (t / "children").read_text().split()]
+        os.kill(worker, signal.SIGKILL)
+        with trio.fail_after(PROCESS_START_LIMIT):
+            while Path(f"/proc/{worker}").exists() and "Z" not in Path(f"/proc/{worker}/stat").read_text().split()[2]:
+                await trio.sleep(0.02)
+        with contextlib.suppress(httpx.HTTPError):
+            await stream.aclose()
+        await held.aclose()
+        async with httpx.AsyncClient(base_url=single, timeout=30) as client:
+            served = await client.post("/v1/chat/completions", headers=alice, json=ask)
+            assert served.status_code == 200 and served.json()["choices"][0]["message"]["content"] == "Hello!"
+            with trio.fail_after(PROCESS_START_LIMIT):  # its slot is freed after it has the response
+                while (info := (await client.get("/")).json()["fair_use"]["alice"]["use"])["in_flight"]:
+                    await trio.sleep(0.02)
+    assert info["requests_last_minute"] == 2  # the killed worker's and this one: refusals are not counted
