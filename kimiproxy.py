@@ -3326,8 +3326,9 @@ class AnthropicStream:
                 frames.append(_event("content_block_delta", {
                     "type": "content_block_delta", "index": self._tools[event.index],
                     "delta": {"type": "input_json_delta", "partial_json": event.arguments}}))
-        if self._held and self.repair.sent[self._kind].canonical is not None:  # its input is complete
-            self._release(frames)
+        if type(self._kind) is int and self.repair.sent[self._kind].canonical is not None:  # its input is whole:
+            self._release(frames)  # the block stops now, not when the next begins (Claude Code runs a tool
+            self._close_block(frames)  # as soon as its block stops)
 
     def _release(self, frames: list[bytes]) -> None:
         """The tool_use block ends: the text that waited for it follows."""
