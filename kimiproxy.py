@@ -26,8 +26,8 @@ Layout (top to bottom, each part using only what stands above it): constants, er
 codecs, the repair core (pure: no I/O, no async, no logging), configuration, logging, metrics, the
 client edge (what a request must be, and what kimiproxy writes anew of it), the client protocols
 (OpenAI's chat completions and Anthropic's Messages, each an encoder of the repair's events), the
-upstream edge (httpx), files only kimiproxy's user can touch, reasoning continuity, capture and
-replay, what the exchanges share, one exchange (a request from its first byte in to its last byte
+upstream edge (httpx), files only kimiproxy's user can touch, reasoning continuity, the page (what
+the box is doing, for people), capture and replay, what the exchanges share, one exchange (a request from its first byte in to its last byte
 out), the server process, the app, main().
 """
 
@@ -3900,10 +3900,12 @@ class ReasoningStore:
 # The page: what the box is doing, for people (GET / in a browser, its data from GET /status.json)
 # ---------------------------------------------------------------------------------------------------
 
-# Each worker keeps what it serves in memory and writes it to a small SQLite file beside the reasoning
-# store in one batch at most this often, in a thread: a request that begins and ends within one batch
-# costs one row, and nothing is written per chunk (a stream's count is read from its Exchange).
+# Each worker keeps what it serves in memory (its last requests, each key's use, what is in flight) and,
+# while a page is open on the box, writes it to a small SQLite file beside the reasoning store, one batch
+# at most this often, in a thread; nothing is written per chunk (a stream's count is read from its
+# Exchange). While no page is open a worker only asks the file, this often, whether one is.
 PAGE_FLUSH_INTERVAL = 1.0  # seconds
+PAGE_WATCH = 10.0  # seconds a page's last poll keeps the workers writing
 PAGE_HEARTBEAT = 5.0  # seconds: a worker with requests in flight says it is alive at least this often
 PAGE_WORKER_GONE = 15.0  # seconds without a word from a worker: its requests in flight are not shown
 PAGE_REQUESTS = 50  # the last requests the page shows
@@ -3911,9 +3913,13 @@ PAGE_CAPTURES = 20  # the recent captures it shows
 PAGE_KEEP_REQUESTS = 5000  # finished requests kept in the file, all instances together
 PAGE_KEEP_HOURS = 24  # a key's use is counted over this many hours (by the hour); older rows go
 PAGE_PRUNE_EVERY = 60  # batches between enforcing the bounds, per worker
+# Parameters in one statement: SQLite's limit (999 before 3.32). A batch goes in a few statements, not one
+# per row: the thread gives up and takes back the GIL around every statement, and under load each time
+# costs the event loop's thread more than the row (measured: 50 us a row at 450 requests/s, 1 us so).
+PAGE_PARAMETERS = 999 if sqlite3.sqlite_version_info < (3, 32) else 32766
 PAGE_ADMIN_KEY = "admin"  # with keys, the key of this name sees every key's rows; any other, its own
-PAGE_TOKENS = ("estimated: the upstream's chunks so far (SGLang streams one token per chunk, bar the first and "
-               "the last two); a finished request shows SGLang's own count")
+PAGE_TOKENS = ("estimated: the upstream's chunks so far (SGLang streams one token per chunk; its role, finish and "
+               "usage chunks count too); a finished request shows SGLang's own count")
 
 
 def _quality(accept: str, kind: str) -> float:
@@ -3948,10 +3954,12 @@ def prefers_html(accept: str) -> bool:
 class Activity:
     """What the page shows, for the whole box: the requests in flight, the last ones served, the
     captures they left, and each key's use over the last PAGE_KEEP_HOURS. Each worker keeps its own in
-    memory (the exchanges in flight, the finished ones not yet written) and writes them to a SQLite file
-    that every worker shares, beside the reasoning store and checked as it is (a directory and files
-    only this user can touch), in one batch per PAGE_FLUSH_INTERVAL, in a worker thread. GET /status.json
-    writes its own worker's batch first and reads every worker's rows. With the default reasoning store
+    memory (the exchanges in flight, its last requests and captures, each key's use) and, while a page
+    is open on the box (it polled within PAGE_WATCH), writes them to a SQLite file that every worker
+    shares, beside the reasoning store and checked as it is (a directory and files only this user can
+    touch), in one batch per PAGE_FLUSH_INTERVAL, in a worker thread; with no page open it only asks the
+    file whether one is. GET /status.json says it is, writes its own worker's batch and reads every
+    worker's rows. With the default reasoning store
     each instance (port) has its own rows, as it has its own turns; with a REASONING_STORE of their own,
     the instances that share it share these too. A file that cannot be used leaves each worker showing
     its own requests, with a warning; nothing else depends on it."""
@@ -3967,14 +3975,20 @@ class Activity:
         self.running: dict[int, tuple[Any, int, str, float]] = {}  # id(exchange) -> (it, serial, instance, start)
         self._written: dict[int, int | None] = {}  # the serials with a row in the file -> the count written
         self._ended: list[int] = []  # serials whose row in the file goes
-        self.done: list[tuple] = []  # finished, not written yet
+        # Finished, not written yet: the last PAGE_REQUESTS (the page shows no more), those that left a
+        # capture, and each key's use by the hour ((instance, key, hour) -> requests, prompt, completion, repairs).
+        self.done: deque[tuple] = deque(maxlen=PAGE_REQUESTS)
+        self.captured: deque[tuple] = deque(maxlen=PAGE_CAPTURES)
+        self.use: dict[tuple, list[int]] = {}
         self.recent: deque[tuple] = deque(maxlen=PAGE_REQUESTS)  # this worker's own, for a file that cannot be used
+        self.watched = False  # a page was open on the box when this worker last asked
         self._due = trio.Event()
         self._beat = 0.0  # when this worker last said it is alive
         self._batches = 0
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self.refused: str | None = None  # why the file cannot be used, once found
+        self._closed = False
         self._limiter = trio.CapacityLimiter(1)
 
     # -- the exchanges' hooks: in memory, no I/O -------------------------------------------------------
@@ -3995,31 +4009,41 @@ class Activity:
             del self._written[serial]
             self._ended.append(serial)
         usage = exchange.usage if isinstance(exchange.usage, dict) else {}
-        prompt, completion = (usage.get(f"{kind}_tokens") for kind in ("prompt", "completion"))
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        prompt = prompt if type(prompt) is int else None
+        completion = completion if type(completion) is int else None
         captured = exchange.captured
+        ended = self._clock()
         row = (self.worker, self.pid, instance, exchange.id, exchange.key_name, _model(exchange.model),
-               exchange.path, started, self._clock(), 499 if exchange.reply is Reply.GONE else exchange.status,
-               prompt if type(prompt) is int else None, completion if type(completion) is int else None,
-               exchange.chunks or None, json.dumps(dict(exchange.rules)) if exchange.rules else None,
+               exchange.path, started, ended, 499 if exchange.reply is Reply.GONE else exchange.status,
+               prompt, completion, exchange.chunks or None, json.dumps(dict(exchange.rules)) if exchange.rules else None,
                captured, json.dumps(sorted(exchange.capture.reasons)) if captured else None)
         self.done.append(row)
         self.recent.append(row)
+        if captured:
+            self.captured.append(row)
+        use = self.use.get(key := (instance, exchange.key_name, int(ended // 3600)))
+        if use is None:
+            use = self.use[key] = [0, 0, 0, 0]
+        use[0] += 1
+        use[1] += prompt or 0
+        use[2] += completion or 0
+        use[3] += exchange.repairs
         if not self._due.is_set():
             self._due.set()
 
     # -- the batches -------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Write a batch once something began or ended, PAGE_FLUSH_INTERVAL later (what else happens in
-        that time goes in the same batch), and every interval while anything is in flight (its count
-        moves without a word)."""
+        """Once something began or ended, PAGE_FLUSH_INTERVAL later (what else happens in that time goes in
+        the same batch), and every interval while anything is in flight (its count moves without a word)
+        or waits to be written: write a batch if a page is open, else only ask whether one is."""
         while True:
-            await self._due.wait()
+            if not (self.running or self.done or self.captured or self.use or self._ended):
+                await self._due.wait()
             await trio.sleep(PAGE_FLUSH_INTERVAL)
             self._due = trio.Event()
             await self.flush()
-            if self.running:
-                self._due.set()
 
     def _batch(self, young: bool) -> tuple | None:
         """What changed since the last batch, read on the event loop (the exchanges are its objects):
@@ -4037,37 +4061,51 @@ class Activity:
             first = started + exchange.first_byte if exchange.first_byte is not None else None
             flight.append((self.worker, serial, self.pid, instance, exchange.id, exchange.key_name,
                            _model(exchange.model), exchange.path, started, first, tokens, now))
-        beat = bool(flight or self._ended or self.done) or (self._written and now - self._beat >= PAGE_HEARTBEAT)
-        if not beat:
+        changed = flight or self._ended or self.done or self.captured or self.use
+        if not changed and not (self._written and now - self._beat >= PAGE_HEARTBEAT):
             return None
         self._beat = now
         ended, self._ended = [(self.worker, serial) for serial in self._ended], []
-        done, self.done = self.done, []
-        return now, flight, ended, done
+        done = list(self.done) + [row for row in self.captured if row not in self.done]
+        use = [(*key, *counts) for key, counts in self.use.items()]
+        self.done.clear()
+        self.captured.clear()
+        self.use = {}
+        return now, flight, ended, done, use
 
-    async def flush(self, young: bool = False) -> None:
-        batch = self._batch(young)
+    async def flush(self, young: bool = False, watched: bool = False) -> None:
+        """Write what changed if a page is open (``watched``: it is, without asking)."""
+        if self.refused is not None:
+            return
+        if not watched:
+            watched = bool(await trio.to_thread.run_sync(self._run, self._watched, limiter=self._limiter))
+        if watched and not self.watched:  # the rows in flight may have been pruned meanwhile: all of them again
+            self._written = dict.fromkeys(self._written, -1)
+        self.watched = watched
+        batch = self._batch(young) if watched else None
         if batch is not None:
             await trio.to_thread.run_sync(self._run, self._write, batch, limiter=self._limiter)
 
     async def aclose(self) -> None:
-        """At shutdown: the last batch, and this worker's rows in flight go."""
+        """At shutdown: the last batch (watched or not: each key's use is kept), and this worker's rows in
+        flight go."""
         with trio.CancelScope(shield=True):
             self.running.clear()
             self._ended += list(self._written)
             self._written.clear()
-            await self.flush()
+            await self.flush(watched=True)
             await trio.to_thread.run_sync(self._close, limiter=self._limiter)
 
     def _close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._db is not None:
                 self._db.close()
                 self._db = None
 
     def _run(self, operation: Any, *args: Any) -> Any:
         with self._lock:
-            if self.refused is not None:
+            if self.refused is not None or self._closed:
                 return None
             if self._db is None:
                 try:
@@ -4106,28 +4144,25 @@ class Activity:
             db.execute("CREATE TABLE IF NOT EXISTS use (instance TEXT, key TEXT, hour INTEGER, requests INTEGER, "
                        "prompt INTEGER, completion INTEGER, repairs INTEGER, PRIMARY KEY (instance, key, hour))")
             db.execute("CREATE TABLE IF NOT EXISTS workers (worker TEXT PRIMARY KEY, seen REAL)")
+            db.execute("CREATE TABLE IF NOT EXISTS watch (one INTEGER PRIMARY KEY, until REAL)")
         return db
 
+    def _watched(self, db: sqlite3.Connection) -> bool:
+        row = db.execute("SELECT until FROM watch").fetchone()
+        return row is not None and row[0] >= self._clock()
+
     def _write(self, db: sqlite3.Connection, batch: tuple) -> None:
-        now, flight, ended, done = batch
-        use: Counter[tuple] = Counter()
-        for row in done:
-            instance, key, ended_at, prompt, completion, repairs = row[2], row[4], row[8], row[10], row[11], row[13]
-            hour = int(ended_at // 3600)
-            use[instance, key, hour, "requests"] += 1
-            use[instance, key, hour, "prompt"] += prompt or 0
-            use[instance, key, hour, "completion"] += completion or 0
-            use[instance, key, hour, "repairs"] += sum(json.loads(repairs).values()) if repairs else 0
-        sums = [(*group, use[(*group, "requests")], use[(*group, "prompt")], use[(*group, "completion")],
-                 use[(*group, "repairs")]) for group in {k[:3] for k in use}]
+        now, flight, ended, done, sums = batch
         with db:
-            db.executemany("INSERT OR REPLACE INTO flight VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", flight)
-            db.executemany("DELETE FROM flight WHERE worker = ? AND serial = ?", ended)
-            db.executemany("INSERT INTO done VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", done)
-            db.executemany("INSERT INTO use VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (instance, key, hour) DO UPDATE "
-                           "SET requests = requests + excluded.requests, prompt = prompt + excluded.prompt, "
-                           "completion = completion + excluded.completion, repairs = repairs + excluded.repairs",
-                           sums)
+            _insert(db, "INSERT OR REPLACE INTO flight", flight)
+            for start in range(0, len(ended), PAGE_PARAMETERS - 1):
+                serials = [serial for _, serial in ended[start:start + PAGE_PARAMETERS - 1]]
+                db.execute(f"DELETE FROM flight WHERE worker = ? AND serial IN ({','.join('?' * len(serials))})",
+                           (self.worker, *serials))
+            _insert(db, "INSERT INTO done", done)
+            _insert(db, "INSERT INTO use", sums, " ON CONFLICT (instance, key, hour) DO UPDATE SET requests = "
+                    "requests + excluded.requests, prompt = prompt + excluded.prompt, completion = completion + "
+                    "excluded.completion, repairs = repairs + excluded.repairs")
             db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?)", (self.worker, now))
             if self._batches % PAGE_PRUNE_EVERY == 0:
                 self._prune(db, now)
@@ -4150,8 +4185,9 @@ class Activity:
     async def status(self, port: Any, key: str | None) -> dict:
         """Every worker's rows of this instance (``port``: the one the page was asked on), after this
         worker's own batch; ``key``: only that key's rows (None: everyone's). A file that cannot be used:
-        this worker's own, from memory."""
-        await self.flush(young=True)
+        this worker's own, from memory. Each of ``keys`` is one key's row; a ``limits`` entry added to
+        it shows as a column of the page's table of keys."""
+        await self.flush(young=True, watched=True)
         instance = str(port) if self.per_port else ""
         now = self._clock()
         found = await trio.to_thread.run_sync(self._run, self._read, instance, key, now, limiter=self._limiter)
@@ -4194,6 +4230,8 @@ class Activity:
         }
 
     def _read(self, db: sqlite3.Connection, instance: str, key: str | None, now: float) -> tuple:
+        with db:  # the other workers write theirs from now on
+            db.execute("INSERT OR REPLACE INTO watch VALUES (1, ?)", (now + PAGE_WATCH,))
         mine, args = ("", ()) if key is None else (" AND key = ?", (key,))
         flight = db.execute(
             "SELECT pid, id, key, model, path, started, first, tokens, updated FROM flight WHERE instance = ?"
@@ -4209,6 +4247,18 @@ class Activity:
                          f"instance = ?{mine} AND hour >= ? GROUP BY key",
                          (instance, *args, int((now - PAGE_KEEP_HOURS * 3600) // 3600))).fetchall()
         return flight, done, captures, use
+
+
+def _insert(db: sqlite3.Connection, head: str, rows: list[tuple], tail: str = "") -> None:
+    """``head VALUES (...), (...)... tail``: as many rows in one statement as its parameters allow."""
+    if not rows:
+        return
+    width = len(rows[0])
+    per = PAGE_PARAMETERS // width
+    for start in range(0, len(rows), per):
+        part = rows[start:start + per]
+        marks = ",".join(["(" + ",".join("?" * width) + ")"] * len(part))
+        db.execute(f"{head} VALUES {marks}{tail}", [value for row in part for value in row])
 
 
 def _model(model: Any) -> str | None:
