@@ -26,9 +26,10 @@ Layout (top to bottom, each part using only what stands above it): constants, er
 codecs, the repair core (pure: no I/O, no async, no logging), configuration, logging, metrics, the
 client edge (what a request must be, and what kimiproxy writes anew of it), the client protocols
 (OpenAI's chat completions and Anthropic's Messages, each an encoder of the repair's events), the
-upstream edge (httpx), files only kimiproxy's user can touch, reasoning continuity, capture and
-replay, fair use (limits per key, shared by the workers), what the exchanges share, one exchange (a request from its first byte in to its last byte
-out), the server process, the app, main().
+upstream edge (httpx), files only kimiproxy's user can touch, reasoning continuity, the page (what
+the box is doing, for people), capture and replay, fair use (limits per key, shared by the workers),
+what the exchanges share, one exchange (a request from its first byte in to its last byte out), the
+server process, the app, main().
 """
 
 from __future__ import annotations
@@ -4001,6 +4002,539 @@ class ReasoningStore:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The page: what the box is doing, for people (GET / in a browser, its data from GET /status.json)
+# ---------------------------------------------------------------------------------------------------
+
+# Each worker keeps what it serves in memory (its last requests, each key's use, what is in flight) and,
+# while a page is open on the box, writes it to a small SQLite file beside the reasoning store, one batch
+# at most this often, in a thread; nothing is written per chunk (a stream's count is read from its
+# Exchange). While no page is open a worker only asks the file, this often, whether one is.
+PAGE_FLUSH_INTERVAL = 1.0  # seconds
+PAGE_WATCH = 10.0  # seconds a page's last poll keeps the workers writing
+PAGE_HEARTBEAT = 5.0  # seconds: a worker with requests in flight says it is alive at least this often
+PAGE_WORKER_GONE = 15.0  # seconds without a word from a worker: its requests in flight are not shown
+PAGE_REQUESTS = 50  # the last requests the page shows
+PAGE_CAPTURES = 20  # the recent captures it shows
+PAGE_KEEP_REQUESTS = 5000  # finished requests kept in the file, all instances together
+PAGE_KEEP_HOURS = 24  # a key's use is counted over this many hours (by the hour); older rows go
+PAGE_PRUNE_EVERY = 60  # batches between enforcing the bounds, per worker
+# Parameters in one statement: SQLite's limit (999 before 3.32). A batch goes in a few statements, not one
+# per row: the thread gives up and takes back the GIL around every statement, and under load each time
+# costs the event loop's thread more than the row (measured: 50 us a row at 450 requests/s, 1 us so).
+PAGE_PARAMETERS = 999 if sqlite3.sqlite_version_info < (3, 32) else 32766
+PAGE_ADMIN_KEY = "admin"  # with keys, the key of this name sees every key's rows; any other, its own
+PAGE_TOKENS = ("estimated: the upstream's chunks so far (SGLang streams one token per chunk; its role, finish and "
+               "usage chunks count too); a finished request shows SGLang's own count")
+
+
+def _quality(accept: str, kind: str) -> float:
+    """The q an Accept header gives the media type ``kind`` (``text/html``), from the most specific range
+    that names it (``text/html``, ``text/*``, ``*/*``); 0 when none does."""
+    family = kind.partition("/")[0] + "/*"
+    best, q = -1, 0.0
+    for part in accept.split(","):
+        media, *params = part.split(";")
+        rank = {kind: 2, family: 1, "*/*": 0}.get(media.strip().lower(), -1)
+        if rank < best or rank < 0:
+            continue
+        value = 1.0
+        for param in params:
+            name, _, raw = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = 0.0
+        q = value if rank > best else max(q, value)
+        best = rank
+    return q
+
+
+def prefers_html(accept: str) -> bool:
+    """Whether a request for / wants the page: its Accept prefers text/html to application/json (a
+    browser's does; ``*/*``, none at all and ``application/json`` keep the JSON)."""
+    return _quality(accept, "text/html") > _quality(accept, "application/json")
+
+
+def _insert(db: sqlite3.Connection, head: str, rows: list[tuple], tail: str = "") -> None:
+    """``head VALUES (...), (...)... tail``: as many rows in one statement as its parameters allow."""
+    if not rows:
+        return
+    width = len(rows[0])
+    per = PAGE_PARAMETERS // width
+    for start in range(0, len(rows), per):
+        part = rows[start:start + per]
+        marks = ",".join(["(" + ",".join("?" * width) + ")"] * len(part))
+        db.execute(f"{head} VALUES {marks}{tail}", [value for row in part for value in row])
+
+
+def _model(model: Any) -> str | None:
+    return model[:200] if isinstance(model, str) else None
+
+
+def _finished(row: tuple) -> dict:
+    pid, _, rid, name, model, path, started, ended, status, prompt, completion, chunks, repairs, capture, _ = row
+    return {"worker": pid, "id": rid, "key": name, "model": model, "path": path, "time": ended,
+            "duration": ended - started, "status": status, "prompt_tokens": prompt, "completion_tokens": completion,
+            "chunks": chunks, "repairs": json.loads(repairs) if repairs else {}, "capture": capture}
+
+
+class Activity:
+    """What the page shows, for the whole box: the requests in flight, the last ones served, the
+    captures they left, and each key's use over the last PAGE_KEEP_HOURS. Each worker keeps its own in
+    memory (the exchanges in flight, its last requests and captures, each key's use) and, while a page
+    is open on the box (it polled within PAGE_WATCH), writes them to a SQLite file that every worker
+    shares, beside the reasoning store and checked as it is (a directory and files only this user can
+    touch), in one batch per PAGE_FLUSH_INTERVAL, in a worker thread; with no page open it only asks the
+    file whether one is. GET /status.json says it is, writes its own worker's batch and reads every
+    worker's rows. With the default reasoning store
+    each instance (port) has its own rows, as it has its own turns; with a REASONING_STORE of their own,
+    the instances that share it share these too. A file that cannot be used leaves each worker showing
+    its own requests, with a warning; nothing else depends on it."""
+
+    def __init__(self, settings: Settings, clock: Any = time.time) -> None:
+        store = Path(settings.reasoning_store or default_store())
+        self.path = str(store.with_name(store.stem + ".page" + store.suffix))
+        self.per_port = not settings.reasoning_store
+        self.pid = os.getpid()
+        self.worker = f"{self.pid}.{secrets.token_hex(4)}"  # a pid comes back; this does not
+        self._clock = clock  # wall-clock seconds: the rows outlive processes
+        self._serial = itertools.count(1)
+        self.running: dict[int, tuple[Any, int, str, float]] = {}  # id(exchange) -> (it, serial, instance, start)
+        self._written: dict[int, int | None] = {}  # the serials with a row in the file -> the count written
+        self._ended: list[int] = []  # serials whose row in the file goes
+        # Finished, not written yet: the last PAGE_REQUESTS (the page shows no more), those that left a
+        # capture, and each key's use by the hour ((instance, key, hour) -> requests, prompt, completion, repairs).
+        self.done: deque[tuple] = deque(maxlen=PAGE_REQUESTS)
+        self.captured: deque[tuple] = deque(maxlen=PAGE_CAPTURES)
+        self.use: dict[tuple, list[int]] = {}
+        self.recent: deque[tuple] = deque(maxlen=PAGE_REQUESTS)  # this worker's own, for a file that cannot be used
+        self.watched = False  # a page was open on the box when this worker last asked
+        self._due = trio.Event()
+        self._beat = 0.0  # when this worker last said it is alive
+        self._batches = 0
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self.refused: str | None = None  # why the file cannot be used, once found
+        self._closed = False
+        self._limiter = trio.CapacityLimiter(1)
+
+    # -- the exchanges' hooks: in memory, no I/O -------------------------------------------------------
+
+    def begin(self, exchange: Any) -> None:
+        port = (exchange.scope.get("server") or (None, None))[1]
+        started = self._clock() - (time.monotonic() - exchange.started_at)
+        self.running[id(exchange)] = (exchange, next(self._serial), str(port) if self.per_port else "", started)
+        if not self._due.is_set():
+            self._due.set()
+
+    def end(self, exchange: Any) -> None:
+        entry = self.running.pop(id(exchange), None)
+        if entry is None:
+            return
+        _, serial, instance, started = entry
+        if serial in self._written:
+            del self._written[serial]
+            self._ended.append(serial)
+        usage = exchange.usage if isinstance(exchange.usage, dict) else {}
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        prompt = prompt if type(prompt) is int else None
+        completion = completion if type(completion) is int else None
+        captured = exchange.captured
+        ended = self._clock()
+        row = (self.worker, self.pid, instance, exchange.id, exchange.key_name, _model(exchange.model),
+               exchange.path, started, ended, exchange.final_status,
+               prompt, completion, exchange.chunks or None, json.dumps(dict(exchange.rules)) if exchange.rules else None,
+               captured, json.dumps(sorted(exchange.capture.reasons)) if captured else None)
+        self.done.append(row)
+        self.recent.append(row)
+        if captured:
+            self.captured.append(row)
+        use = self.use.get(key := (instance, exchange.key_name, int(ended // 3600)))
+        if use is None:
+            use = self.use[key] = [0, 0, 0, 0]
+        use[0] += 1
+        use[1] += prompt or 0
+        use[2] += completion or 0
+        use[3] += exchange.repairs
+        if not self._due.is_set():
+            self._due.set()
+
+    # -- the batches -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Once something began or ended, PAGE_FLUSH_INTERVAL later (what else happens in that time goes in
+        the same batch), and every interval while anything is in flight (its count moves without a word)
+        or waits to be written: write a batch if a page is open, else only ask whether one is."""
+        while True:
+            if not (self.running or self.done or self.captured or self.use or self._ended):
+                await self._due.wait()
+            await trio.sleep(PAGE_FLUSH_INTERVAL)
+            self._due = trio.Event()
+            await self.flush()
+
+    def _batch(self, young: bool) -> tuple | None:
+        """What changed since the last batch, read on the event loop (the exchanges are its objects):
+        rows in flight that are new or whose count moved, those that ended, the finished requests.
+        ``young``: also the requests that began within the last interval (for the page)."""
+        now = self._clock()
+        flight = []
+        for exchange, serial, instance, started in self.running.values():
+            if not young and started > now - PAGE_FLUSH_INTERVAL:
+                continue  # it may well end before the next batch: then it needs no row in flight at all
+            tokens = exchange.chunks or None
+            if serial in self._written and self._written[serial] == tokens:
+                continue
+            self._written[serial] = tokens
+            first = started + exchange.first_byte if exchange.first_byte is not None else None
+            flight.append((self.worker, serial, self.pid, instance, exchange.id, exchange.key_name,
+                           _model(exchange.model), exchange.path, started, first, tokens, now))
+        changed = flight or self._ended or self.done or self.captured or self.use
+        if not changed and not (self._written and now - self._beat >= PAGE_HEARTBEAT):
+            return None
+        self._beat = now
+        ended, self._ended = [(self.worker, serial) for serial in self._ended], []
+        done = list(self.done) + [row for row in self.captured if row not in self.done]
+        use = [(*key, *counts) for key, counts in self.use.items()]
+        self.done.clear()
+        self.captured.clear()
+        self.use = {}
+        return now, flight, ended, done, use
+
+    async def flush(self, young: bool = False, watched: bool = False) -> None:
+        """Write what changed if a page is open (``watched``: it is, without asking)."""
+        if self.refused is not None:
+            return
+        if not watched:
+            watched = bool(await trio.to_thread.run_sync(self._run, self._watched, limiter=self._limiter))
+        if watched and not self.watched:  # the rows in flight may have been pruned meanwhile: all of them again
+            self._written = dict.fromkeys(self._written, -1)
+        self.watched = watched
+        batch = self._batch(young) if watched else None
+        if batch is not None:
+            await trio.to_thread.run_sync(self._run, self._write, batch, limiter=self._limiter)
+
+    async def aclose(self) -> None:
+        """At shutdown: the last batch (watched or not: each key's use is kept), and this worker's rows in
+        flight go."""
+        with trio.CancelScope(shield=True):
+            self.running.clear()
+            self._ended += list(self._written)
+            self._written.clear()
+            await self.flush(watched=True)
+            await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _run(self, operation: Any, *args: Any) -> Any:
+        with self._lock:
+            if self.refused is not None or self._closed:
+                return None
+            if self._db is None:
+                try:
+                    self._db = self._open()
+                except (sqlite3.Error, OSError, ValueError) as exc:
+                    self.refused = str(exc)
+                    log.warning("page file %s cannot be used, the page shows this worker's requests only: %s",
+                                self.path, exc)
+                    return None
+            try:
+                return operation(self._db, *args)
+            except Exception as exc:  # busy past the timeout: this batch only
+                log.warning("page file %s: %s skipped: %s", self.path, operation.__name__.strip("_"), exc)
+                return None
+
+    def _open(self) -> sqlite3.Connection:
+        # As the reasoning store's: nobody else can plant a -wal that would show them every key's use.
+        private_directory(Path(self.path).parent)
+        for suffix in STORE_FILE_SUFFIXES:
+            private_file(self.path + suffix)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        private_file(self.path)
+        db = sqlite3.connect(self.path, timeout=STORE_BUSY_TIMEOUT, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        for suffix in STORE_FILE_SUFFIXES:
+            private_file(self.path + suffix)
+        db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last second: it is a view
+        with db:
+            db.execute("CREATE TABLE IF NOT EXISTS flight (worker TEXT, serial INTEGER, pid INTEGER, instance TEXT, "
+                       "id TEXT, key TEXT, model TEXT, path TEXT, started REAL, first REAL, tokens INTEGER, "
+                       "updated REAL, PRIMARY KEY (worker, serial))")
+            db.execute("CREATE TABLE IF NOT EXISTS done (worker TEXT, pid INTEGER, instance TEXT, id TEXT, key TEXT, "
+                       "model TEXT, path TEXT, started REAL, ended REAL, status INTEGER, prompt INTEGER, "
+                       "completion INTEGER, chunks INTEGER, repairs TEXT, capture TEXT, reasons TEXT)")
+            db.execute("CREATE INDEX IF NOT EXISTS done_ended ON done (instance, ended)")
+            db.execute("CREATE TABLE IF NOT EXISTS use (instance TEXT, key TEXT, hour INTEGER, requests INTEGER, "
+                       "prompt INTEGER, completion INTEGER, repairs INTEGER, PRIMARY KEY (instance, key, hour))")
+            db.execute("CREATE TABLE IF NOT EXISTS workers (worker TEXT PRIMARY KEY, seen REAL)")
+            db.execute("CREATE TABLE IF NOT EXISTS watch (one INTEGER PRIMARY KEY, until REAL)")
+        return db
+
+    def _watched(self, db: sqlite3.Connection) -> bool:
+        row = db.execute("SELECT until FROM watch").fetchone()
+        return row is not None and row[0] >= self._clock()
+
+    def _write(self, db: sqlite3.Connection, batch: tuple) -> None:
+        now, flight, ended, done, sums = batch
+        with db:
+            _insert(db, "INSERT OR REPLACE INTO flight", flight)
+            for start in range(0, len(ended), PAGE_PARAMETERS - 1):
+                serials = [serial for _, serial in ended[start:start + PAGE_PARAMETERS - 1]]
+                db.execute(f"DELETE FROM flight WHERE worker = ? AND serial IN ({','.join('?' * len(serials))})",
+                           (self.worker, *serials))
+            _insert(db, "INSERT INTO done", done)
+            _insert(db, "INSERT INTO use", sums, " ON CONFLICT (instance, key, hour) DO UPDATE SET requests = "
+                    "requests + excluded.requests, prompt = prompt + excluded.prompt, completion = completion + "
+                    "excluded.completion, repairs = repairs + excluded.repairs")
+            db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?)", (self.worker, now))
+            if self._batches % PAGE_PRUNE_EVERY == 0:
+                self._prune(db, now)
+        self._batches += 1
+
+    def _prune(self, db: sqlite3.Connection, now: float) -> None:
+        """The bounds: finished requests older than PAGE_KEEP_HOURS or past PAGE_KEEP_REQUESTS, key use
+        older than PAGE_KEEP_HOURS, and the rows in flight of workers that are gone (killed: a worker
+        that stops removes its own)."""
+        keep = now - PAGE_KEEP_HOURS * 3600
+        db.execute("DELETE FROM done WHERE ended < ?", (keep,))
+        db.execute("DELETE FROM done WHERE rowid IN (SELECT rowid FROM done ORDER BY ended DESC LIMIT -1 OFFSET ?)",
+                   (PAGE_KEEP_REQUESTS,))
+        db.execute("DELETE FROM use WHERE hour < ?", (int(keep // 3600),))
+        db.execute("DELETE FROM workers WHERE seen < ?", (now - PAGE_WORKER_GONE,))
+        db.execute("DELETE FROM flight WHERE worker NOT IN (SELECT worker FROM workers)")
+
+    # -- what the page shows --------------------------------------------------------------------------
+
+    async def status(self, port: Any, key: str | None) -> dict:
+        """Every worker's rows of this instance (``port``: the one the page was asked on), after this
+        worker's own batch; ``key``: only that key's rows (None: everyone's). A file that cannot be used:
+        this worker's own, from memory. Each of ``keys`` is one key's row; a ``limits`` entry added to
+        it shows as a column of the page's table of keys."""
+        await self.flush(young=True, watched=True)
+        instance = str(port) if self.per_port else ""
+        now = self._clock()
+        found = await trio.to_thread.run_sync(self._run, self._read, instance, key, now, limiter=self._limiter)
+        if found is None:  # the file cannot be used
+            flight = [(self.pid, exchange.id, exchange.key_name, _model(exchange.model), exchange.path, started,
+                       started + exchange.first_byte if exchange.first_byte is not None else None,
+                       exchange.chunks or None, now)
+                      for exchange, _, at, started in self.running.values() if at == instance]
+            done = [row[1:] for row in reversed(self.recent) if row[2] == instance]
+            if key is not None:
+                flight = [row for row in flight if row[2] == key]
+                done = [row for row in done if row[3] == key]
+            use: dict[str, Counter[str]] = {}
+            for row in done:
+                use.setdefault(row[3], Counter()).update(requests=1, prompt=row[9] or 0, completion=row[10] or 0,
+                                                         repairs=sum(json.loads(row[12]).values()) if row[12] else 0)
+            found = flight, done[:PAGE_REQUESTS], [row for row in done if row[13]][:PAGE_CAPTURES], [
+                (name, c["requests"], c["prompt"], c["completion"], c["repairs"]) for name, c in use.items()]
+        flight, done, captures, use = found
+        in_flight = Counter(row[2] for row in flight)
+        return {
+            "now": now,
+            "shared": self.refused is None,
+            "shared_note": None if self.refused is None else (
+                f"the page's shared file cannot be used ({self.refused}): this shows one worker's requests only"),
+            "tokens_note": PAGE_TOKENS,
+            "in_flight": [{"worker": pid, "id": rid, "key": name, "model": model, "path": path, "age": now - started,
+                           "tokens": tokens, "tokens_per_second": tokens / (updated - first)
+                           if tokens and first is not None and updated - first > 0.5 else None}
+                          for pid, rid, name, model, path, started, first, tokens, updated in flight],
+            "requests": [_finished(row) for row in done],
+            "captures": [{"name": row[13], "reasons": json.loads(row[14]), "time": row[7], "key": row[3],
+                          "id": row[2]} for row in captures],
+            "keys": [{"key": name, "requests": requests, "prompt_tokens": prompt, "completion_tokens": completion,
+                      "repairs": repairs, "in_flight": in_flight.get(name, 0)}
+                     for name, requests, prompt, completion, repairs in sorted(use)] + [
+                {"key": name, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "repairs": 0,
+                 "in_flight": count} for name, count in sorted(in_flight.items()) if name not in {u[0] for u in use}],
+            "window_hours": PAGE_KEEP_HOURS,
+        }
+
+    def _read(self, db: sqlite3.Connection, instance: str, key: str | None, now: float) -> tuple:
+        with db:  # the other workers write theirs from now on
+            db.execute("INSERT OR REPLACE INTO watch VALUES (1, ?)", (now + PAGE_WATCH,))
+        mine, args = ("", ()) if key is None else (" AND key = ?", (key,))
+        flight = db.execute(
+            "SELECT pid, id, key, model, path, started, first, tokens, updated FROM flight WHERE instance = ?"
+            f"{mine} AND worker IN (SELECT worker FROM workers WHERE seen >= ?) ORDER BY started",
+            (instance, *args, now - PAGE_WORKER_GONE)).fetchall()
+        columns = "pid, instance, id, key, model, path, started, ended, status, prompt, completion, chunks, repairs, " \
+                  "capture, reasons"
+        done = db.execute(f"SELECT {columns} FROM done WHERE instance = ?{mine} ORDER BY ended DESC LIMIT ?",
+                          (instance, *args, PAGE_REQUESTS)).fetchall()
+        captures = db.execute(f"SELECT {columns} FROM done WHERE instance = ?{mine} AND capture IS NOT NULL "
+                              "ORDER BY ended DESC LIMIT ?", (instance, *args, PAGE_CAPTURES)).fetchall()
+        use = db.execute(f"SELECT key, SUM(requests), SUM(prompt), SUM(completion), SUM(repairs) FROM use WHERE "
+                         f"instance = ?{mine} AND hour >= ? GROUP BY key",
+                         (instance, *args, int((now - PAGE_KEEP_HOURS * 3600) // 3600))).fetchall()
+        return flight, done, captures, use
+
+
+# The page itself: no framework, no CDN, nothing it fetches but /status.json (every 2 s, with the key the
+# form keeps in sessionStorage, sent as Authorization). Every value it shows is written as text, never
+# as markup; its Content-Security-Policy allows only its own script and style (by hash).
+PAGE_STYLE = """
+:root{color-scheme:light dark;--fg:#1f2328;--mute:#59636e;--bg:#fff;--line:#d1d9e0;--chip:#eef1f4;--warn:#7d4e00;
+--warnbg:#fff8c5;--bad:#cf222e;--live:#1a7f37}
+@media (prefers-color-scheme:dark){:root{--fg:#e6edf3;--mute:#9198a1;--bg:#0d1117;--line:#3d444d;--chip:#262c36;
+--warn:#e3b341;--warnbg:#2e2308;--bad:#ff7b72;--live:#3fb950}}
+body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);background:var(--bg)}
+header{display:flex;flex-wrap:wrap;gap:.4em 1em;align-items:center;padding:.7em 1em;border-bottom:1px solid var(--line)}
+h1{font-size:1.15em;margin:0}h2{font-size:1em;margin:1.3em 0 .4em}h2 small{font-weight:normal;color:var(--mute)}
+main{padding:0 1em 2em;max-width:1280px}.mute{color:var(--mute)}.bad{color:var(--bad)}[hidden]{display:none!important}
+.warn{background:var(--warnbg);color:var(--warn);padding:.5em .8em;border-radius:6px;margin:.7em 0}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.3em .55em;border-bottom:1px solid var(--line);
+vertical-align:top}th{font-weight:600;color:var(--mute);font-size:.9em;white-space:nowrap}
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.chip{display:inline-block;background:var(--chip);border-radius:4px;padding:0 .35em;margin:0 .25em .15em 0;font-size:.9em}
+#flight td:first-child::after{content:" \\25CF";color:var(--live)}
+form{display:flex;gap:.4em}input,button{font:inherit;padding:.15em .5em}
+@media (max-width:700px){table,tbody,tr,td{display:block}thead{display:none}
+tr{border:1px solid var(--line);border-radius:6px;margin:.5em 0;padding:.3em .2em}td{border:0;padding:.1em .4em}
+td.n{text-align:left}td::before{content:attr(data-label) ": ";color:var(--mute)}}
+"""
+PAGE_SCRIPT = """
+"use strict";
+const KEY = "kimiproxy-key", POLL = 2000, $ = id => document.getElementById(id);
+let updates = 0;
+if (location.hash.startsWith("#key=")) {  // a fragment never reaches the server, nor its log
+  sessionStorage.setItem(KEY, decodeURIComponent(location.hash.slice(5)));
+  history.replaceState(null, "", location.pathname + location.search);
+}
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+const dash = v => v === null || v === undefined || v === "" ? "\\u2014" : v;
+const num = n => n === null || n === undefined ? "\\u2014" : Number(n).toLocaleString("en");
+const secs = s => s < 10 ? s.toFixed(2) + " s" : s < 60 ? s.toFixed(1) + " s" : s < 3600 ?
+  Math.floor(s / 60) + " min " + Math.floor(s % 60) + " s" : (s / 3600).toFixed(1) + " h";
+const clock = t => new Date(t * 1000).toLocaleTimeString();
+function chips(items) {
+  const f = document.createDocumentFragment();
+  for (const [label, count] of items) f.append(el("span", count > 1 ? label + " \\u00d7" + count : label, "chip"));
+  return f.childNodes.length ? f : "\\u2014";
+}
+function table(id, cols, rows, empty) {
+  const box = $(id);
+  box.replaceChildren();
+  if (!rows.length) { box.append(el("p", empty, "mute")); return; }
+  const t = el("table"), head = t.createTHead().insertRow(), body = t.createTBody();
+  for (const [label] of cols) head.append(el("th", label));
+  for (const row of rows) {
+    const tr = body.insertRow();
+    for (const [label, cell, cls] of cols) {
+      const td = el("td", null, cls), v = cell(row);
+      td.dataset.label = label;
+      if (v instanceof Node) td.append(v); else td.textContent = dash(v);
+      tr.append(td);
+    }
+  }
+  box.append(t);
+}
+function tokens(r) {
+  if (r.prompt_tokens !== null || r.completion_tokens !== null) return num(r.prompt_tokens) + " + " + num(r.completion_tokens);
+  return r.chunks ? "~" + num(r.chunks) + " (chunks)" : null;
+}
+function limits(v) { return typeof v === "object" && v !== null ? Object.entries(v).map(e => e.join(": ")).join(", ") : v; }
+function render(d) {
+  document.body.dataset.updates = ++updates;
+  $("state").textContent = d.viewer + " \\u00b7 updated " + clock(d.now) + " \\u00b7 every " + POLL / 1000 + " s";
+  const warn = $("warnings");
+  warn.replaceChildren();
+  for (const u of d.upstreams) if (u.warning) warn.append(el("div", (d.upstreams.length > 1 ? u.name + ": " : "") + u.warning, "warn"));
+  if (d.shared_note) warn.append(el("div", d.shared_note, "warn"));
+  table("flight", [["key", r => r.key], ["model", r => r.model], ["route", r => r.path], ["age", r => secs(r.age), "n"],
+    ["tokens so far (est.)", r => r.tokens === null ? null : "~" + num(r.tokens), "n"],
+    ["tokens/s (est.)", r => r.tokens_per_second === null ? null : r.tokens_per_second.toFixed(1), "n"],
+    ["worker", r => r.worker, "n"]], d.in_flight, "nothing in flight");
+  $("tokens-note").textContent = "Tokens in flight are " + d.tokens_note + ".";
+  table("requests", [["time", r => clock(r.time)], ["key", r => r.key], ["model", r => r.model], ["route", r => r.path],
+    ["status", r => { const s = el("span", r.status === 499 ? "499 client left" : r.status); if (r.status >= 400) s.className = "bad"; return s; }],
+    ["duration", r => secs(r.duration), "n"], ["tokens", tokens, "n"],
+    ["repairs", r => chips(Object.entries(r.repairs))], ["worker", r => r.worker, "n"]], d.requests, "no requests yet");
+  $("captures-section").hidden = d.captures === null;
+  if (d.captures !== null) table("captures", [["time", r => clock(r.time)], ["key", r => r.key],
+    ["reasons", r => chips(r.reasons.map(x => [x, 1]))], ["file", r => r.name]], d.captures, "no captures yet");
+  table("upstreams", [["upstream", r => r.name], ["models", r => r.models.length ? r.models.join(", ") : "every model"],
+    ["tool-call parser", r => r.parsers ? dash(r.parsers.tool_call_parser) : "not known yet"],
+    ["reasoning parser", r => r.parsers ? dash(r.parsers.reasoning_parser) : "not known yet"],
+    ["warning", r => r.warning ? el("span", "tool-call parser on: see above", "bad") : null]], d.upstreams, "none");
+  const keyCols = [["key", r => r.key], ["requests", r => num(r.requests), "n"], ["prompt tokens", r => num(r.prompt_tokens), "n"],
+    ["completion tokens", r => num(r.completion_tokens), "n"], ["repairs", r => num(r.repairs), "n"], ["in flight", r => r.in_flight, "n"]];
+  if (d.keys.some(k => "limits" in k)) keyCols.push(["limits", r => limits(r.limits)]);
+  $("keys-window").textContent = "last " + d.window_hours + " h";
+  table("keys", keyCols, d.keys, "no use yet");
+}
+async function tick() {
+  const key = sessionStorage.getItem(KEY);
+  try {
+    const r = await fetch("status.json", {headers: key ? {Authorization: "Bearer " + key} : {}, cache: "no-store"});
+    if (r.status === 401) {
+      $("state").textContent = key ? "that key was refused: give another" : "this kimiproxy shows nothing without a key";
+      $("keyform").hidden = false;
+      for (const id of ["flight", "requests", "captures", "upstreams", "keys"]) $(id).replaceChildren();
+    } else if (!r.ok) {
+      throw new Error("HTTP " + r.status);
+    } else {
+      render(await r.json());
+      $("keyform").hidden = true;
+    }
+    $("forget").hidden = !key;
+  } catch (e) {
+    $("state").textContent = "not updated (" + e.message + "): trying again";
+  }
+  setTimeout(tick, POLL);
+}
+$("keyform").addEventListener("submit", e => {
+  e.preventDefault();
+  sessionStorage.setItem(KEY, $("key").value.trim());
+  $("key").value = "";
+});
+$("forget").addEventListener("click", () => sessionStorage.removeItem(KEY));
+tick();
+"""
+PAGE_HTML = ("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>kimiproxy</title><link rel="icon" href="data:,"><style>""" + PAGE_STYLE + """</style></head>
+<body><header><h1>kimiproxy</h1><span id="state" class="mute">loading\u2026</span>
+<form id="keyform" hidden><input id="key" type="password" placeholder="API key" autocomplete="off" aria-label="API key">
+<button>Show</button></form><button id="forget" hidden>Forget the key</button></header>
+<main><div id="warnings"></div>
+<h2>In flight</h2><div id="flight"></div><p id="tokens-note" class="mute"></p>
+<h2>Last requests</h2><div id="requests"></div>
+<section id="captures-section" hidden><h2>Recent captures</h2><div id="captures"></div></section>
+<h2>Upstreams</h2><div id="upstreams"></div>
+<h2>Keys <small id="keys-window"></small></h2><div id="keys"></div>
+</main><script>""" + PAGE_SCRIPT + """</script></body></html>
+""").encode()
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+PAGE_HEADERS = {
+    "content-type": "text/html; charset=utf-8",
+    "content-security-policy": f"default-src 'none'; script-src {_csp_hash(PAGE_SCRIPT)}; style-src "
+                               f"{_csp_hash(PAGE_STYLE)}; connect-src 'self'; img-src data:; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-cache",
+}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Capture and replay: every exchange that went wrong, as a file that replays offline
 # ---------------------------------------------------------------------------------------------------
 
@@ -4076,10 +4610,11 @@ class CaptureDir:
     def usable(self) -> bool:
         return self._refused is None
 
-    async def write(self, capture: Capture) -> None:
-        await trio.to_thread.run_sync(self._write, capture)
+    async def write(self, capture: Capture) -> str | None:
+        """The capture's file name, once written."""
+        return await trio.to_thread.run_sync(self._write, capture)
 
-    def _write(self, capture: Capture) -> None:
+    def _write(self, capture: Capture) -> str | None:
         with self._checking:
             if self._refused is not None:
                 return
@@ -4103,6 +4638,7 @@ class CaptureDir:
             return
         self._prune()
         log.info("captured (%s) in %s", ", ".join(sorted(capture.reasons)), self.path / name)
+        return name
 
     def _prune(self) -> None:
         """The oldest of kimiproxy's own captures go (regular files of this user's named like one, whatever
@@ -4681,6 +5217,7 @@ class Proxy:
         self._exposure_checked = False
         self.bodies_held = 0  # bytes of request body the exchanges in flight hold (hold_body)
         self._host_names = frozenset({socket.gethostname().lower(), *settings.allowed_hosts})  # see check_host
+        self.activity = Activity(settings)  # what the page shows
 
     @property
     def upstream(self) -> Upstream:
@@ -4810,9 +5347,10 @@ class Proxy:
             raise err
         return matched
 
-    def report_repairs(self, repairs: list[ChoiceRepair]) -> int:
+    def report_repairs(self, repairs: list[ChoiceRepair], rules: Counter[str] | None = None) -> int:
         """One log line per call that needed a repair (what, from where, by which rules), one for the
-        text-level repairs, and the metrics. Returns the number of repairs."""
+        text-level repairs, and the metrics. Returns the number of repairs; ``rules`` counts them by rule
+        (a call recovered from markup that needed nothing more counts as ``markup``)."""
         metrics = self.metrics
         total = 0
         for repair in repairs:
@@ -4830,6 +5368,8 @@ class Proxy:
                     metrics.inc("kimiproxy_tool_calls_recovered_total", channel=channel)
                 for rule in call.rules:
                     metrics.inc("kimiproxy_repairs_total", rule=rule)
+                if rules is not None:
+                    rules.update(call.rules or ("markup",))
                 total += len(call.rules) or 1
             text_repairs = repair.repairs()
             if text_repairs:
@@ -4837,6 +5377,8 @@ class Proxy:
             for rule, count in text_repairs.items():
                 metrics.inc("kimiproxy_repairs_total", count, rule=rule)
                 total += count
+            if rules is not None:
+                rules.update(text_repairs)
         return total
 
 
@@ -4928,10 +5470,22 @@ class Exchange:
         self.messages: list = []  # the chat request's, as the client sent them
         self._owner: str | None = None  # whose turns, of which task: the reasoning store's scope (loop_scope)
         self._slot: tuple[str, int] | None = None  # fair use: (whose counts, the slot) this request holds
+        # For the page (Activity): the model asked for, the upstream's events so far (about its tokens),
+        # the repairs by rule, the capture file written.
+        self.model: Any = None
+        self.chunks = 0
+        self.rules: Counter[str] = Counter()
+        self.captured: str | None = None
+
+    @property
+    def final_status(self) -> int:
+        """The status the log, the metrics and the page give this exchange: 499 when the client left first."""
+        return 499 if self.reply is Reply.GONE else self.status
 
     async def run(self, chat: bool) -> None:
         token = REQUEST_ID.set(self.id)
         self.proxy.begin()
+        self.proxy.activity.begin(self)
         try:
             async with trio.open_nursery() as self._nursery:
                 try:
@@ -4950,9 +5504,10 @@ class Exchange:
                 await self._release()
             if self.capture is not None and self.capture.reasons and self.proxy.captures is not None:
                 with trio.CancelScope(shield=True):
-                    await self.proxy.captures.write(self.capture)
+                    self.captured = await self.proxy.captures.write(self.capture)
             self.proxy.release_body(self._held)
             self._log_end()
+            self.proxy.activity.end(self)
             self.proxy.end()
             REQUEST_ID.reset(token)
 
@@ -4980,6 +5535,7 @@ class Exchange:
         request = protocol.parse(self.scope, body)
         log.info("%s %s %s", self.method, self.path, summarize_request(request, len(body)))
         model = request.get("model")
+        self.model = model
         self.backend = self.routing.route(model)
         if protocol.counting:
             await self._count_tokens(request)
@@ -5263,7 +5819,9 @@ class Exchange:
         try:
             async for chunk in chunks:
                 out = []
-                for data in decoder.decode(chunk):
+                events = decoder.decode(chunk)
+                self.chunks += len(events)
+                for data in events:
                     if debug:
                         log.debug("upstream event %s", data.decode("utf-8", "replace"))
                     if capture is not None:
@@ -5359,7 +5917,7 @@ class Exchange:
             repairs: list[ChoiceRepair] = []
             if ctx.enabled:
                 repairs, changed = repair_completion(completion, ctx)
-                self.repairs += self.proxy.report_repairs(repairs)
+                self.repairs += self.proxy.report_repairs(repairs, self.rules)
             finals = [Message.of_choice(choice, m, i) for i, (choice, m) in enumerate(_choices(completion))]
             if self.capture is not None:
                 self.capture.judge(zip(repairs, finals))
@@ -5441,7 +5999,7 @@ class Exchange:
         choices = sorted(repair.choices.items())
         self.delivered = [choice.message(repair.finish.get(index), index) for index, choice in choices] if needed else []
         if self.proxy.settings.repair:
-            self.repairs += self.proxy.report_repairs([choice for _, choice in choices])
+            self.repairs += self.proxy.report_repairs([choice for _, choice in choices], self.rules)
             if self.capture is not None:
                 self.capture.judge(zip((choice for _, choice in choices), self.delivered))
         self._log_finals(self.delivered, repair.usage)
@@ -5457,7 +6015,7 @@ class Exchange:
         elapsed = time.monotonic() - self.started_at
         metrics, route = self.proxy.metrics, route_label(self.path)
         gone = self.reply is Reply.GONE
-        metrics.inc("kimiproxy_requests_total", route=route, status="499" if gone else str(self.status))
+        metrics.inc("kimiproxy_requests_total", route=route, status=str(self.final_status))
         metrics.observe("kimiproxy_request_duration_seconds", elapsed, route=route)
         metrics.inc("kimiproxy_key_requests_total", key=self.key_name)
         usage = self.usage if isinstance(self.usage, dict) else {}
@@ -5618,6 +6176,7 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
             app.nursery.start_soon(proxy.collector.run)
         await proxy.connections.open()
         proxy.watch_upstreams(app.nursery)
+        app.nursery.start_soon(proxy.activity.run)
         file = proxy.routing.file
         if serving_process and file is not None:
             await app.nursery.start(proxy.reload_on_sighup)
@@ -5634,6 +6193,7 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
         if proxy.reasoning is not None:
             await proxy.reasoning.aclose()
         await proxy.fair_use.aclose()
+        await proxy.activity.aclose()
 
     @app.before_request
     async def check_host() -> Any:
@@ -5669,8 +6229,37 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
     async def metrics() -> Any:
         return proxy.metrics.render(), 200, {"content-type": "text/plain; version=0.0.4; charset=utf-8"}
 
+    @app.get("/status.json")
+    async def status() -> Any:
+        """The page's data (README: The page). With keys, a key is needed (401 without one); the key named
+        admin sees every key's rows, any other key its own. Without keys, everything."""
+        routing = proxy.routing
+        viewer = None
+        if routing.api_keys:
+            try:
+                name = proxy.authorise(request.scope, routing.api_keys)
+            except ClientError as err:
+                return jsonify(err.body()), err.status, {"www-authenticate": "Bearer", "cache-control": "no-store"}
+            viewer = None if name == PAGE_ADMIN_KEY else name
+        port = (request.scope.get("server") or (None, None))[1]
+        found = await proxy.activity.status(port, viewer)
+        upstreams = [{"name": u.name, "models": list(u.models), "parsers": u.parsers,
+                      "warning": parser_warning(u.parsers or {})} for u in routing.upstreams]
+        doc = {"name": "kimiproxy", "version": __version__, "viewer": "every key" if routing.api_keys and viewer is None
+               else "no keys: everyone" if viewer is None else f"key {viewer}: its own requests",
+               **found, "upstreams": upstreams, "captures": found["captures"] if proxy.captures is not None else None}
+        return jsonify(doc), 200, {"cache-control": "no-store"}
+
+    @app.after_request
+    async def vary(response: Any) -> Any:
+        if request.path == "/":  # the page or the JSON, by Accept
+            response.headers["vary"] = "Accept"
+        return response
+
     @app.get("/")
     async def index() -> Any:
+        if prefers_html(request.headers.get("accept", "")):  # a browser: the page (README: The page)
+            return PAGE_HTML, 200, PAGE_HEADERS
         routing = proxy.routing
         parsers = proxy.upstream.parsers
         warning = next((w for u in routing.upstreams if (w := parser_warning(u.parsers or {}))), None)

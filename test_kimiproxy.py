@@ -11,11 +11,13 @@ import contextlib
 import functools
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -3044,6 +3046,353 @@ async def test_captures_only_where_nobody_else_can_plant_or_read(nursery: trio.N
     assert all(re.fullmatch(r"kimiproxy-capture-\d{8}-\d{6}-same-id-[0-9a-f]{16}\.json", name) for name in ours)
     assert planted.stat().st_size == 2 * 1024 ** 3 and outside.read_text() == "not a capture"
     assert (private / "kimiproxy-capture-00000000-000000-link.json").is_symlink()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The page (GET / in a browser) and its data (GET /status.json)
+# ---------------------------------------------------------------------------------------------------
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+PAGE_KEYS = "admin:key-admin-0,alice:key-alice-1,bob:key-bob-2"
+# A leaked call without its section wrapper: the repair says which rule it needed.
+UNWRAPPED = f"Reading it.{B}functions.read_file:0{A}{{\"path\": \"a.py\"}}{Z}"
+
+
+def test_the_page_for_browsers_and_json_for_everyone_else() -> None:
+    assert kp.prefers_html(BROWSER_ACCEPT) and kp.prefers_html("text/html")
+    assert kp.prefers_html("application/json;q=0.5, text/*")
+    for accept in ("", "*/*", "application/json", "application/json, text/html;q=0.9", "text/html;q=0, */*",
+                   "text/html;q=0.8, application/*", "application/json, text/html"):
+        assert not kp.prefers_html(accept), accept
+
+
+async def page_status(client: httpx.AsyncClient, key: str | None = None, **kw: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return await client.get("/status.json", headers=headers, **kw)
+
+
+async def status_until(client: httpx.AsyncClient, key: str | None, done: Any, what: str, limit: float = 30) -> dict:
+    """/status.json until ``done(status)`` holds; a failure past ``limit`` seconds says what was awaited."""
+    status: dict = {}
+    with trio.move_on_after(limit):
+        while True:
+            response = await page_status(client, key)
+            assert response.status_code == 200, response.text
+            status = response.json()
+            if done(status):
+                return status
+            await trio.sleep(0.1)
+    raise AssertionError(f"status never showed {what}: {json.dumps(status)[:2000]}")
+
+
+@pytest.mark.edge
+async def test_the_page_is_one_offline_file_and_the_json_stays(proxy: Running) -> None:
+    async with httpx.AsyncClient(base_url=proxy.base) as client:
+        page = await client.get("/", headers={"Accept": BROWSER_ACCEPT})
+        info = await client.get("/")
+        asked = await client.get("/", headers={"Accept": "application/json"})
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    html = page.text
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in html
+    assert "status.json" in html and "fetch(" in html and "setTimeout(tick, POLL)" in html
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html) and "@import" not in html  # no CDN
+    assert len(page.content) < 16_000
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert page.headers["vary"] == "Accept" and info.headers["vary"] == "Accept"
+    for response in (info, asked):
+        assert response.headers["content-type"] == "application/json"
+        assert {"name", "version", "upstream_parsers", "warning", "repairs", "heartbeat_interval", "auth",
+                "reasoning_continuity", "capture"} <= set(response.json())
+
+
+@pytest.mark.edge
+async def test_status_shows_streams_in_flight_and_what_each_request_needed(
+        nursery: trio.Nursery, upstream: FakeSGLang, tmp_path: Path) -> None:
+    """A stream in flight with its key, model and count so far; the finished requests with status,
+    tokens and repairs by rule; the capture the repaired one left; each key's use."""
+    running = await start_proxy(nursery, upstream.url, CAPTURE_DIR=str(tmp_path / "captures"))
+    gate = trio.Event()
+    upstream.script(Script(steps=stream_of(reasoning=[UNWRAPPED])),
+                    Script(steps=stream_of(content=["one ", "two ", "three "])[:3] + [gate] +
+                           stream_of(content=["four"])[1:]))
+    request = {"model": "kimi-k2-thinking", "messages": [{"role": "user", "content": "x"}], "stream": True,
+               "tools": TOOLS}
+    async with httpx.AsyncClient(base_url=running.base, timeout=30) as client:
+        assert (await client.post("/v1/chat/completions", json=request)).status_code == 200
+        finished = trio.Event()
+
+        async def gated() -> None:
+            await client.post("/v1/chat/completions", json=dict(request, model="kimi-gated"))
+            finished.set()
+
+        nursery.start_soon(gated)
+        status = await status_until(client, None, lambda s: s["in_flight"] and s["in_flight"][0]["tokens"] == 3,
+                                    "the gated stream with 3 chunks")
+        flight = status["in_flight"][0]
+        assert (flight["key"], flight["model"], flight["path"]) == ("anonymous", "kimi-gated", "/v1/chat/completions")
+        assert flight["age"] >= 0 and "estimated" in status["tokens_note"]
+        assert status["captures"] and status["captures"][0]["reasons"] == ["repaired"]
+        assert status["captures"][0]["name"].startswith("kimiproxy-capture-")
+        [repaired] = status["requests"]
+        assert repaired["status"] == 200 and repaired["model"] == "kimi-k2-thinking"
+        assert "no-section-wrapper" in repaired["repairs"] and repaired["capture"] == status["captures"][0]["name"]
+        assert (repaired["prompt_tokens"], repaired["completion_tokens"]) == (12, 8)
+        assert status["keys"] == [{"key": "anonymous", "requests": 1, "prompt_tokens": 12, "completion_tokens": 8,
+                                   "repairs": sum(repaired["repairs"].values()), "in_flight": 1}]
+        assert status["upstreams"] == [{"name": "default", "models": [], "parsers": {
+            "tool_call_parser": None, "reasoning_parser": "kimi_k2"}, "warning": None}]
+        gate.set()
+        with trio.fail_after(10):
+            await finished.wait()
+        status = await status_until(client, None, lambda s: not s["in_flight"] and len(s["requests"]) == 2,
+                                    "the gated stream finished")
+    last = status["requests"][0]
+    assert (last["model"], last["status"], last["repairs"], last["chunks"]) == ("kimi-gated", 200, {}, 7)
+    assert status["keys"][0]["requests"] == 2 and status["keys"][0]["in_flight"] == 0
+
+
+@pytest.mark.edge
+async def test_with_keys_the_status_needs_one_and_a_key_sees_its_own(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+    """The page's shell is served to anyone; its data needs a key. A key sees its own requests and use
+    only; the key named admin sees everyone's."""
+    running = await start_proxy(nursery, upstream.url, PROXY_API_KEY=PAGE_KEYS)
+    async with httpx.AsyncClient(base_url=running.base, timeout=30) as client:
+        for key in ("key-alice-1", "key-bob-2", "key-bob-2"):
+            r = await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "kimi", "messages": []})
+            assert r.status_code == 200
+        page = await client.get("/", headers={"Accept": BROWSER_ACCEPT})
+        refused = [await page_status(client), await page_status(client, "key-wrong"),
+                   await client.get("/status.json", params={"key": "key-admin-0"})]
+        alice, bob, admin = [(await page_status(client, k)).json() for k in ("key-alice-1", "key-bob-2", "key-admin-0")]
+        anthropic_style = await client.get("/status.json", headers={"x-api-key": "key-bob-2"})
+    assert page.status_code == 200 and "alice" not in page.text and "bob" not in page.text
+    for r in refused:
+        assert r.status_code == 401 and "error" in r.json() and "alice" not in r.text
+    assert [r["key"] for r in alice["requests"]] == ["alice"] and [k["key"] for k in alice["keys"]] == ["alice"]
+    assert alice["viewer"] == "key alice: its own requests"
+    assert [r["key"] for r in bob["requests"]] == ["bob", "bob"] and bob["keys"][0]["requests"] == 2
+    assert anthropic_style.json()["requests"] == bob["requests"]
+    assert sorted(r["key"] for r in admin["requests"]) == ["alice", "bob", "bob"] and admin["viewer"] == "every key"
+    assert [(k["key"], k["requests"]) for k in admin["keys"]] == [("alice", 1), ("bob", 2)]
+    assert all("key-" not in json.dumps(doc) for doc in (alice, bob, admin))  # names, never keys
+
+
+@pytest.mark.slow
+async def test_status_under_hypercorn_workers_shows_the_whole_box(upstream: FakeSGLang) -> None:
+    """`hypercorn -w 2`: whichever worker answers /status.json shows the requests both served, and a
+    stream in flight on either."""
+    async with proxy_process(HYPERCORN_ARGS + ["-w", "2"], {"SGLANG_API_BASE": upstream.url}) as (base, _):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            workers: set[int] = set()
+            with trio.fail_after(40):
+                while len(workers) < 2:  # new connections, at once: whichever worker accepts each
+                    async with trio.open_nursery() as n:
+                        for _ in range(8):
+                            n.start_soon(functools.partial(client.post, "/v1/chat/completions", headers={
+                                "connection": "close"}, json={"model": "kimi", "messages": []}))
+                    status = (await page_status(client)).json()
+                    workers = {r["worker"] for r in status["requests"]}
+                    await trio.sleep(0.2)
+            gate = trio.Event()
+            upstream.script(Script(steps=stream_of(content=["a", "b"])[:3] + [gate] + stream_of()[1:]))
+            async with trio.open_nursery() as n:
+                n.start_soon(functools.partial(client.post, "/v1/chat/completions", json={
+                    "model": "kimi-gated", "messages": [], "stream": True}))
+                await status_until(client, None, lambda s: s["in_flight"], "the stream in flight")
+                # Each worker's batch reaches the file within a second: every answer shows both workers'
+                # requests and the stream in flight, whoever gives it.
+                await trio.sleep(kp.PAGE_FLUSH_INTERVAL * 2)
+                for _ in range(6):
+                    async with httpx.AsyncClient(base_url=base, timeout=30) as fresh:  # a new connection: any worker
+                        status = (await page_status(fresh)).json()
+                    assert {r["worker"] for r in status["requests"]} == workers, status["requests"]
+                    assert min(sum(k["requests"] for k in status["keys"]), kp.PAGE_REQUESTS) == len(status["requests"])
+                    assert [(f["model"], f["tokens"]) for f in status["in_flight"]] == [("kimi-gated", 3)]
+                gate.set()
+
+
+@pytest.mark.edge
+async def test_a_page_file_nobody_else_may_touch_or_the_workers_own_view(nursery: trio.Nursery, upstream: FakeSGLang,
+                                                                         tmp_path: Path) -> None:
+    """The page's file sits beside the reasoning store, 0600; where it cannot be used (here the
+    directory is open to others) the page shows this worker's own requests, and says so."""
+    store = tmp_path / "private" / "reasoning.sqlite3"
+    running = await start_proxy(nursery, upstream.url, REASONING_STORE=str(store))
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        await client.post("/v1/chat/completions", json={"model": "kimi", "messages": []})
+        status = (await page_status(client)).json()
+    page_file = store.with_name("reasoning.page.sqlite3")
+    assert status["shared"] and len(status["requests"]) == 1
+    assert page_file.stat().st_mode & 0o077 == 0 and store.parent.stat().st_mode & 0o077 == 0
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    running = await start_proxy(nursery, upstream.url, REASONING_STORE=str(open_dir / "r.sqlite3"),
+                                RESTORE_REASONING="false")
+    async with httpx.AsyncClient(base_url=running.base) as client:
+        await client.post("/v1/chat/completions", json={"model": "kimi", "messages": []})
+        status = (await page_status(client)).json()
+    assert not status["shared"] and "one worker" in status["shared_note"]
+    assert [(r["model"], r["status"]) for r in status["requests"]] == [("kimi", 200)]
+    assert not list(open_dir.iterdir())
+
+
+# -- a real browser: Debian's chromium, driven over its DevTools pipe (no websocket client needed) -----
+
+def find_chromium() -> str | None:
+    for name in (os.environ.get("CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+class Chromium:
+    """Headless chromium with --remote-debugging-pipe: DevTools messages as NUL-terminated JSON on its
+    fds 3 (in) and 4 (out), one page attached."""
+
+    def __init__(self, proc: Any, to_browser: int, from_browser: int) -> None:
+        self.proc = proc
+        self._out = trio.lowlevel.FdStream(to_browser)
+        self._in = trio.lowlevel.FdStream(from_browser)
+        self._buffer = b""
+        self._ids = itertools.count(1)
+        self.session: str | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, exe: str, url: str, size: tuple[int, int] = (1280, 900)) -> Any:
+        profile = tempfile.TemporaryDirectory(prefix="kimiproxy-test-chromium-")
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+
+        def fds() -> None:  # in the child: its DevTools pipe on 3 and 4
+            a, b = os.dup(to_r), os.dup(from_w)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        proc = await trio.lowlevel.open_process(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
+             f"--user-data-dir={profile.name}", "--disable-extensions", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-default-apps", "--no-default-browser-check",
+             "--mute-audio", f"--window-size={size[0]},{size[1]}", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(3, 4),
+            preexec_fn=fds)
+        os.close(to_r)
+        os.close(from_w)
+        browser = cls(proc, to_w, from_r)
+        try:
+            with trio.fail_after(PROCESS_START_LIMIT):
+                target = await browser.call("Target.createTarget", url=url)
+                browser.session = (await browser.call("Target.attachToTarget", targetId=target["targetId"],
+                                                      flatten=True))["sessionId"]
+            yield browser
+        finally:
+            with trio.move_on_after(5):
+                with contextlib.suppress(Exception):
+                    await browser.call("Browser.close", page=False)
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await browser._out.aclose()
+            await browser._in.aclose()
+            profile.cleanup()
+
+    async def call(self, method: str, page: bool = True, **params: Any) -> dict:
+        n = next(self._ids)
+        message: dict = {"id": n, "method": method, "params": params}
+        if page and self.session:
+            message["sessionId"] = self.session
+        await self._out.send_all(json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buffer:
+                data = await self._in.receive_some(1 << 20)
+                if not data:
+                    raise EOFError("chromium closed its DevTools pipe")
+                self._buffer += data
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == n:
+                if "error" in answer:
+                    raise RuntimeError(f"{method}: {answer['error']}")
+                return answer["result"]
+
+    async def js(self, expression: str) -> Any:
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    async def text(self, element: str) -> str:
+        return await self.js(f"(document.getElementById({json.dumps(element)}) || {{}}).innerText || ''") or ""
+
+    async def until(self, expression: str, what: str, limit: float = 30) -> Any:
+        """Evaluate ``expression`` until it is truthy (real time: the page polls every 2 s by itself)."""
+        value = None
+        with trio.move_on_after(limit):
+            while True:
+                value = await self.js(expression)
+                if value:
+                    return value
+                await trio.sleep(0.1)
+        body = await self.text("main")
+        raise AssertionError(f"the page never showed {what}; it shows:\n{body[:3000]}")
+
+
+CHROMIUM = find_chromium()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="no chromium found (apt-get install chromium); CI installs it and runs this test")
+async def test_the_page_in_a_real_browser(nursery: trio.Nursery, upstream: FakeSGLang, tmp_path: Path) -> None:
+    """Headless chromium opens the page with keys on: the form takes the admin key, then the page
+    shows alice's stream in flight (key, model), the repair her leaked call needed (by rule), the
+    capture it left, and, without a reload, the stream in the last requests once it ends."""
+    assert CHROMIUM is not None, "CI must have chromium: .ci/run installs it"
+    running = await start_proxy(nursery, upstream.url, PROXY_API_KEY=PAGE_KEYS, CAPTURE_DIR=str(tmp_path / "c"))
+    gate = trio.Event()
+    upstream.script(Script(steps=stream_of(reasoning=[UNWRAPPED])),
+                    Script(steps=stream_of(content=["one ", "two "])[:3] + [gate] + stream_of(content=["three"])[1:]))
+    alice = {"Authorization": "Bearer key-alice-1"}
+    request = {"model": "kimi-k2-thinking", "messages": [{"role": "user", "content": "x"}], "stream": True,
+               "tools": TOOLS}
+    async with httpx.AsyncClient(base_url=running.base, timeout=60) as client:
+        assert (await client.post("/v1/chat/completions", headers=alice, json=request)).status_code == 200
+        finished = trio.Event()
+
+        async def gated() -> None:
+            await client.post("/v1/chat/completions", headers=alice, json=dict(request, model="kimi-gated-stream"))
+            finished.set()
+
+        nursery.start_soon(gated)
+        async with Chromium.open(CHROMIUM, running.base + "/") as page:
+            await page.until("!document.getElementById('keyform').hidden", "the key form (no key yet)")
+            assert "nothing without a key" in await page.text("state") and "alice" not in await page.text("main")
+            await page.js("document.getElementById('key').value = 'key-admin-0';"
+                          "document.getElementById('keyform').requestSubmit(); window.notReloaded = true")
+            await page.until("document.getElementById('flight').innerText.includes('kimi-gated-stream')",
+                             "the gated stream in flight")
+            flight = await page.text("flight")
+            assert "alice" in flight and "kimi-gated-stream" in flight
+            requests = await page.text("requests")
+            assert "no-section-wrapper" in requests and "kimi-k2-thinking" in requests and "12 + 8" in requests
+            assert "repaired" in await page.text("captures-section")
+            assert "kimi_k2" in await page.text("upstreams") and "every key" in await page.text("state")
+            polls = int(await page.js("document.body.dataset.updates"))
+            gate.set()
+            with trio.fail_after(30):
+                await finished.wait()
+            await page.until("document.getElementById('flight').innerText.includes('nothing in flight')",
+                             "the stream ended")
+            requests = await page.text("requests")
+            assert "kimi-gated-stream" in requests and requests.count("alice") == 2
+            assert await page.js("window.notReloaded === true")  # the same document: it updated itself
+            assert int(await page.js("document.body.dataset.updates")) > polls
+            keys = await page.text("keys")
+            assert "alice" in keys and "bob" not in keys
+            shot = await page.call("Page.captureScreenshot", format="png")
+            assert base64.b64decode(shot["data"])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------------------------------------------
