@@ -4079,6 +4079,11 @@ def _finished(row: tuple) -> dict:
             "chunks": chunks, "repairs": json.loads(repairs) if repairs else {}, "capture": capture}
 
 
+# Each limit (FairUse) beside the use it is held to, as the page shows them.
+PAGE_LIMIT_USE = {"concurrent": "in_flight", "requests_per_minute": "requests_last_minute",
+                  "tokens_per_minute": "tokens_last_minute", "tokens_per_day": "tokens_last_day"}
+
+
 class Activity:
     """What the page shows, for the whole box: the requests in flight, the last ones served, the
     captures they left, and each key's use over the last PAGE_KEEP_HOURS. Each worker keeps its own in
@@ -6243,6 +6248,18 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
             viewer = None if name == PAGE_ADMIN_KEY else name
         port = (request.scope.get("server") or (None, None))[1]
         found = await proxy.activity.status(port, viewer)
+        if routing.limits:  # each key's use against its limits (fair use, every worker's), as "used / limit"
+            report = await proxy.fair_use.report(proxy.fair_use.where(request.scope), routing.limits)
+            rows = {row["key"]: row for row in found["keys"]}
+            for name, entry in report.items():
+                if viewer is not None and name != viewer:
+                    continue
+                row = rows.get(name) or {"key": name, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                         "repairs": 0, "in_flight": entry["use"]["in_flight"]}
+                if name not in rows:
+                    found["keys"].append(row)
+                row["limits"] = {limit: f"{entry['use'][used]} / {bound}" for limit, used in PAGE_LIMIT_USE.items()
+                                 if (bound := entry["limits"].get(limit)) is not None}
         upstreams = [{"name": u.name, "models": list(u.models), "parsers": u.parsers,
                       "warning": parser_warning(u.parsers or {})} for u in routing.upstreams]
         doc = {"name": "kimiproxy", "version": __version__, "viewer": "every key" if routing.api_keys and viewer is None

@@ -4434,6 +4434,8 @@ async def test_a_key_over_its_concurrency_limit_gets_429_with_retry_after_while_
     async with httpx.AsyncClient(base_url=running.base) as client:
         info = (await client.get("/")).json()["fair_use"]
         assert info["alice"]["use"]["in_flight"] == 1 and info["alice"]["limits"]["concurrent"] == 1
+        page = (await client.get("/status.json", headers={"Authorization": f"Bearer {FAIR_KEYS['alice']}"})).json()
+        assert [(k["key"], k["limits"]) for k in page["keys"]] == [("alice", {"concurrent": "1 / 1"})]  # the page
         assert info["alice"]["limits"]["queue_seconds"] == 0 and info["bob"]["limits"]["queue_seconds"] == 10
         assert (await settled(running, "bob"))["requests_last_minute"] == 1
         go_on.set()
