@@ -992,11 +992,15 @@ class ParserInput:
         final = self.final()
         buf, pos = self.text, self.pos
         if pos < len(buf):
-            kind, end = match_marker(buf, pos, final) if buf.startswith("<", pos) else (None, 0)
-            if kind is None:  # text, up to the next "<"
-                i = buf.find("<", pos + 1)
+            i = buf.find("<", pos)
+            if i != pos:  # text up to the next "<" (most tokens: one find, nothing else)
                 self.pos = len(buf) if i < 0 else i
                 return buf[pos:self.pos]
+            kind, end = match_marker(buf, i, final)
+            if kind is None:
+                j = buf.find("<", i + 1)
+                self.pos = len(buf) if j < 0 else j
+                return buf[i:self.pos]
             if kind == "partial":
                 return NEED
             self.pos = end
@@ -2020,10 +2024,20 @@ class StreamRepair:
         if not choices or not isinstance(choices, list):
             return [raw] if self.pass_usage or not chunk.get("usage") else []
         self._envelope = chunk
-        produced = [(choice, self._choice(choice)) for choice in choices if isinstance(choice, dict)]
-        if all(out is None for _, out in produced):
+        outputs: list[dict] = []
+        changed = False  # (a loop, not comprehensions: this runs for every chunk)
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            produced = self._choice(choice)
+            if produced is None:
+                outputs.append(choice)
+            else:
+                changed = True
+                outputs += produced
+        if not changed:
             return [raw]
-        return [self._frame(chunk, c) for choice, out in produced for c in ([choice] if out is None else out)]
+        return [self._frame(chunk, choice) for choice in outputs]
 
     def close(self) -> list[bytes]:
         """The upstream stream ended: finish what it left open, then [DONE] if it never came."""
@@ -2044,7 +2058,9 @@ class StreamRepair:
             delta = {}
         content = delta.get("content")
         reasoning, keys = reasoning_keys(delta)
-        keys = self.keys[index] = keys or self.keys.get(index, _SGLANG_REASONING)  # answered in kind: as it last sent
+        if keys:  # answered in kind: under the keys the upstream uses
+            self.keys[index] = keys
+        keys = self.keys.get(index, _SGLANG_REASONING)
         content = content if type(content) is str else None
         calls = delta.get("tool_calls")
         calls = calls if type(calls) is list else None
