@@ -192,7 +192,7 @@ class FakeSGLang:
                 Script(body=completion(), content_type="application/json")
         async with trio.open_nursery() as nursery:
             # SGLang polls for a closed client while generating: so does the fake, the whole time.
-            nursery.start_soon(self._watch_close, stream, seen, nursery.cancel_scope)
+            nursery.start_soon(self._watch_close, stream, conn, seen, nursery.cancel_scope)
             try:
                 await self._play(stream, conn, script)
                 seen.completed = True
@@ -200,7 +200,8 @@ class FakeSGLang:
                 self._abort(seen)
             nursery.cancel_scope.cancel()
 
-    async def _watch_close(self, stream: trio.SocketStream, seen: Seen, scope: trio.CancelScope) -> None:
+    async def _watch_close(self, stream: trio.SocketStream, conn: h11.Connection, seen: Seen,
+                           scope: trio.CancelScope) -> None:
         try:
             data = await stream.receive_some(65536)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -208,8 +209,8 @@ class FakeSGLang:
         if not data:
             self._abort(seen)
             scope.cancel()
-        else:  # pipelining is not expected from a proxy: treat as a protocol error
-            scope.cancel()
+        else:  # the client's next request on this connection, sent as soon as it had the response (before
+            conn.receive_data(data)  # this watcher was cancelled): kept for the next cycle, never dropped
 
     def _abort(self, seen: Seen) -> None:
         if seen.aborted_at is None and not seen.completed:

@@ -3179,19 +3179,28 @@ async def test_with_keys_the_status_needs_one_and_a_key_sees_its_own(nursery: tr
     assert all("key-" not in json.dumps(doc) for doc in (alice, bob, admin))  # names, never keys
 
 
+@contextlib.contextmanager
+def log_on_failure(proc: Any) -> Any:
+    try:
+        yield
+    except BaseException as exc:
+        raise AssertionError(f"{exc!r}; the proxy's log:\n{process_log(proc)[-6000:]}") from exc
+
+
 @pytest.mark.slow
 async def test_status_under_hypercorn_workers_shows_the_whole_box(upstream: FakeSGLang) -> None:
     """`hypercorn -w 2`: whichever worker answers /status.json shows the requests both served, and a
     stream in flight on either."""
-    async with proxy_process(HYPERCORN_ARGS + ["-w", "2"], {"SGLANG_API_BASE": upstream.url}) as (base, _):
-        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+    async with proxy_process(HYPERCORN_ARGS + ["-w", "2"], {"SGLANG_API_BASE": upstream.url}) as (base, proc), \
+            httpx.AsyncClient(base_url=base, timeout=30) as client:
+        with log_on_failure(proc):
             workers: set[int] = set()
             with trio.fail_after(40):
                 while len(workers) < 2:  # new connections, at once: whichever worker accepts each
-                    async with trio.open_nursery() as n:
+                    async with httpx.AsyncClient(base_url=base, timeout=30) as fresh, trio.open_nursery() as n:
                         for _ in range(8):
-                            n.start_soon(functools.partial(client.post, "/v1/chat/completions", headers={
-                                "connection": "close"}, json={"model": "kimi", "messages": []}))
+                            n.start_soon(functools.partial(fresh.post, "/v1/chat/completions",
+                                                           json={"model": "kimi", "messages": []}))
                     status = (await page_status(client)).json()
                     workers = {r["worker"] for r in status["requests"]}
                     await trio.sleep(0.2)
