@@ -2152,6 +2152,19 @@ def parse_api_keys(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(keys)
 
 
+def usable_upstream_url(url: str) -> bool:
+    """Whether httpx can send to ``url`` as an upstream's base: http(s), a host, no query or fragment
+    (what a request's path is appended to). Checked where the setting is read, so a bad one is a
+    ConfigError line at start or a refused reload, never an exception in a serving worker."""
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+        return False
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return False
+    return bool(parsed.host) and not parsed.query and not parsed.fragment
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Every setting, with the environment variable that sets it. Names kept from the proxy kimiproxy
@@ -2229,7 +2242,7 @@ class Settings:
         if credentials and env.get("UPSTREAM_API_KEY", "").strip():
             raise ConfigError("SGLANG_API_BASE holds a user and password and UPSTREAM_API_KEY is set: give the "
                               "upstream one credential")
-        if not re.match(r"https?://[^/\s]+", upstream):
+        if not usable_upstream_url(upstream):
             raise ConfigError(f"SGLANG_API_BASE={upstream!r} must be an http:// or https:// URL, "
                               f"like {DEFAULT_UPSTREAM}")
         level = text("LOG_LEVEL", defaults.log_level).upper()
@@ -2362,7 +2375,7 @@ def _config_upstream(name: str, entry: Any, where: str) -> UpstreamConfig:
     if not isinstance(raw, str):
         raise ConfigError(f"{where}.url: must be an http(s) URL, like {DEFAULT_UPSTREAM}")
     url, credentials = split_credentials(raw.strip().rstrip("/"))
-    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+    if not usable_upstream_url(url):
         raise ConfigError(f"{where}.url: must be an http(s) URL, like {DEFAULT_UPSTREAM}")
     api_key = entry.get("api_key", "")
     if not isinstance(api_key, str):
@@ -4897,6 +4910,9 @@ class FairUse:
         self._owner = ""
         self._ends = 0
         self._freed = trio.Event()  # set (and replaced) whenever a request of this worker ends
+        # Releases the file refused (busy past its timeout): done with the next transaction, else their
+        # slots would count against their keys for the worker's whole life (a live owner's are never pruned).
+        self._unreleased: list[tuple[str, str, int, int]] = []
 
     def where(self, scope: dict) -> str:
         """Whose counts: every instance's sharing the file, or this port's."""
@@ -4906,6 +4922,8 @@ class FairUse:
         """A slot for a request of ``key``, or RateLimited. Over ``concurrent`` it waits up to
         ``limits.queue_seconds`` for one; over the others it is refused at once (a request that waits
         cannot make a minute pass sooner). None: the file cannot be used, and the request goes on."""
+        if self._unreleased:
+            await self._release_pending([])
         deadline = trio.current_time() + limits.queue_seconds
         waited = False
         while True:
@@ -4927,9 +4945,15 @@ class FairUse:
                 await freed.wait()
 
     async def release(self, where: str, key: str, slot: int, tokens: int) -> None:
-        await trio.to_thread.run_sync(self._run, self._release, where, key, slot, tokens, limiter=self._limiter)
+        await self._release_pending([(where, key, slot, tokens)])
         self._freed.set()
         self._freed = trio.Event()
+
+    async def _release_pending(self, releases: list[tuple[str, str, int, int]]) -> None:
+        pending, self._unreleased = self._unreleased + releases, []
+        done = await trio.to_thread.run_sync(self._run, self._release, pending, limiter=self._limiter)
+        if done is not True and not self._broken:  # (a file that cannot be used holds no slots to free)
+            self._unreleased = pending + self._unreleased
 
     async def report(self, where: str, limits: dict[str, Limits]) -> dict:
         """GET /: each key's use against its limits, from the shared state (every worker's)."""
@@ -5048,20 +5072,22 @@ class FairUse:
                 return RateLimited(key, "concurrent", limits.concurrent, in_flight, RETRY_AFTER_CONCURRENT)
         return None
 
-    def _release(self, db: sqlite3.Connection, where: str, key: str, slot: int, tokens: int) -> None:
+    def _release(self, db: sqlite3.Connection, releases: list[tuple[str, str, int, int]]) -> bool:
         now = self.clock()
         db.execute("BEGIN IMMEDIATE")
-        db.execute("DELETE FROM slots WHERE id = ?", (slot,))
-        if tokens > 0:
-            db.execute("INSERT INTO recent VALUES (?, ?, ?, 0, ?) ON CONFLICT (scope, key, second) DO UPDATE SET "
-                       "tokens = tokens + excluded.tokens", (where, key, math.floor(now), tokens))
-            db.execute("INSERT INTO daily VALUES (?, ?, ?, ?) ON CONFLICT (scope, key, minute) DO UPDATE SET "
-                       "tokens = tokens + excluded.tokens", (where, key, math.floor(now / MINUTE), tokens))
+        for where, key, slot, tokens in releases:
+            db.execute("DELETE FROM slots WHERE id = ?", (slot,))
+            if tokens > 0:
+                db.execute("INSERT INTO recent VALUES (?, ?, ?, 0, ?) ON CONFLICT (scope, key, second) DO UPDATE "
+                           "SET tokens = tokens + excluded.tokens", (where, key, math.floor(now), tokens))
+                db.execute("INSERT INTO daily VALUES (?, ?, ?, ?) ON CONFLICT (scope, key, minute) DO UPDATE SET "
+                           "tokens = tokens + excluded.tokens", (where, key, math.floor(now / MINUTE), tokens))
         if self._ends % LIMITS_PRUNE_EVERY == 0:  # every key's, also of keys that send no more requests
             db.execute("DELETE FROM daily WHERE minute < ?", (math.floor((now - DAY) / MINUTE),))
             db.execute("DELETE FROM recent WHERE second <= ?", (now - MINUTE,))
         self._ends += 1
         db.execute("COMMIT")
+        return True
 
     def _use(self, db: sqlite3.Connection, where: str) -> dict[str, dict[str, int]]:
         now = self.clock()
@@ -5275,6 +5301,9 @@ class Proxy:
         except ConfigError as exc:
             log.error("configuration not reloaded, the running one stays: %s", exc)
             return f"refused: {exc}"
+        except Exception as exc:  # whatever a file that validated still breaks: never the serving worker
+            log.error("configuration not reloaded, the running one stays: %s: %s", type(exc).__name__, exc)
+            return f"refused: {type(exc).__name__}: {exc}"
         old, self.routing = self.routing, routing
         for upstream in old.upstreams:
             upstream.retire()
@@ -6289,6 +6318,22 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
             response.headers["vary"] = "Accept"
         return response
 
+    async def fair_use_seen() -> dict | None:
+        """With keys, a key's own use only (the key named admin: every key's), and nothing without one:
+        the same policy as /status.json's."""
+        routing = proxy.routing
+        if not routing.limits:
+            return None
+        viewer = None
+        if routing.api_keys:
+            try:
+                name = proxy.authorise(request.scope, routing.api_keys)
+            except ClientError:
+                return None
+            viewer = None if name == PAGE_ADMIN_KEY else name
+        report = await proxy.fair_use.report(proxy.fair_use.where(request.scope), routing.limits)
+        return report if viewer is None else {name: entry for name, entry in report.items() if name == viewer}
+
     @app.get("/")
     async def index() -> Any:
         if prefers_html(request.headers.get("accept", "")):  # a browser: the page (README: The page)
@@ -6306,8 +6351,7 @@ def create_app(settings: Settings, serving_process: bool = False) -> KimiProxyAp
             "heartbeat_interval": settings.heartbeat_interval, "auth": bool(routing.api_keys),
             "reasoning_continuity": proxy.reasoning is not None and proxy.reasoning.usable,
             "capture": proxy.captures is not None and proxy.captures.usable,
-            "fair_use": await proxy.fair_use.report(proxy.fair_use.where(request.scope), routing.limits)
-            if routing.limits else None,  # each key's use against its limits, every worker's
+            "fair_use": await fair_use_seen(),  # each key's use against its limits, every worker's
         })
 
     @app.errorhandler(404)

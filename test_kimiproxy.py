@@ -4121,6 +4121,10 @@ def test_a_configuration_file_that_does_not_validate_says_what_and_where(tmp_pat
         ({"upstreams": {}}, "upstreams: name at least one upstream"),
         ({"upstreams": {"small": {"url": "gpu:30000", "models": ["k"]}}},
          "upstreams.small.url: must be an http(s) URL"),
+        ({"upstreams": {"small": {"url": "http://[::1/v1", "models": ["k"]}}},  # httpx cannot parse it
+         "upstreams.small.url: must be an http(s) URL"),
+        ({"upstreams": {"small": {"url": "http://gpu:30000/v1?x=1", "models": ["k"]}}},  # nothing can follow it
+         "upstreams.small.url: must be an http(s) URL"),
         ({"upstreams": {"a": {**good, "key": "x"}}}, "upstreams.a.key: unknown field"),
         ({"upstreams": {"a": {**good, "models": "k"}}}, "upstreams.a.models: must be a list of model ids"),
         ({"upstreams": {"a": {"url": good["url"]}}}, "upstreams.a.models: list the model ids it serves"),
@@ -4357,7 +4361,8 @@ async def test_k25_answer_with_sglangs_reasoning_parser_on_stays_the_answer(prox
 # Fair use: per-key limits on requests in flight, requests and tokens per minute and per day
 # ---------------------------------------------------------------------------------------------------
 
-FAIR_KEYS = {"alice": "key-alice-1", "bob": "key-bob-2", "carol": "key-carol-3"}
+FAIR_KEYS = {"alice": "key-alice-1", "bob": "key-bob-2", "carol": "key-carol-3", "admin": "key-admin-4"}
+FAIR_ADMIN = {"Authorization": "Bearer key-admin-4"}  # / shows every key's use only to the admin key
 
 
 def limited(upstream: FakeSGLang, limits: dict, keys: dict = FAIR_KEYS) -> dict:
@@ -4388,7 +4393,7 @@ async def settled(running: Running, name: str) -> dict:
     same transaction that frees its slot, after the client already has the whole response."""
     async with httpx.AsyncClient(base_url=running.base) as client:
         with trio.fail_after(TEST_TIMEOUT / 2):
-            while (use := (await client.get("/")).json()["fair_use"][name]["use"])["in_flight"]:
+            while (use := (await client.get("/", headers=FAIR_ADMIN)).json()["fair_use"][name]["use"])["in_flight"]:
                 await trio.sleep(0.01)
     return use
 
@@ -4441,8 +4446,11 @@ async def test_a_key_over_its_concurrency_limit_gets_429_with_retry_after_while_
 
     assert await sdk_call(bob_streams) == "Hello!"
     async with httpx.AsyncClient(base_url=running.base) as client:
-        info = (await client.get("/")).json()["fair_use"]
+        info = (await client.get("/", headers=FAIR_ADMIN)).json()["fair_use"]
         assert info["alice"]["use"]["in_flight"] == 1 and info["alice"]["limits"]["concurrent"] == 1
+        assert (await client.get("/")).json()["fair_use"] is None  # without a key, nobody's use
+        mine = (await client.get("/", headers={"x-api-key": FAIR_KEYS["alice"]})).json()["fair_use"]
+        assert list(mine) == ["alice"]  # a key sees its own, as on the page
         page = (await client.get("/status.json", headers={"Authorization": f"Bearer {FAIR_KEYS['alice']}"})).json()
         assert [(k["key"], k["limits"]) for k in page["keys"]] == [("alice", {"concurrent": "1 / 1"})]  # the page
         assert info["alice"]["limits"]["queue_seconds"] == 0 and info["bob"]["limits"]["queue_seconds"] == 10
@@ -4535,7 +4543,7 @@ async def test_requests_and_tokens_per_minute_and_per_day_are_refused_until_they
     exc = await refused("bob")
     assert exc.response.headers["retry-after"] == "55" and exc.body["type"] == "tokens"
     async with httpx.AsyncClient(base_url=running.base) as client:
-        info = (await client.get("/")).json()["fair_use"]
+        info = (await client.get("/", headers=FAIR_ADMIN)).json()["fair_use"]
     assert info["bob"]["use"]["tokens_last_minute"] == 2 * per_request
     assert info["alice"]["use"]["requests_last_minute"] == 2
     now[0] += 56  # the first 20 left: 20 < 30
@@ -4550,7 +4558,7 @@ async def test_requests_and_tokens_per_minute_and_per_day_are_refused_until_they
     now[0] += 3600
     await refused("carol")  # still the same day
     async with httpx.AsyncClient(base_url=running.base) as client:
-        info = (await client.get("/")).json()["fair_use"]
+        info = (await client.get("/", headers=FAIR_ADMIN)).json()["fair_use"]
         assert info["carol"]["use"] == {"in_flight": 0, "requests_last_minute": 0, "tokens_last_minute": 0,
                                         "tokens_last_day": 3 * per_request}
         assert info["carol"]["limits"]["tokens_per_day"] == 50 and info["carol"]["limits"]["concurrent"] is None
@@ -4574,7 +4582,7 @@ async def test_without_limits_no_limits_file_is_created(nursery: trio.Nursery, u
         for _ in range(3):
             assert (await sdk_call(lambda: ask_whole(running, "alice"))).choices
         async with httpx.AsyncClient(base_url=running.base) as client:
-            assert (await client.get("/")).json()["fair_use"] is None
+            assert (await client.get("/", headers=FAIR_ADMIN)).json()["fair_use"] is None
         fair_use = running.app.proxy.fair_use
         assert fair_use._db is None and not Path(fair_use.path).exists()
         assert fair_use.path.endswith(".limits.sqlite3")
@@ -4599,7 +4607,7 @@ def test_limits_that_do_not_validate_say_what_and_where(tmp_path: Path) -> None:
     path = config_file(tmp_path, {"upstreams": upstreams, "keys": FAIR_KEYS, "limits": {"alcie": {"concurrent": 1}}})
     with pytest.raises(kp.ConfigError) as caught:
         kp.Proxy(kp.Settings(config_file=path))
-    assert str(caught.value) == (f"{path}: limits.alcie: no key has this name (the keys: alice, bob, carol; or "
+    assert str(caught.value) == (f"{path}: limits.alcie: no key has this name (the keys: alice, bob, carol, admin; or "
                                  "default, for every key)")
     path = config_file(tmp_path, {"upstreams": upstreams, "limits": {"anonymous": {"concurrent": 1}, "default": {}}})
     assert kp.Proxy(kp.Settings(config_file=path)).routing.limits == {"anonymous": kp.Limits(concurrent=1)}
@@ -4664,6 +4672,41 @@ async def test_limits_hold_across_two_workers_and_a_killed_workers_slots_are_fre
             served = await client.post("/v1/chat/completions", headers=alice, json=ask)
             assert served.status_code == 200 and served.json()["choices"][0]["message"]["content"] == "Hello!"
             with trio.fail_after(PROCESS_START_LIMIT):  # its slot is freed after it has the response
-                while (info := (await client.get("/")).json()["fair_use"]["alice"]["use"])["in_flight"]:
+                while (info := (await client.get("/", headers=FAIR_ADMIN)).json()["fair_use"]["alice"]["use"])["in_flight"]:
                     await trio.sleep(0.02)
     assert info["requests_last_minute"] == 2  # the killed worker's and this one: refusals are not counted
+
+
+@pytest.mark.edge
+async def test_a_release_the_busy_file_refused_is_done_with_the_next_transaction(
+        nursery: trio.Nursery, upstream: FakeSGLang, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Another process holds the limits file's write lock past its timeout while alice's stream ends:
+    her slot is not lost for the worker's life, it is freed by the next transaction, and her next
+    request is served."""
+    caplog.set_level(logging.WARNING, logger="kimiproxy")
+    store = str(tmp_path / "st" / "r.sqlite3")
+    path = config_file(tmp_path, limited(upstream, {"default": {"concurrent": 1, "queue_seconds": 0}}))
+    running = await start_proxy(nursery, upstream.url, KIMIPROXY_CONFIG=path, REASONING_STORE=store)
+    go_on = trio.Event()
+    steps = stream_of(content=["held ", "stream"])
+    upstream.script(Script(steps=[*steps[:2], go_on, *steps[2:]]))
+    alice = {"authorization": f"Bearer {FAIR_KEYS['alice']}"}
+    body = {"model": "kimi-k2-thinking", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with httpx.AsyncClient(base_url=running.base, timeout=20) as client:
+        statuses: list[int] = []
+
+        async def first() -> None:
+            statuses.append((await client.post("/v1/chat/completions", headers=alice, json=body)).status_code)
+
+        nursery.start_soon(first)
+        await until(lambda: upstream.seen, "alice's stream upstream")
+        db = sqlite3.connect(kp.limits_store(store), isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")  # another worker's long write, a backup: the lock held
+        go_on.set()
+        await until(lambda: "release skipped" in caplog.text, "the release to give up on the lock")
+        db.execute("COMMIT")
+        db.close()
+        await until(lambda: statuses == [200], "alice's first stream to end")
+        upstream.script(Script(steps=stream_of(content=["again"])))
+        again = await client.post("/v1/chat/completions", headers=alice, json=body)
+    assert again.status_code == 200 and "again" in again.text
