@@ -3852,6 +3852,56 @@ def reload_servers(config_path: str, wait: float = RELOAD_WAIT) -> int:
     return 0 if ok else 1
 
 
+class SharedFile:
+    """A SQLite file the workers of a box share, one owner object per worker: opened on first use
+    (``_open``, the subclass's), each operation in a worker thread behind the file's own one-slot
+    limiter (waiting exchanges do not hold trio's thread pool). A file that cannot be opened turns its
+    feature off in this worker, with one warning; an operation that fails (another worker holding the
+    lock past STORE_BUSY_TIMEOUT) is rolled back and skipped, with a warning; the proxy goes on."""
+
+    what = "shared file"  # how the log names it
+    off = "its feature is off"  # what a file that cannot be used means
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._broken = False
+        self._limiter = trio.CapacityLimiter(1)
+
+    def _open(self) -> sqlite3.Connection:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _run(self, operation: Any, *args: Any) -> Any:
+        with self._lock:
+            if self._broken:
+                return None
+            if self._db is None:
+                try:
+                    self._db = self._open()
+                except (sqlite3.Error, OSError, ValueError) as exc:
+                    self._broken = True
+                    log.warning("%s %s cannot be used, %s in this worker: %s", self.what, self.path, self.off, exc)
+                    return None
+            try:
+                return operation(self._db, *args)
+            except Exception as exc:  # busy past the timeout, a text SQLite refuses: this operation only
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                log.warning("%s %s: %s skipped: %s", self.what, self.path, operation.__name__.strip("_"), exc)
+                return None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Reasoning continuity: the tool loop's reasoning, put back for clients that drop it
 # ---------------------------------------------------------------------------------------------------
@@ -3918,7 +3968,7 @@ def default_store() -> str:
     return str(cache / "kimiproxy" / "reasoning.sqlite3")
 
 
-class ReasoningStore:
+class ReasoningStore(SharedFile):
     """The reasoning of the assistant turns kimiproxy delivered with tool calls, by ``turn_key``, in a
     SQLite file that every worker on the box shares (one writer at a time, WAL: readers never wait).
     Bounded in entries, bytes and age; it outlives a restart (delete the file to forget), and nothing
@@ -3927,18 +3977,16 @@ class ReasoningStore:
     continuity is off in this worker, with a warning; an operation that fails (another worker holding
     the lock past STORE_BUSY_TIMEOUT) is skipped, with a warning; the proxy goes on either way."""
 
+    what, off = "reasoning store", "reasoning continuity is off"
+
     def __init__(self, settings: Settings, prune_every: int = STORE_PRUNE_EVERY, clock: Any = time.time) -> None:
-        self.path = settings.reasoning_store or default_store()
+        super().__init__(settings.reasoning_store or default_store())
         self.max_entries = settings.reasoning_max_entries
         self.max_bytes = int(settings.reasoning_max_mb * 1024 * 1024)
         self.max_age = settings.reasoning_max_hours * 3600
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
         self._writes = 0
         self._prune_every = prune_every
         self._clock = clock  # wall-clock seconds: the file outlives processes
-        self._broken = False
-        self._limiter = trio.CapacityLimiter(1)  # its own: waiting exchanges do not hold trio's thread pool
 
     @property
     def usable(self) -> bool:
@@ -3955,33 +4003,6 @@ class ReasoningStore:
             batch = keys[start:start + STORE_KEYS_PER_QUERY]
             found.update(await trio.to_thread.run_sync(self._run, self._recall, batch, limiter=self._limiter) or {})
         return found
-
-    async def aclose(self) -> None:
-        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
-
-    def _close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-    def _run(self, operation: Any, *args: Any) -> Any:
-        with self._lock:
-            if self._broken:
-                return None
-            if self._db is None:
-                try:
-                    self._db = self._open()
-                except (sqlite3.Error, OSError, ValueError) as exc:
-                    self._broken = True
-                    log.warning("reasoning store %s cannot be used, reasoning continuity is off in this worker: "
-                                "%s", self.path, exc)
-                    return None
-            try:
-                return operation(self._db, *args)
-            except Exception as exc:  # busy past the timeout, a text SQLite refuses: this operation only
-                log.warning("reasoning store %s: %s skipped: %s", self.path, operation.__name__.strip("_"), exc)
-                return None
 
     def _open(self) -> sqlite3.Connection:
         # In a directory only this user can enter, and every file SQLite uses (the database, its WAL,
@@ -4888,7 +4909,7 @@ def _retry_after(leaving: Iterable[tuple[float, int]], used: int, limit: int, no
     return 1
 
 
-class FairUse:
+class FairUse(SharedFile):
     """The shared state of the limits: in a SQLite file beside the reasoning store that every worker on
     the box shares, as the store is (the same file checks: Exposing it safely, Files). A request with
     limits costs two short transactions, each in a worker thread: one when it starts (is the key under
@@ -4897,16 +4918,14 @@ class FairUse:
     look frees. Nothing opens the file until a key with limits sends a request. If the file cannot be
     used, the limits are off in this worker, with a warning: fair use, not access control."""
 
+    what, off = "limits file", "fair use limits are off"
+
     def __init__(self, settings: Settings, clock: Any = time.time) -> None:
-        self.path = limits_store(settings.reasoning_store or default_store())
+        super().__init__(limits_store(settings.reasoning_store or default_store()))
         # The default file is every instance's of this user: each (port) keeps its own counts in it, as
         # the reasoning store does. A REASONING_STORE given is shared by whoever is given it.
         self.per_port = not settings.reasoning_store
         self.clock = clock  # wall-clock seconds: the file outlives processes
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-        self._limiter = trio.CapacityLimiter(1)  # its own: waiting exchanges do not hold trio's thread pool
-        self._broken = False
         self._owner = ""
         self._ends = 0
         self._freed = trio.Event()  # set (and replaced) whenever a request of this worker ends
@@ -4961,36 +4980,6 @@ class FairUse:
         return {name: {"limits": key_limits.shown(), "use": use.get(name, {
             "in_flight": 0, "requests_last_minute": 0, "tokens_last_minute": 0, "tokens_last_day": 0})}
             for name, key_limits in limits.items()}
-
-    async def aclose(self) -> None:
-        await trio.to_thread.run_sync(self._close, limiter=self._limiter)
-
-    def _close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-    def _run(self, operation: Any, *args: Any) -> Any:
-        with self._lock:
-            if self._broken:
-                return None
-            if self._db is None:
-                try:
-                    self._db = self._open()
-                except (sqlite3.Error, OSError, ValueError) as exc:
-                    self._broken = True
-                    log.warning("limits file %s cannot be used, fair use limits are off in this worker: %s",
-                                self.path, exc)
-                    return None
-            try:
-                return operation(self._db, *args)
-            except Exception as exc:  # busy past the timeout: this request goes on without the limits
-                if self._db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                log.warning("limits file %s: %s skipped: %s", self.path, operation.__name__.strip("_"), exc)
-                return None
 
     def _open(self) -> sqlite3.Connection:
         # As the reasoning store's (ReasoningStore._open): another user who could write these files could
