@@ -2513,7 +2513,8 @@ def test_captured_exchanges_replay_as_they_were() -> None:
 
 async def raw_exchange(base: str, data: bytes, local: str | None = None) -> bytes:
     """One request written to a socket exactly as given (a client library would normalise the path),
-    and the whole response: read until its Content-Length is in, or the server closes."""
+    and the whole response: read until its Content-Length is in, its last chunk, or the server closes
+    (a kept-alive connection would otherwise hold the test until the server's keep-alive timeout)."""
     host, port = base.removeprefix("http://").split(":")
     sock = trio.socket.socket()
     if local:
@@ -2527,6 +2528,8 @@ async def raw_exchange(base: str, data: bytes, local: str | None = None) -> byte
             head, sep, body = response.partition(b"\r\n\r\n")
             length = re.search(rb"(?im)^content-length:\s*(\d+)", head) if sep else None
             if length and len(body) >= int(length[1]):
+                break
+            if sep and re.search(rb"(?im)^transfer-encoding:\s*chunked", head) and body.endswith(b"0\r\n\r\n"):
                 break
             piece = await stream.receive_some(65536)
             if not piece:
