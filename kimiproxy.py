@@ -23,7 +23,8 @@ Rules the repair never breaks (REPAIR.md 4 has them all)
     4. An upstream event that needs no repair goes out as the very bytes that came in.
 
 Layout (top to bottom, each part using only what stands above it): constants, errors, the SSE and JSON
-codecs, the repair core (pure: no I/O, no async, no logging), configuration, logging, metrics, the
+codecs, the repair core (pure: no I/O, no async, no logging), what a client got (one message for the
+log, the capture, the reasoning store and replay), configuration, logging, metrics, the
 client edge (what a request must be, and what kimiproxy writes anew of it), the client protocols
 (OpenAI's chat completions and Anthropic's Messages, each an encoder of the repair's events), the
 upstream edge (httpx), files only kimiproxy's user can touch, reasoning continuity, the page (what
@@ -1553,41 +1554,6 @@ def _choices(completion: dict) -> Iterator[tuple[dict, dict]]:
             yield choice, choice["message"]
 
 
-def _preview(text: str) -> str:
-    return text if len(text) <= LOG_PREVIEW_CHARS else text[:LOG_PREVIEW_CHARS] + f"...(+{len(text) - LOG_PREVIEW_CHARS})"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Message:
-    """A choice's final message as the client got it, streamed or whole: the one shape that the log
-    line, the capture's verdict, the reasoning store and replay read."""
-    content: str = ""
-    reasoning: str = ""
-    calls: tuple[tuple[Any, Any, Any], ...] = ()  # (id, name, arguments) of each call, in order
-    finish_reason: str | None = None
-    index: int = 0  # the choice's
-
-    @classmethod
-    def of_choice(cls, choice: dict, message: dict, index: int = 0) -> "Message":
-        """A whole completion's choice."""
-        content, given = message.get("content"), choice.get("index")
-        return cls(content if isinstance(content, str) else "", reasoning_keys(message)[0] or "",
-                   tuple(_call_tuples(message.get("tool_calls"))), _str(choice.get("finish_reason")),
-                   given if type(given) is int else index)
-
-    def describe(self) -> str:
-        """For the log line: text cut to LOG_PREVIEW_CHARS, calls whole."""
-        return json.dumps({"content": _preview(self.content), "reasoning_content": _preview(self.reasoning),
-                           "tool_calls": [{"id": i, "name": n, "arguments": a} for i, n, a in self.calls],
-                           "finish_reason": self.finish_reason}, ensure_ascii=False)
-
-    def as_dict(self) -> dict:
-        """For replay's printout and its diff."""
-        return {"index": self.index, "content": self.content, "reasoning_content": self.reasoning,
-                "tool_calls": [{"id": i, "name": n, "arguments": a} for i, n, a in self.calls],
-                "finish_reason": self.finish_reason}
-
-
 def _canonical(arguments: str) -> str:
     """Arguments in one form, to see whether two calls are the same."""
     value = _load_lenient(arguments)
@@ -1682,11 +1648,6 @@ class ChoiceRepair:
         if self.dropped:
             total["duplicate-call-dropped"] += self.dropped
         return total
-
-    def message(self, finish_reason: str | None = None, index: int = 0) -> Message:
-        """The final message as the client got it."""
-        return Message("".join(self.texts["content"]), "".join(self.texts["reasoning"]),
-                       tuple((c.id, c.name, c.arguments) for c in self.sent), finish_reason, index)
 
     # -- SGLang's channels back into one text --------------------------------------------------------
 
@@ -2109,6 +2070,51 @@ class StreamRepair:
         if "usage" in envelope:
             chunk["usage"] = None  # the usage chunk passes on its own
         return b"data: " + json_dumps_compact(chunk) + b"\n\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a client got: one message, for the log line, the capture, the reasoning store and replay
+# ---------------------------------------------------------------------------------------------------
+
+def _preview(text: str) -> str:
+    return text if len(text) <= LOG_PREVIEW_CHARS else text[:LOG_PREVIEW_CHARS] + f"...(+{len(text) - LOG_PREVIEW_CHARS})"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """A choice's final message as the client got it, streamed or whole: the one shape that the log
+    line, the capture's verdict, the reasoning store and replay read."""
+    content: str = ""
+    reasoning: str = ""
+    calls: tuple[tuple[Any, Any, Any], ...] = ()  # (id, name, arguments) of each call, in order
+    finish_reason: str | None = None
+    index: int = 0  # the choice's
+
+    @classmethod
+    def of_choice(cls, choice: dict, message: dict, index: int = 0) -> "Message":
+        """A whole completion's choice."""
+        content, given = message.get("content"), choice.get("index")
+        return cls(content if isinstance(content, str) else "", reasoning_keys(message)[0] or "",
+                   tuple(_call_tuples(message.get("tool_calls"))), _str(choice.get("finish_reason")),
+                   given if type(given) is int else index)
+
+    @classmethod
+    def of_repair(cls, repair: ChoiceRepair, finish_reason: str | None = None, index: int = 0) -> "Message":
+        """A choice as the repair gave it to the client (a stream's, as it went out)."""
+        return cls("".join(repair.texts["content"]), "".join(repair.texts["reasoning"]),
+                   tuple((c.id, c.name, c.arguments) for c in repair.sent), finish_reason, index)
+
+    def describe(self) -> str:
+        """For the log line: text cut to LOG_PREVIEW_CHARS, calls whole."""
+        return json.dumps({"content": _preview(self.content), "reasoning_content": _preview(self.reasoning),
+                           "tool_calls": [{"id": i, "name": n, "arguments": a} for i, n, a in self.calls],
+                           "finish_reason": self.finish_reason}, ensure_ascii=False)
+
+    def as_dict(self) -> dict:
+        """For replay's printout and its diff."""
+        return {"index": self.index, "content": self.content, "reasoning_content": self.reasoning,
+                "tool_calls": [{"id": i, "name": n, "arguments": a} for i, n, a in self.calls],
+                "finish_reason": self.finish_reason}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -6036,7 +6042,8 @@ class Exchange:
         # Each choice's final message, built once (if at all) for the log, the capture and the store.
         needed = log.isEnabledFor(logging.INFO) or self.capture is not None or self.proxy.reasoning is not None
         choices = sorted(repair.choices.items())
-        self.delivered = [choice.message(repair.finish.get(index), index) for index, choice in choices] if needed else []
+        self.delivered = [Message.of_repair(choice, repair.finish.get(index), index)
+                          for index, choice in choices] if needed else []
         if self.proxy.settings.repair:
             self.repairs += self.proxy.report_repairs([choice for _, choice in choices], self.rules)
             if self.capture is not None:

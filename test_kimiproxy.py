@@ -908,7 +908,7 @@ def test_corner(name: str, content: str, calls: list, text: str) -> None:
         for piece in pieces:
             repair.feed(content=piece)
         repair.finish()
-        final = repair.message()
+        final = kp.Message.of_repair(repair)
         assert [list(c) for c in final.calls] == [list(c) for c in calls] and final.content == text, len(pieces)
 
 
