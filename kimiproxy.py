@@ -1586,7 +1586,6 @@ class ChoiceRepair:
         self.sent: list[Call] = []
         self.texts: dict[str, list[str]] = {"reasoning": [], "content": []}
         self.dropped = 0
-        self._by_name: dict[str, list[Call]] = {}
         self._ids: set[str] = set()
         self._forced: list[str] | None = [] if ctx.forced else None  # content while it may be calls as JSON
         self._open: Any = None  # the upstream index of the structured call being read
@@ -1602,11 +1601,9 @@ class ChoiceRepair:
     def feed(self, reasoning: str | None = None, content: str | None = None,
              tool_calls: list | None = None, whole: bool = False) -> list:
         out: list = []
-        if reasoning and (reasoning := self._pair("reasoning", reasoning) if self._surrogate or
-                          "\ud800" <= reasoning[-1] <= "\udbff" else reasoning):
+        if reasoning and (reasoning := self._pair("reasoning", reasoning)):
             self._reasoning(reasoning, out)
-        if content and (content := self._pair("content", content) if self._surrogate or
-                        "\ud800" <= content[-1] <= "\udbff" else content):
+        if content and (content := self._pair("content", content)):
             self._content(content, out)
         for position, delta in enumerate(tool_calls or ()):
             if isinstance(delta, dict):
@@ -1694,6 +1691,8 @@ class ChoiceRepair:
 
     def _pair(self, stream: Any, text: str) -> str:
         """A surrogate pair split across two events (JSON escapes of UTF-16 halves) is joined."""
+        if not self._surrogate and not "\ud800" <= text[-1] <= "\udbff":  # (most text: nothing to join)
+            return text
         if held := self._surrogate.pop(stream, ""):
             text = (held + text).encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
         if "\ud800" <= text[-1] <= "\udbff":
@@ -1802,8 +1801,6 @@ class ChoiceRepair:
             call.counter = counter if m and m[1] == call.name and int(m[2]) == counter else None
         if call.name is not None and call.name != call.written:
             call.rules.append("name-resolved")
-        if call.name is not None:
-            self._by_name.setdefault(call.name, []).append(call)
         if call.name is not None and self._live is None and not any(self._twins(call)):
             self._send(call, out)
 
@@ -1822,7 +1819,7 @@ class ChoiceRepair:
 
     def _twins(self, call: Call) -> Iterable[Call]:
         """Earlier calls of another group with the same name: ``call`` may repeat one of them."""
-        return (c for c in self._by_name.get(call.name, ()) if c.key < call.key and c.group != call.group
+        return (c for c in self.calls.values() if c.key < call.key and c.name == call.name and c.group != call.group
                 and not c.dropped)
 
     def _decide(self, call: Call, out: list, final: bool = False) -> None:
@@ -1839,7 +1836,6 @@ class ChoiceRepair:
             call.name = self.ctx.infer_name(call.arguments)
             call.rules.append("name-inferred-from-arguments" if call.name else "name-unresolved")
             call.name = call.name or call.written
-            self._by_name.setdefault(call.name, []).append(call)
         twins = list(self._twins(call))
         if not final and any(t.canonical is None for t in twins):
             return  # decided when they end
