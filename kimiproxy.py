@@ -374,13 +374,12 @@ def match_marker(buf: str, i: int, final: bool) -> tuple[Marker | str | None, in
         kind = MARKERS.get(m.group(0))
         if kind is not None:
             return kind, m.end()
-        if m.group(1) and not m.group(2):  # "<|tool_call_end|" without its ">" (REPAIR.md 4.2)
-            kind = MARKERS.get(m.group(0) + ">")
-            if kind is not None:
-                if m.end() == len(buf):
-                    return (kind, m.end()) if final else ("partial", 0)
-                if buf.startswith("<", m.end()):
-                    return kind, m.end()
+        kind = MARKERS.get(m.group(0) + ">")  # "<|tool_call_end|" without its ">" (REPAIR.md 4.2)
+        if kind is not None:
+            if m.end() == len(buf):
+                return (kind, m.end()) if final else ("partial", 0)
+            if buf.startswith("<", m.end()):
+                return kind, m.end()
         return None, 0
     if len(buf) - i < LONGEST_MARKER and buf[i:] in _MARKER_PREFIXES:
         if not final:
@@ -839,7 +838,8 @@ class Thinking:
         return not self.in_reasoning
 
     def interrupt(self) -> None:
-        """A tool section starts in content while the model is thinking."""
+        """A tool section starts in content while the model is thinking: the text after it may still be
+        thinking. It is held until a </think> says so, or the end says it was the answer."""
         if self.state is Think.OPEN and not self.in_reasoning:
             self.state = Think.MAYBE
 
@@ -1086,11 +1086,6 @@ class MarkupParser:
         duplicate of an earlier call of another group (``ChoiceRepair._twins``)."""
         return next(self._keys)
 
-    def interrupt(self) -> None:
-        """A tool section starts in content while the model is thinking: the text after it may still be
-        thinking. It is held until a </think> says so, or the end says it was the answer (REPAIR.md 4.8)."""
-        self.thinking.interrupt()
-
     # -- the tokenizer -----------------------------------------------------------------------------
 
     def _token(self, top: bool = False):
@@ -1112,8 +1107,8 @@ class MarkupParser:
             if token is EOF:
                 break
             yield from self._top_level(token)
-        yield from self._emit(self._line.take_lead())
-        yield from self._emit(self.thinking.end())  # no </think> came: what was held is the answer
+        yield from self._release(self._line.take_lead())
+        yield from self._release(self.thinking.end())  # no </think> came: what was held is the answer
 
     def _opening(self):
         """Text that opens with <think> (SGLang without a reasoning parser, or one that left the tag):
@@ -1141,15 +1136,15 @@ class MarkupParser:
             yield from self._text(token)
             return
         if token is not ARGUMENT_BEGIN:  # which may make the word held at the start of the line a call's id
-            yield from self._emit(self._line.take_lead())
+            yield from self._release(self._line.take_lead())
             self._line.at_start = True
         if token is ARGUMENT_BEGIN:
             token = yield from self._headless_call()
         elif token is SECTION_BEGIN:
-            self.interrupt()
+            self.thinking.interrupt()
             token = yield from self._section()
         elif token is CALL_BEGIN or isinstance(token, StructuredCall):
-            self.interrupt()
+            self.thinking.interrupt()
             token = yield from self._calls(token, [] if self.structured else ["no-section-wrapper"], self.new_group())
         elif token is THINK_CLOSE:
             yield from self._think_close()
@@ -1181,20 +1176,16 @@ class MarkupParser:
             self.rules["stray-marker-removed"] += 1
             return None
         self._line.at_start = True
-        self.interrupt()
+        self.thinking.interrupt()
         return (yield from self._calls(header, ["no-call-begin", "no-section-wrapper"], self.new_group()))
 
     def _text(self, text: str):
         """Text. A word at the start of a line that may still become a call's id (``functions...``, or
         a declared tool's name) is held back: it heads a call if <|tool_call_argument_begin|> follows."""
-        yield from self._emit(self._line.text(text))
-
-    def _emit(self, text: str):
-        if text:
-            yield from self._release(text)
+        yield from self._release(self._line.text(text))
 
     def _release(self, text: str) -> list:
-        events = self.thinking.route(text)
+        events = self.thinking.route(text) if text else []
         if events:  # sent, not held: an id at its end may still head a call (LineStart.id_sent)
             line = self._line
             line.tail = (line.tail + text)[-MAX_LINE_HEADER:]
@@ -1203,7 +1194,6 @@ class MarkupParser:
     def _think_close(self):
         closed = self.thinking.close()
         if closed is None:  # inside an answer: text
-            self._line.at_start = False
             yield from self._text(THINK_CLOSE_TEXT)
             return
         events, rule = closed
@@ -1225,12 +1215,7 @@ class MarkupParser:
         """Inside <|tool_calls_section_begin|>: calls, and noise between them (REPAIR.md 4.7). Returns the
         token that ended the section, for the top level (None when it ended normally)."""
         self.in_section = True
-        token = yield from self._section_calls(self.new_group())
-        self.in_section = False
-        return token
-
-    def _section_calls(self, group: int):
-        noise = ""
+        group, noise = self.new_group(), ""
         while True:
             token = yield from self._token()
             if isinstance(token, str):
@@ -1242,6 +1227,7 @@ class MarkupParser:
                                                    group)
                     noise = ""
                 elif len(noise) > MAX_SECTION_NOISE:  # too long for noise: the section never closed
+                    self.in_section = False
                     self.rules["unclosed-section"] += 1
                     yield from self._text(noise)
                     return None
@@ -1265,6 +1251,7 @@ class MarkupParser:
                 noise = ""
             if token in (None, CALL_END, TRUNCATED, SECTION_BEGIN):
                 continue
+            self.in_section = False
             return None if token is SECTION_END else token
 
     def _calls(self, header: Any, rules: list[str], group: int):
@@ -1300,9 +1287,7 @@ class MarkupParser:
             yield CallEnd(key, rules + ["arguments-empty", _ENDING_RULES.get(token, "call-ended")])
             return token, None
         token, next_header, rules = yield from self._arguments(key, rules)
-        if next_header is not None:
-            token = ARGUMENT_BEGIN
-        elif token is not CALL_END:
+        if next_header is None and token is not CALL_END:  # (a call's id ran in: it ended there)
             rules.append(_ENDING_RULES.get(token, "call-ended"))
         yield CallEnd(key, rules)
         return token, next_header
@@ -1362,21 +1347,18 @@ class MarkupParser:
         header = ""
         while True:
             token = yield from self._token()
-            if isinstance(token, str):
-                header += token
-                brace = header.find("{", 0, MAX_CALL_HEADER + 1)
-                if brace >= 0:
-                    self._input.unread(header[brace:])
-                    rules.append("no-argument-marker")
-                    return header[:brace].strip(), None
-                if len(header) > MAX_CALL_HEADER:  # not an id: read it as the arguments
-                    self._input.unread(header)
-                    rules.append("no-id")
-                    return "", None
-                continue
-            if token is ARGUMENT_BEGIN:
-                return header.strip(), None
-            return header.strip(), token
+            if not isinstance(token, str):
+                return header.strip(), None if token is ARGUMENT_BEGIN else token
+            header += token
+            brace = header.find("{", 0, MAX_CALL_HEADER + 1)
+            if brace >= 0:
+                self._input.unread(header[brace:])
+                rules.append("no-argument-marker")
+                return header[:brace].strip(), None
+            if len(header) > MAX_CALL_HEADER:  # not an id: read it as the arguments
+                self._input.unread(header)
+                rules.append("no-id")
+                return "", None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1585,8 +1567,6 @@ class ChoiceRepair:
         self.calls: dict[int, Call] = {}
         self.sent: list[Call] = []
         self.texts: dict[str, list[str]] = {"reasoning": [], "content": []}
-        self.dropped = 0
-        self._ids: set[str] = set()
         self._forced: list[str] | None = [] if ctx.forced else None  # content while it may be calls as JSON
         self._open: Any = None  # the upstream index of the structured call being read
         self._closed: set = set()
@@ -1619,7 +1599,6 @@ class ChoiceRepair:
             self._forced_calls(out)
         self._take(self.text.switch(end=True), out)
         while self._later:  # calls that waited for one whose arguments never completed
-            self._end_structured(out)
             self._read_later(out)
         self._end_structured(out)
         if self.structured.in_section:
@@ -1642,8 +1621,8 @@ class ChoiceRepair:
     def repairs(self) -> Counter[str]:
         """The text-level repairs (each call carries its own ``rules``)."""
         total = self.text.rules + self.structured.rules
-        if self.dropped:
-            total["duplicate-call-dropped"] += self.dropped
+        if dropped := sum(call.dropped for call in self.calls.values()):
+            total["duplicate-call-dropped"] += dropped
         return total
 
     # -- SGLang's channels back into one text --------------------------------------------------------
@@ -1733,7 +1712,7 @@ class ChoiceRepair:
             if not self.structured.in_section:
                 self._take(self.structured.inject(SECTION_BEGIN), out)
             self._take(self.text.switch(at_section=True), out)  # SGLang's reasoning parser stopped here
-            self.text.interrupt()
+            self.text.thinking.interrupt()
             if self._group < 0:
                 self._group = self.structured.new_group()
             self._open = index
@@ -1747,11 +1726,12 @@ class ChoiceRepair:
         if arguments and (arguments := self._pair(index, arguments)):
             self._take(self.structured.feed(arguments), out)
             if self._later and (self.structured.arguments is None or self.structured.arguments.complete):
-                self._end_structured(out)
                 self._read_later(out)
 
     def _read_later(self, out: list) -> None:
-        """The deltas that waited, read now, in the order they came (they may wait again, for another)."""
+        """The call they waited for is complete (its end), and the deltas that waited are read now, in the
+        order they came (they may wait again, for another)."""
+        self._end_structured(out)
         later, self._later = self._later, []
         for delta, index in later:
             self._structured(delta, index, out)
@@ -1787,7 +1767,7 @@ class ChoiceRepair:
                 call.canonical = _canonical(call.arguments)
                 if call.held:
                     self._decide(call, out)
-                elif call is self._live:
+                else:  # it went out live (a call sent before its end always does)
                     self._live = None
                     self._release(out)
 
@@ -1831,7 +1811,6 @@ class ChoiceRepair:
             if call.canonical != "{}" and any(c.canonical == call.canonical for c in self.calls.values()
                                                if c.group != call.group and not c.dropped and c.name is not None):
                 call.dropped = True
-                self.dropped += 1
                 return
             call.name = self.ctx.infer_name(call.arguments)
             call.rules.append("name-inferred-from-arguments" if call.name else "name-unresolved")
@@ -1841,7 +1820,6 @@ class ChoiceRepair:
             return  # decided when they end
         if any(t.canonical == call.canonical for t in twins):
             call.dropped = True
-            self.dropped += 1
             return
         if self._live is None or final:
             self._send(call, out)  # else it goes out when the live call ends (_release)
@@ -1850,7 +1828,7 @@ class ChoiceRepair:
         """Number the call and give it its id (REPAIR.md 4.5): the next index, in the order calls go out."""
         call.index = len(self.sent)
         self.sent.append(call)
-        structured, taken = call.channel == "tool_calls", self._ids.union(self.ctx.history_ids)
+        structured, taken = call.channel == "tool_calls", self.ctx.history_ids.union(c.id for c in self.sent)
         call_id = call.header.strip() if call.verbatim and not structured else None
         if call_id is None or call_id in taken:  # never an id this answer or the history already holds
             counters = [call.counter] if call.counter is not None else []
@@ -1861,7 +1839,6 @@ class ChoiceRepair:
             if not structured and call_id != call.header.strip():
                 call.rules.append("id-rewritten")
         call.id = call_id
-        self._ids.add(call_id)
         if call.canonical is None:
             self._live = call
         out.append(ToolDelta(call.index, call.id, call.name, call.arguments))
@@ -2015,9 +1992,7 @@ class StreamRepair:
             delta = {}
         content = delta.get("content")
         reasoning, keys = reasoning_keys(delta)
-        if keys:  # answered in kind: under the keys the upstream uses
-            self.keys[index] = keys
-        keys = self.keys.get(index, _SGLANG_REASONING)
+        keys = self.keys[index] = keys or self.keys.get(index, _SGLANG_REASONING)  # answered in kind
         content = content if type(content) is str else None
         calls = delta.get("tool_calls")
         calls = calls if type(calls) is list else None
@@ -2057,7 +2032,7 @@ class StreamRepair:
             events = repair.finish()
             final = self.finish[index] = repair.finish_reason(None) or "stop"
             choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": None}
-            choices = self._last(choice, events, {}, self.keys.get(index, _SGLANG_REASONING), final)
+            choices = self._last(choice, events, {}, self.keys[index], final)
             frames += [self._frame(self._envelope, c) for c in choices]
         return frames
 
