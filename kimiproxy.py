@@ -1568,6 +1568,7 @@ class ChoiceRepair:
         self.sent: list[Call] = []
         self.texts: dict[str, list[str]] = {"reasoning": [], "content": []}
         self._forced: list[str] | None = [] if ctx.forced else None  # content while it may be calls as JSON
+        self._forced_array = False  # and it began as an array: held to the end
         self._open: Any = None  # the upstream index of the structured call being read
         self._closed: set = set()
         self._group = -1  # the structured calls' group: a new one after text came between them
@@ -1635,11 +1636,13 @@ class ChoiceRepair:
         self._group = -1
         if self._forced is not None:  # while it may be the calls as a JSON array, held to the end
             self.text.thinking.content_came = True  # content all the same (REPAIR.md 4.8)
-            text = "".join(self._forced) + text
-            if not text.strip() or text.lstrip().startswith("["):
-                self._forced = [text]
+            self._forced.append(text)  # (pieces, joined once: a file the array writes may be megabytes)
+            if self._forced_array or not text.strip():  # what came before it was whitespace, or the array's
                 return
-            self._forced = None
+            if text.lstrip().startswith("["):
+                self._forced_array = True
+                return
+            text, self._forced = "".join(self._forced), None
         self._take(self.text.feed(text), out)
 
     def _forced_calls(self, out: list) -> None:
