@@ -414,15 +414,6 @@ def _load_lenient(text: str) -> Any:
         return None
 
 
-def _decode_cut_string(text: str) -> str | None:
-    """A JSON string cut short: its text so far, an incomplete escape at its end dropped."""
-    for cut in range(6):
-        value = _load_lenient(text[:len(text) - cut] + '"')
-        if isinstance(value, str):
-            return value
-    return None
-
-
 class ArgumentRepair:
     """One call's arguments, repaired while they stream (REPAIR.md 4.3 and 4.6).
 
@@ -638,9 +629,8 @@ class ArgumentRepair:
         if self._check is not None:
             self.rewind_now = True
         else:
-            if self._state != _DONE:
-                self._rule("arguments-broken-off")
-                self._rest = []
+            self._rule("arguments-broken-off")
+            self._rest = []
             self._state = _JUNK
         return i
 
@@ -696,7 +686,7 @@ class ArgumentRepair:
         self._out.clear()
         value = _load_lenient(text)
         if value is None and self._state == _STRING:  # cut off inside the string
-            value = _decode_cut_string(text)
+            value = _load_lenient(text + '"')  # (an incomplete escape was dropped already)
             if isinstance(value, str):
                 text = json.dumps(value, ensure_ascii=False)
                 self._rule("string-closed")
@@ -939,9 +929,10 @@ class LineStart:
 
 class ParserInput:
     """What a MarkupParser has yet to read, as email.feedparser's BufferedSubFile is for its parser:
-    the text fed and not read yet (``text`` from ``pos``), then what came after it, in order (more text,
-    and tokens injected between texts), whether the end has come, and a token read ahead and put back
-    (``back``). ``token()`` is the tokenizer: text and markers, holding back only a possible marker prefix."""
+    the text fed and not read yet (``text`` from ``pos``), the tokens injected after it (``queue``: the
+    parser reads them all before it waits for more, so no text is ever fed behind one), whether the end
+    has come, and a token read ahead and put back (``back``). ``token()`` is the tokenizer: text and
+    markers, holding back only a possible marker prefix."""
 
     __slots__ = ("text", "pos", "queue", "eof", "back", "plain")
 
@@ -955,17 +946,11 @@ class ParserInput:
         self.plain = False
 
     def push(self, text: str) -> None:
-        if self.queue:
-            self.queue.append(text)
-        else:
-            self.text = self.text[self.pos:] + text if self.pos < len(self.text) else text
-            self.pos = 0
+        self.text = self.text[self.pos:] + text if self.pos < len(self.text) else text
+        self.pos = 0
 
     def final(self) -> bool:
         """Whether no more text can follow ``text``: the end, or an injected token is next."""
-        while self.queue and isinstance(self.queue[0], str):
-            self.text = self.text[self.pos:] + self.queue.popleft()
-            self.pos = 0
         return self.eof or bool(self.queue)
 
     def unread(self, text: str) -> None:
