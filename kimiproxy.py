@@ -1567,9 +1567,12 @@ class ChoiceRepair:
     def feed(self, reasoning: str | None = None, content: str | None = None,
              tool_calls: list | None = None, whole: bool = False) -> list:
         out: list = []
-        if reasoning and (reasoning := self._pair("reasoning", reasoning)):
+        # (the check for a surrogate half before the call: every chunk passes here)
+        if reasoning and (reasoning := self._pair("reasoning", reasoning) if self._surrogate or
+                          "\ud800" <= reasoning[-1] <= "\udbff" else reasoning):
             self._reasoning(reasoning, out)
-        if content and (content := self._pair("content", content)):
+        if content and (content := self._pair("content", content) if self._surrogate or
+                        "\ud800" <= content[-1] <= "\udbff" else content):
             self._content(content, out)
         for position, delta in enumerate(tool_calls or ()):
             if isinstance(delta, dict):
@@ -1658,8 +1661,6 @@ class ChoiceRepair:
 
     def _pair(self, stream: Any, text: str) -> str:
         """A surrogate pair split across two events (JSON escapes of UTF-16 halves) is joined."""
-        if not self._surrogate and not "\ud800" <= text[-1] <= "\udbff":  # (most text: nothing to join)
-            return text
         if held := self._surrogate.pop(stream, ""):
             text = (held + text).encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
         if "\ud800" <= text[-1] <= "\udbff":
