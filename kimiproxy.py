@@ -6407,8 +6407,14 @@ def main(argv: list[str] | None = None) -> int:
     config.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
     config.accesslog = None
     config.graceful_timeout = settings.shutdown_grace
-    if not settings.api_keys and not _is_loopback(settings.host):
+    if not app.proxy.routing.api_keys and not _is_loopback(settings.host):  # PROXY_API_KEY's or the file's keys
         log.warning("binding %s without PROXY_API_KEY: anyone on the network can use the GPU", settings.host)
+    try:  # an address in use, or not this machine's: one line, not the traceback of Hypercorn's task group
+        for sock in config.create_sockets().insecure_sockets:
+            sock.close()
+    except OSError as exc:
+        print(f"kimiproxy: cannot listen on {config.bind[0]}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     trio.run(_serve, app, config)
     logging.shutdown()  # flush the log files
     return 0

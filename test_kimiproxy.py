@@ -1760,6 +1760,29 @@ def test_bad_configuration_stops_with_one_line() -> None:
 
 @pytest.mark.slow
 @pytest.mark.edge
+def test_an_address_it_cannot_listen_on_is_one_line_and_the_bind_warning_counts_the_files_keys(tmp_path: Path) -> None:
+    """A port in use, or an address that is not this machine's (192.0.2.1, a documentation address: the
+    bind fails, nothing is sent), stops start-up with one line; binding beyond loopback without keys
+    warns, but not when the configuration file holds the keys."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _run([sys.executable, "kimiproxy.py", "--host", "127.0.0.1", "--port", str(port)], {})
+    assert r.returncode == 1 and r.stderr == f"kimiproxy: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    keyed = tmp_path / "keyed.json"
+    keyed.write_text(json.dumps({"upstreams": {"main": {"url": "http://127.0.0.1:9/v1", "models": ["kimi-k2-thinking"]}},
+                                 "keys": {"alice": "key-alice-1"}}))
+    for config, warned in ((None, True), (keyed, False)):
+        args = ["--host", "192.0.2.1", "--port", str(_free_port())] + (["--config", str(keyed)] if config else [])
+        r = _run([sys.executable, "kimiproxy.py", *args], {})
+        lines = r.stderr.splitlines()
+        assert r.returncode == 1 and lines[-1].startswith("kimiproxy: cannot listen on 192.0.2.1:"), r.stderr
+        assert ("binding 192.0.2.1 without PROXY_API_KEY" in r.stderr) is warned and len(lines) == 1 + warned, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.edge
 def test_asyncio_worker_refused_with_hint() -> None:
     """Without -k trio the worker stops at start-up (the run would time out if it kept serving)."""
     r = _run([sys.executable, "-m", "hypercorn", "kimiproxy:app", "-b", f"127.0.0.1:{_free_port()}"], {})
