@@ -4219,6 +4219,39 @@ async def logged_by(proc: Any, words: str) -> list[str]:
     return [line for line in process_log(proc).splitlines() if words in line]
 
 
+def test_reload_signals_only_a_live_process_it_can_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python kimiproxy.py reload` signals the pids registered for the file, and only those that name one
+    running process: never a pid of 0 or below (a process group, or every process), one without a start
+    time, one whose start differs (the pid was reused) or one that is gone (their files are removed), nor
+    a file another user could have written."""
+    run = tmp_path / "run"
+    monkeypatch.setattr(kp, "run_directory", lambda: run)
+    kp.private_directory(run)
+    me, config = os.getpid(), str(tmp_path / "kimiproxy.json")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    start = kp.process_start(me)
+    assert start
+    entries = {"live": {"pid": me, "start": start, "config": config},
+               "other-file": {"pid": me, "start": start, "config": config + ".other"},
+               "group": {"pid": 0, "start": start, "config": config},
+               "everyone": {"pid": -1, "start": start, "config": config},
+               "no-start": {"pid": me, "start": "", "config": config},
+               "reused": {"pid": me, "start": str(int(start) + 1), "config": config},
+               "gone": {"pid": gone.pid, "start": start, "config": config},
+               "not-a-pid": {"pid": str(me), "start": start, "config": config}}
+    for name, entry in entries.items():
+        (run / f"{name}.json").write_text(json.dumps(entry))
+    planted = run / "planted.json"
+    planted.write_text(json.dumps(entries["live"]))
+    planted.chmod(0o666)
+    found = kp.registered(config)
+    assert [path.name for path, _ in found] == ["live.json"]
+    left = {p.name for p in run.glob("*.json")}
+    assert "reused.json" not in left and "gone.json" not in left  # a pid no longer what registered
+    assert {"group.json", "everyone.json", "no-start.json", "not-a-pid.json", "planted.json"} <= left  # never read as a pid
+
+
 @pytest.mark.slow
 @pytest.mark.edge
 async def test_a_reload_that_does_not_validate_keeps_the_running_configuration(
