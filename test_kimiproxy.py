@@ -4249,7 +4249,8 @@ def test_reload_signals_only_a_live_process_it_can_name(tmp_path: Path, monkeypa
     assert [path.name for path, _ in found] == ["live.json"]
     left = {p.name for p in run.glob("*.json")}
     assert "reused.json" not in left and "gone.json" not in left  # a pid no longer what registered
-    assert {"group.json", "everyone.json", "no-start.json", "not-a-pid.json", "planted.json"} <= left  # never read as a pid
+    assert {"group.json", "everyone.json", "no-start.json", "not-a-pid.json", "planted.json"} <= left  # skipped
+    assert "other-file.json" in left  # a live process serving another file: not signalled, not removed
 
 
 @pytest.mark.slow
