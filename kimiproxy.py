@@ -3818,9 +3818,12 @@ def reload_servers(config_path: str, wait: float = RELOAD_WAIT) -> int:
     return 0 if ok else 1
 
 
+STORE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the files of one SQLite database
+
+
 class SharedFile:
     """A SQLite file the workers of a box share, one owner object per worker: opened on first use
-    (``_open``, the subclass's), each operation in a worker thread behind the file's own one-slot
+    (``_open``, the subclass's: ``_connect`` makes it this user's alone, then its tables), each operation in a worker thread behind the file's own one-slot
     limiter (waiting exchanges do not hold trio's thread pool). A file that cannot be opened turns its
     feature off in this worker, with one warning; an operation that fails (another worker holding the
     lock past STORE_BUSY_TIMEOUT) is rolled back and skipped, with a warning; the proxy goes on."""
@@ -3832,30 +3835,48 @@ class SharedFile:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
-        self._broken = False
+        self.refused: str | None = None  # why the file cannot be used, once found
+        self._closed = False  # at shutdown: never opened again
         self._limiter = trio.CapacityLimiter(1)
 
     def _open(self) -> sqlite3.Connection:
+        """The subclass's: ``_connect()``, then its own tables."""
         raise NotImplementedError
+
+    def _connect(self, **options: Any) -> sqlite3.Connection:
+        """The file, in WAL mode, in a directory only this user can enter, and every file SQLite uses (the
+        database, its WAL, shared memory and journal) this user's alone: a -wal planted by someone else
+        would let them read (or forge) what the workers share. ``options``: sqlite3.connect's."""
+        private_directory(Path(self.path).parent)
+        for suffix in STORE_FILE_SUFFIXES:
+            private_file(self.path + suffix)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        private_file(self.path)
+        db = sqlite3.connect(self.path, timeout=STORE_BUSY_TIMEOUT, check_same_thread=False, **options)
+        db.execute("PRAGMA journal_mode=WAL")
+        for suffix in STORE_FILE_SUFFIXES:  # as SQLite made them: with the database's own mode
+            private_file(self.path + suffix)
+        return db
 
     async def aclose(self) -> None:
         await trio.to_thread.run_sync(self._close, limiter=self._limiter)
 
     def _close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._db is not None:
                 self._db.close()
                 self._db = None
 
     def _run(self, operation: Any, *args: Any) -> Any:
         with self._lock:
-            if self._broken:
+            if self.refused is not None or self._closed:
                 return None
             if self._db is None:
                 try:
                     self._db = self._open()
                 except (sqlite3.Error, OSError, ValueError) as exc:
-                    self._broken = True
+                    self.refused = str(exc)
                     log.warning("%s %s cannot be used, %s in this worker: %s", self.what, self.path, self.off, exc)
                     return None
             try:
@@ -3920,9 +3941,6 @@ def turns_without_reasoning(request: dict) -> list[tuple[int, dict, Any, list]]:
     return turns
 
 
-STORE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the files of one SQLite database
-
-
 def default_store() -> str:
     """REASONING_STORE's default: in this user's cache directory, never the shared temp directory. The
     kimiproxy instances of one user all use it, each under its own port (``Exchange._loop``): they share
@@ -3957,7 +3975,7 @@ class ReasoningStore(SharedFile):
     @property
     def usable(self) -> bool:
         """False once the store was refused (until then, it has not been tried or it works)."""
-        return not self._broken
+        return self.refused is None
 
     async def remember(self, turns: list[tuple[str, str]]) -> None:
         """(key, reasoning) pairs."""
@@ -3971,18 +3989,7 @@ class ReasoningStore(SharedFile):
         return found
 
     def _open(self) -> sqlite3.Connection:
-        # In a directory only this user can enter, and every file SQLite uses (the database, its WAL,
-        # shared memory and journal) this user's alone: a -wal planted by someone else would let them
-        # read every turn and forge the reasoning restored into another user's request.
-        private_directory(Path(self.path).parent)
-        for suffix in STORE_FILE_SUFFIXES:
-            private_file(self.path + suffix)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-        private_file(self.path)
-        db = sqlite3.connect(self.path, timeout=STORE_BUSY_TIMEOUT, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        for suffix in STORE_FILE_SUFFIXES:  # as SQLite made them: with the database's own mode
-            private_file(self.path + suffix)
+        db = self._connect()  # this user's alone: a planted -wal would read every turn, forge restored ones
         db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last turns: they are a cache
         db.execute("CREATE TABLE IF NOT EXISTS reasoning (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
                    "bytes INTEGER NOT NULL, created REAL NOT NULL)")
@@ -4100,7 +4107,7 @@ PAGE_LIMIT_USE = {"concurrent": "in_flight", "requests_per_minute": "requests_la
                   "tokens_per_minute": "tokens_last_minute", "tokens_per_day": "tokens_last_day"}
 
 
-class Activity:
+class Activity(SharedFile):
     """What the page shows, for the whole box: the requests in flight, the last ones served, the
     captures they left, and each key's use over the last PAGE_KEEP_HOURS. Each worker keeps its own in
     memory (the exchanges in flight, its last requests and captures, each key's use) and, while a page
@@ -4113,9 +4120,11 @@ class Activity:
     the instances that share it share these too. A file that cannot be used leaves each worker showing
     its own requests, with a warning; nothing else depends on it."""
 
+    what, off = "page file", "the page shows its own requests only"
+
     def __init__(self, settings: Settings, clock: Any = time.time) -> None:
         store = Path(settings.reasoning_store or default_store())
-        self.path = str(store.with_name(store.stem + ".page" + store.suffix))
+        super().__init__(str(store.with_name(store.stem + ".page" + store.suffix)))
         self.per_port = not settings.reasoning_store
         self.pid = os.getpid()
         self.worker = f"{self.pid}.{secrets.token_hex(4)}"  # a pid comes back; this does not
@@ -4134,11 +4143,6 @@ class Activity:
         self._due = trio.Event()
         self._beat = 0.0  # when this worker last said it is alive
         self._batches = 0
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-        self.refused: str | None = None  # why the file cannot be used, once found
-        self._closed = False
-        self._limiter = trio.CapacityLimiter(1)
 
     # -- the exchanges' hooks: in memory, no I/O -------------------------------------------------------
 
@@ -4243,44 +4247,10 @@ class Activity:
             self._ended += list(self._written)
             self._written.clear()
             await self.flush(watched=True)
-            await trio.to_thread.run_sync(self._close, limiter=self._limiter)
-
-    def _close(self) -> None:
-        with self._lock:
-            self._closed = True
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-    def _run(self, operation: Any, *args: Any) -> Any:
-        with self._lock:
-            if self.refused is not None or self._closed:
-                return None
-            if self._db is None:
-                try:
-                    self._db = self._open()
-                except (sqlite3.Error, OSError, ValueError) as exc:
-                    self.refused = str(exc)
-                    log.warning("page file %s cannot be used, the page shows this worker's requests only: %s",
-                                self.path, exc)
-                    return None
-            try:
-                return operation(self._db, *args)
-            except Exception as exc:  # busy past the timeout: this batch only
-                log.warning("page file %s: %s skipped: %s", self.path, operation.__name__.strip("_"), exc)
-                return None
+            await super().aclose()
 
     def _open(self) -> sqlite3.Connection:
-        # As the reasoning store's: nobody else can plant a -wal that would show them every key's use.
-        private_directory(Path(self.path).parent)
-        for suffix in STORE_FILE_SUFFIXES:
-            private_file(self.path + suffix)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-        private_file(self.path)
-        db = sqlite3.connect(self.path, timeout=STORE_BUSY_TIMEOUT, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        for suffix in STORE_FILE_SUFFIXES:
-            private_file(self.path + suffix)
+        db = self._connect()  # nobody else can plant a -wal that would show them every key's use
         db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last second: it is a view
         with db:
             db.execute("CREATE TABLE IF NOT EXISTS flight (worker TEXT, serial INTEGER, pid INTEGER, instance TEXT, "
@@ -4937,7 +4907,7 @@ class FairUse(SharedFile):
     async def _release_pending(self, releases: list[tuple[str, str, int, int]]) -> None:
         pending, self._unreleased = self._unreleased + releases, []
         done = await trio.to_thread.run_sync(self._run, self._release, pending, limiter=self._limiter)
-        if done is not True and not self._broken:  # (a file that cannot be used holds no slots to free)
+        if done is not True and self.refused is None:  # (a file that cannot be used holds no slots to free)
             self._unreleased = pending + self._unreleased
 
     async def report(self, where: str, limits: dict[str, Limits]) -> dict:
@@ -4948,19 +4918,10 @@ class FairUse(SharedFile):
             for name, key_limits in limits.items()}
 
     def _open(self) -> sqlite3.Connection:
-        # As the reasoning store's (ReasoningStore._open): another user who could write these files could
-        # free anyone's slots, or fill a key's day.
-        private_directory(Path(self.path).parent)
-        for suffix in STORE_FILE_SUFFIXES:
-            private_file(self.path + suffix)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-        private_file(self.path)
-        # Autocommit: each operation is one explicit transaction (BEGIN IMMEDIATE takes the write lock
-        # first, so two workers never both see the last slot free).
-        db = sqlite3.connect(self.path, timeout=STORE_BUSY_TIMEOUT, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        for suffix in STORE_FILE_SUFFIXES:
-            private_file(self.path + suffix)
+        # This user's alone: another user who could write these files could free anyone's slots, or fill a
+        # key's day. Autocommit: each operation is one explicit transaction (BEGIN IMMEDIATE takes the write
+        # lock first, so two workers never both see the last slot free).
+        db = self._connect(isolation_level=None)
         db.execute("PRAGMA synchronous=NORMAL")  # a power cut may forget the last counts: every process with them too
         db.execute("CREATE TABLE IF NOT EXISTS slots (id INTEGER PRIMARY KEY, scope TEXT NOT NULL, key TEXT NOT NULL, "
                    "owner TEXT NOT NULL, since REAL NOT NULL)")
