@@ -1932,7 +1932,7 @@ class StreamRepair:
         if self.done:
             return []
         if data == b"[DONE]":
-            return self._end() + [DONE_FRAME]
+            return self.close()
         try:
             chunk = json_loads(data)
         except (ValueError, RecursionError):  # also invalid UTF-8, or nesting too deep
@@ -1960,11 +1960,24 @@ class StreamRepair:
                 outputs += produced
         if not changed:
             return [raw]
-        return [self._frame(chunk, choice) for choice in outputs]
+        return [self._frame(choice) for choice in outputs]
 
     def close(self) -> list[bytes]:
-        """The upstream stream ended: finish what it left open, then [DONE] if it never came."""
-        return [] if self.done else self._end() + [DONE_FRAME]
+        """The upstream stream ended ([DONE], or its end without one): each choice it never finished gets
+        what it held and its finish, as if a last event had said "stop" (finish_reason(None) or "stop" is
+        finish_reason("stop")); then [DONE]."""
+        if self.done:
+            return []
+        self.done = True
+        frames: list[bytes] = []
+        for index in self.choices:
+            if index in self.finish or not self.ctx.enabled:
+                self.finish.setdefault(index, None)
+                continue
+            choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+            # (None, as for an upstream event that needs no repair: then that event is the finish chunk)
+            frames += [self._frame(c) for c in self._choice(choice) or [choice]]
+        return frames + [DONE_FRAME]
 
     def _choice(self, choice: dict) -> list[dict] | None:
         """The choice dicts this event becomes, or None when it passes unchanged."""
@@ -2002,32 +2015,13 @@ class StreamRepair:
         final = self.finish[index] = repair.finish_reason(finish)
         if final == finish and _unchanged(events, content, reasoning, calls):
             return None
-        return self._last(choice, events, delta, keys, final)
-
-    @staticmethod
-    def _last(choice: dict, events: list, delta: dict, keys: tuple[str, ...], final: str) -> list[dict]:
-        """A choice's last deltas, then its finish reason in a chunk of its own."""
         out = [dict(choice, delta=d, finish_reason=None) for d in _deltas(events, delta, keys)]
-        return out + [dict(choice, delta={}, finish_reason=final)]
+        return out + [dict(choice, delta={}, finish_reason=final)]  # the finish in a chunk of its own
 
-    def _end(self) -> list[bytes]:
-        """Choices the upstream never finished get their held text, calls and a finish chunk."""
-        self.done = True
-        frames: list[bytes] = []
-        for index, repair in self.choices.items():
-            if index in self.finish or not self.ctx.enabled:
-                self.finish.setdefault(index, None)
-                continue
-            events = repair.finish()
-            final = self.finish[index] = repair.finish_reason(None) or "stop"
-            choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": None}
-            choices = self._last(choice, events, {}, self.keys[index], final)
-            frames += [self._frame(self._envelope, c) for c in choices]
-        return frames
-
-    def _frame(self, envelope: dict, choice: dict) -> bytes:
-        chunk = dict(envelope, choices=[choice])
-        if "usage" in envelope:
+    def _frame(self, choice: dict) -> bytes:
+        """One choice in the envelope of the last chunk that had choices."""
+        chunk = dict(self._envelope, choices=[choice])
+        if "usage" in self._envelope:
             chunk["usage"] = None  # the usage chunk passes on its own
         return b"data: " + json_dumps_compact(chunk) + b"\n\n"
 
