@@ -371,16 +371,15 @@ def match_marker(buf: str, i: int, final: bool) -> tuple[Marker | str | None, in
     marker, or (None, 0) for plain text. ``final``: no more text follows this buffer."""
     m = _MARKER_RE.match(buf, i)
     if m is not None:
-        kind = MARKERS.get(m.group(0))
-        if kind is not None:
-            return kind, m.end()
-        kind = MARKERS.get(m.group(0) + ">")  # "<|tool_call_end|" without its ">" (REPAIR.md 4.2)
-        if kind is not None:
-            if m.end() == len(buf):
-                return (kind, m.end()) if final else ("partial", 0)
-            if buf.startswith("<", m.end()):
-                return kind, m.end()
-        return None, 0
+        # "<|tool_call_end|" without its ">" (REPAIR.md 4.2) is that marker where the text ends or the
+        # next marker begins ("" in group 2; None for the think markers)
+        cut, end = m[2] == "", m.end()
+        kind = MARKERS.get(m[0] + ">" if cut else m[0])
+        if kind is None or (cut and end < len(buf) and buf[end] != "<"):
+            return None, 0
+        if cut and end == len(buf) and not final:
+            return "partial", 0  # its ">" may still come
+        return kind, end
     if len(buf) - i < LONGEST_MARKER and buf[i:] in _MARKER_PREFIXES:
         if not final:
             return "partial", 0
