@@ -1417,10 +1417,8 @@ class RepairContext:
     def _declared(self, name: str) -> str | None:
         """A declared tool's name for ``name``: as written, a dotted namespace's last parts, or the one
         declared name equal to it but for case."""
-        if name in self.tools:
-            return name
         parts = name.split(".")
-        for k in range(1, min(len(parts), 8)):
+        for k in range(min(len(parts), 8)):  # k = 0: the name as written
             if (suffix := ".".join(parts[k:])) in self.tools:
                 return suffix
         folded = [t for t in self.tools if t.casefold() == name.casefold()]
