@@ -421,10 +421,11 @@ class ArgumentRepair:
     arguments as they will be written pile up in one list; what no later character can change (up to
     ``_safe``) goes out through ``take()``. Not yet certain: a comma, a key and its colon until the
     value begins, a number until it ends, a top-level string (it may be double-encoded) or literal or
-    text that is not JSON, and everything after a marker inside a string, until that string closes
-    (the marker was text) or never does, or the JSON after it breaks (it ended the call: the caller
-    calls ``rewind()`` and reads the marker again). ``finish()`` closes what is open. Positions are
-    counted from the start (``_base`` pieces were taken already).
+    text that is not JSON, the text from where the JSON broke (passed as written or dropped: the end
+    decides), and everything after a marker inside a string, until that string closes (the marker was
+    text) or never does, or the JSON after it breaks (it ended the call: the caller calls ``rewind()``
+    and reads the marker again). ``finish()`` closes what is open. Positions are counted from the start
+    (``_base`` pieces were taken already).
     """
 
     def __init__(self, markers: bool = True, objects_only: bool = False) -> None:
@@ -445,9 +446,8 @@ class ArgumentRepair:
         self._check: tuple | None = None  # (position, state, closers, safe) at the first marker in a string
         self._check_open = False  # still inside that string
         self._raw: list[str] = []  # the raw text from that marker on, to read again
-        self._junk: list[str] = []  # after the value: the next call's id, or dropped
+        self._junk: list[str] = []  # after the value or where it broke: the next call's id, or dropped
         self._junk_size = 0
-        self._rest: list[str] | None = None  # the raw text from where the JSON broke (not after a whole value)
 
     @property
     def in_string(self) -> bool:
@@ -544,11 +544,9 @@ class ArgumentRepair:
             elif state >= _DONE:  # after the value, broken, or not JSON: up to the next "<"
                 j = buf.find("<", i + 1, n) if self.markers else -1
                 j = n if j < 0 else j
-                if state == _RAW:
+                if state != _DONE:  # text that is no JSON, or where the JSON broke: finish() decides
                     self._put(buf[i:j], False)
-                else:
-                    if self._rest is not None:
-                        self._rest.append(buf[i:j])
+                if state != _RAW:
                     self._junk.append(buf[i:j])
                     self._junk_size += j - i
                     if self._junk_size > 2 * MAX_CALL_HEADER:  # only its end can be an id
@@ -629,7 +627,6 @@ class ArgumentRepair:
             self.rewind_now = True
         else:
             self._rule("arguments-broken-off")
-            self._rest = []
             self._state = _JUNK
         return i
 
@@ -654,10 +651,10 @@ class ArgumentRepair:
         self._check = None
         if self._state == _LITERAL:
             self._end_literal()
-        if ended and self._rest is not None and not self._scalar and not self.objects_only:
+        if ended and self._state == _JUNK and not self.objects_only:
             del self.rules["arguments-broken-off"]
             self._rule("arguments-not-json")
-            rest = "".join(self._out) + "".join(self._rest)
+            rest = "".join(self._out)
             self._out.clear()
             return rest
         if self._scalar:
