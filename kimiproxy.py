@@ -631,32 +631,28 @@ class ArgumentRepair:
         return i
 
     def rewind(self) -> str:
-        """The held marker was the real one: forget what followed it and return the raw text from it on."""
-        at, self._state, self._closers, safe = self._check
-        raw = "".join(self._raw)
+        """The held marker was the real one: forget what followed it and return the raw text from it on
+        (``finish()`` follows). What was certain at the marker is again all that is: it has only grown since."""
+        at, self._state, self._closers, self._safe = self._check
         del self._out[at - self._base:]
-        self._safe = min(self._safe, safe, at)
-        self._check, self._check_open, self.rewind_now = None, False, False
-        self._raw.clear()
-        self._junk, self._junk_size = [], 0
+        self._check = None
         self._rule("marker-in-unclosed-string")
-        return raw
+        return "".join(self._raw)
 
     # -- the end -----------------------------------------------------------------------------------
 
     def finish(self, ended: bool = False) -> str:
         """The arguments ended: close what is open, and return the rest of them. ``ended``: the model
         ended the call itself (<|tool_call_end|>, the section's end), so JSON that broke before it was not
-        cut off: it is passed as written from where it broke, with a warning, never shortened (REPAIR.md 4.6)."""
+        cut off: it is passed as written from where it broke, with a warning, never shortened (REPAIR.md 4.6).
+        The last call made to it."""
         self._check = None
         if self._state == _LITERAL:
             self._end_literal()
         if ended and self._state == _JUNK and not self.objects_only:
             del self.rules["arguments-broken-off"]
             self._rule("arguments-not-json")
-            rest = "".join(self._out)
-            self._out.clear()
-            return rest
+            return "".join(self._out)
         if self._scalar:
             value = self._finish_scalar()
             if self.objects_only and not isinstance(_load_lenient(value), dict):
@@ -679,7 +675,6 @@ class ArgumentRepair:
     def _finish_scalar(self) -> str:
         """A top-level string (double-encoded arguments, unwrapped if it holds JSON), literal, or text."""
         text = "".join(self._out).strip()
-        self._out.clear()
         value = _load_lenient(text)
         if value is None and self._state == _STRING:  # cut off inside the string
             value = _load_lenient(text + '"')  # (an incomplete escape was dropped already)
