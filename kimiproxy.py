@@ -570,18 +570,18 @@ class ArgumentRepair:
         top = self._closers[-1] if self._closers else ""
         if state == _START or state == _VALUE:
             if ch in "{[":
-                self._put(ch, not self._scalar)  # in a container the value began: its key is certain now
+                self._put(ch, True)  # in a container the value began: its key is certain now
                 self._closers.append("}" if ch == "{" else "]")
                 self._state = _KEY if ch == "{" else _VALUE
                 return i + 1
             if state == _START:  # a top-level string, literal or text: decided at the end
                 self._scalar = True
             if ch == '"':
-                self._put(ch, not self._scalar)
+                self._put(ch, True)  # (a top-level string is held whole all the same: take)
                 self._state = _STRING
                 return i + 1
-            if ch in "-0123456789tfn" or state == _START:
-                self._state, self._literal = (_LITERAL if ch in "-0123456789tfn" else _RAW), self._base + len(self._out)
+            if ch in "-0123456789tfn" or state == _START:  # a literal, or at the top a word that may be none
+                self._state, self._literal = _LITERAL, self._base + len(self._out)
                 return i
         if state == _KEY and ch == '"' or state == _COLON and ch == ":":
             self._put(ch, False)
@@ -612,8 +612,7 @@ class ArgumentRepair:
     def _end_literal(self) -> None:
         literal = "".join(self._out[self._literal - self._base:])
         if _LITERAL_RE.fullmatch(literal):
-            if not self._scalar:
-                self._safe = self._base + len(self._out)
+            self._safe = self._base + len(self._out)
             self._state = self._after_value()
         elif self._scalar:
             self._state = _RAW  # a top-level word that is no JSON literal
