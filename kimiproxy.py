@@ -446,8 +446,7 @@ class ArgumentRepair:
         self._check: tuple | None = None  # (position, state, closers, safe) at the first marker in a string
         self._check_open = False  # still inside that string
         self._raw: list[str] = []  # the raw text from that marker on, to read again
-        self._junk: list[str] = []  # after the value or where it broke: the next call's id, or dropped
-        self._junk_size = 0
+        self._junk = ""  # after the value or where it broke: the next call's id, or dropped
 
     @property
     def in_string(self) -> bool:
@@ -465,8 +464,7 @@ class ArgumentRepair:
 
     def take_junk(self) -> str:
         """The last MAX_CALL_HEADER characters after the value: an id, if the next call's header ran in."""
-        junk = "".join(self._junk)[-MAX_CALL_HEADER:]
-        self._junk, self._junk_size = [], 0
+        junk, self._junk = self._junk[-MAX_CALL_HEADER:], ""
         return junk
 
     def take(self) -> str:
@@ -547,11 +545,9 @@ class ArgumentRepair:
                 if state != _DONE:  # text that is no JSON, or where the JSON broke: finish() decides
                     self._put(buf[i:j], False)
                 if state != _RAW:
-                    self._junk.append(buf[i:j])
-                    self._junk_size += j - i
-                    if self._junk_size > 2 * MAX_CALL_HEADER:  # only its end can be an id
-                        self._junk = ["".join(self._junk)[-MAX_CALL_HEADER:]]
-                        self._junk_size = MAX_CALL_HEADER
+                    self._junk += buf[i:j]
+                    if len(self._junk) > 2 * MAX_CALL_HEADER:  # only its end can be an id
+                        self._junk = self._junk[-MAX_CALL_HEADER:]
                 i = j
             elif ch in " \t\r\n":
                 if state != _START:
@@ -667,7 +663,7 @@ class ArgumentRepair:
         if self._closers:
             self._rule("arguments-closed")
             self._put("".join(reversed(self._closers)), True)
-        if "".join(self._junk).strip():
+        if self._junk.strip():
             self._rule("junk-dropped")
         return self.take()
 
