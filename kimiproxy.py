@@ -457,10 +457,10 @@ class ArgumentRepair:
         """The value is whole (or broke beyond repair): nothing more can belong to it."""
         return self._state == _DONE or self._state == _JUNK
 
-    @property
-    def must_rewind(self) -> bool:
-        """The text ended inside the string that holds a marker: that marker ended the call."""
-        return self._check is not None and self._check_open
+    def must_rewind(self, eof: bool) -> bool:
+        """Whether the marker held inside a string ended the call (REPAIR.md 4.3): the JSON broke after
+        it, or the text ended (``eof``) inside that string."""
+        return self.rewind_now or eof and self._check is not None and self._check_open
 
     def take_junk(self) -> str:
         """The last MAX_CALL_HEADER characters after the value: an id, if the next call's header ran in."""
@@ -943,12 +943,6 @@ class ParserInput:
         self.text = text + self.text[self.pos:]
         self.pos = 0
 
-    def restart(self, text: str, final: bool) -> Any:
-        """Read ``text`` next, and what follows it (a rewind: REPAIR.md 4.3); returns the marker it starts with."""
-        kind, self.pos = match_marker(text, 0, final)
-        self.text = text
-        return kind
-
     def after_text(self) -> Any:
         """Once the text is read: the next injected token, EOF at the end, else NEED."""
         if self.queue:
@@ -1264,48 +1258,38 @@ class MarkupParser:
         return token, next_header
 
     def _arguments(self, key: int, rules: list[str]):
-        """A call's arguments, through ArgumentRepair, up to the token that ends them."""
+        """A call's arguments, through ArgumentRepair, up to the token that ends them. Where the scan
+        stops outside a string, the tokenizer reads what is there: a marker, or what comes once the text
+        is read (inside a string the scan stops only for the rest of an escape or a marker)."""
         args = self.arguments = ArgumentRepair(objects_only=self.objects_only)
         text = self._input
         next_header = None
         while True:
-            final = text.final()
-            buf, pos = text.text, text.pos
-            if pos < len(buf):
-                i = args.scan(buf, pos, final)
-                text.pos = i
-                if out := args.take():
-                    yield CallText(key, out)
-                if args.rewind_now:  # a marker inside a string ended the call after all
-                    token = text.restart(args.rewind() + buf[i:], final)
-                    break
-                if args.consumed >= MAX_CALL_ARGUMENTS:  # the rest of the text is read as text
-                    rules.append("arguments-overflow")
-                    token = CALL_END
-                    break
-                if i == len(buf):
-                    continue
-                kind, end = match_marker(buf, i, final) if not args.in_string else ("partial", 0)
-                if kind == "partial":
-                    yield NEED
-                    continue
-                text.pos = end
-                if kind is ARGUMENT_BEGIN:  # the arguments ran into the next call's id (REPAIR.md 4.6)
-                    junk = args.take_junk().strip()
-                    if _ID_RE.fullmatch(junk):
-                        next_header, token = junk, None
-                        break
-                    self.rules["stray-marker-removed"] += 1
-                    continue
-                token = kind
+            buf = text.text
+            text.pos = args.scan(buf, text.pos, text.final())
+            if out := args.take():
+                yield CallText(key, out)
+            if args.rewind_now:  # the JSON broke after a marker inside a string: read again below
+                token = None
                 break
-            token = text.after_text()
+            if args.consumed >= MAX_CALL_ARGUMENTS:  # the rest of the text is read as text
+                rules.append("arguments-overflow")
+                token = CALL_END
+                break
+            token = NEED if text.pos < len(buf) and args.in_string else text.token()
             if token is NEED:
                 yield NEED
                 continue
-            if token is EOF and args.must_rewind:
-                token = text.restart(args.rewind(), True)
-            break
+            if token is not ARGUMENT_BEGIN:
+                break
+            junk = args.take_junk().strip()
+            if _ID_RE.fullmatch(junk):  # the arguments ran into the next call's id (REPAIR.md 4.6)
+                next_header, token = junk, None
+                break
+            self.rules["stray-marker-removed"] += 1
+        if args.must_rewind(token is EOF):  # a marker inside a string ended the call: read from it on again
+            text.unread(args.rewind())
+            token = text.token()
         self.arguments = None
         if tail := args.finish(ended=token in (CALL_END, SECTION_END) and "arguments-overflow" not in rules):
             yield CallText(key, tail)
