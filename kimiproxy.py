@@ -916,17 +916,16 @@ class LineStart:
 class ParserInput:
     """What a MarkupParser has yet to read, as email.feedparser's BufferedSubFile is for its parser:
     the text fed and not read yet (``text`` from ``pos``), the tokens injected after it (``queue``: the
-    parser reads them all before it waits for more, so no text is ever fed behind one), whether the end
-    has come, and a token read ahead and put back (``back``). ``token()`` is the tokenizer: text and
-    markers, holding back only a possible marker prefix."""
+    parser reads them all before it waits for more, so no text is ever fed behind one), and whether the
+    end has come. ``token()`` is the tokenizer: text and markers, holding back only a possible marker
+    prefix."""
 
-    __slots__ = ("text", "pos", "queue", "eof", "back", "plain")
+    __slots__ = ("text", "pos", "queue", "eof", "plain")
 
     def __init__(self) -> None:
         self.text, self.pos = "", 0
         self.queue: deque = deque()
         self.eof = False
-        self.back: Any = None
         # Set by the parser while it waits at the top level with nothing held: text without "<" or a
         # newline then needs no tokenizer and passes at once (MarkupParser.feed).
         self.plain = False
@@ -952,9 +951,6 @@ class ParserInput:
     def token(self) -> Any:
         """The next token: text (a str), a Marker, a StructuredCall, EOF, or NEED while more input must
         come first."""
-        if self.back is not None:
-            token, self.back = self.back, None
-            return token
         final = self.final()
         buf, pos = self.text, self.pos
         if pos < len(buf):
@@ -1066,26 +1062,53 @@ class MarkupParser:
     # -- the parser: where it stands in this code is its state -------------------------------------
 
     def _parse(self):
-        yield from self._opening()
-        while True:
-            token = yield from self._token(top=True)
-            if token is EOF:
-                break
-            yield from self._top_level(token)
+        """The top level: text, and the markup in it. A part of the markup (a call, a section, a role
+        header) returns the token that ended it when that token is the top level's to read, else None."""
+        token = yield from self._opening()
+        while token is not EOF:
+            if token is None:
+                token = yield from self._token(top=True)
+                continue
+            kind, token = token, None
+            if isinstance(kind, str):
+                yield from self._text(kind)
+                continue
+            if kind is not ARGUMENT_BEGIN:  # which may make the word held at the start of the line a call's id
+                yield from self._release(self._line.take_lead())
+                self._line.at_start = True
+            if kind is ARGUMENT_BEGIN:
+                token = yield from self._headless_call()
+            elif kind is SECTION_BEGIN:
+                self.thinking.interrupt()
+                token = yield from self._section()
+            elif kind is CALL_BEGIN or isinstance(kind, StructuredCall):
+                self.thinking.interrupt()
+                token = yield from self._calls(kind, [] if self.structured else ["no-section-wrapper"],
+                                               self.new_group())
+            elif kind is THINK_CLOSE:
+                yield from self._think_close()
+            elif kind is ROLE:
+                token = yield from self._role()
+            elif kind is THINK_OPEN:
+                yield from self._text("<think>")  # only the start of the text opens a think block
+            else:
+                self._count_removed(kind)
+            if token in (CALL_END, SECTION_END, TRUNCATED):
+                token = None  # what ended a call or section, and is done with
         yield from self._release(self._line.take_lead())
         yield from self._release(self.thinking.end())  # no </think> came: what was held is the answer
 
     def _opening(self):
         """Text that opens with <think> (SGLang without a reasoning parser, or one that left the tag):
-        reasoning, up to </think> or a tool section (REPAIR.md 4.8)."""
+        reasoning, up to </think> or a tool section (REPAIR.md 4.8). Returns the token after it, if any."""
         space, token = yield from self._collect(lambda text: len(text) < LONGEST_MARKER and not text.strip())
         if token is THINK_OPEN:
             if self.thinking.open():
                 self.rules["think-moved-to-reasoning"] += 1
-            return
-        self._input.back = token
+            return None
         if space:
             yield from self._text(space)
+        return token
 
     def _collect(self, fits: Any):
         """Text while ``fits`` the text so far; returns (that text, the token after it)."""
@@ -1095,35 +1118,6 @@ class MarkupParser:
             if not isinstance(token, str) or not fits(text + token):
                 return text, token
             text += token
-
-    def _top_level(self, token: Any):
-        if isinstance(token, str):
-            yield from self._text(token)
-            return
-        if token is not ARGUMENT_BEGIN:  # which may make the word held at the start of the line a call's id
-            yield from self._release(self._line.take_lead())
-            self._line.at_start = True
-        if token is ARGUMENT_BEGIN:
-            token = yield from self._headless_call()
-        elif token is SECTION_BEGIN:
-            self.thinking.interrupt()
-            token = yield from self._section()
-        elif token is CALL_BEGIN or isinstance(token, StructuredCall):
-            self.thinking.interrupt()
-            token = yield from self._calls(token, [] if self.structured else ["no-section-wrapper"], self.new_group())
-        elif token is THINK_CLOSE:
-            yield from self._think_close()
-            token = None
-        elif token is ROLE:
-            token = yield from self._role()
-        elif token is THINK_OPEN:
-            yield from self._text("<think>")  # only the start of the text opens a think block
-            token = None
-        else:
-            self._count_removed(token)
-            token = None
-        if token not in (None, CALL_END, SECTION_END, TRUNCATED):
-            self._input.back = token  # what ended a call or section, for the top level to read
 
     def _count_removed(self, token: Any) -> None:
         """<|im_end|>, <|im_middle|>, stray end markers, a marker cut off at the end: removed."""
