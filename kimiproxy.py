@@ -747,11 +747,13 @@ class Thinking:
     reasoning, the end of the text the answer); ``</think>`` closes it, and is text only in an answer.
     SGLang's reasoning parser ends the reasoning at the first content after it, at a ``</think>`` that it
     removes or at a tool section that it keeps: ``switch`` tells which. A whole message does not say
-    whether its content came before its structured calls: ``after_calls``."""
+    whether its content came before its structured calls: ``after_calls``. The repairs it makes, it
+    counts in ``rules`` (the parser's)."""
 
-    __slots__ = ("state", "in_reasoning", "held", "answered", "content_came", "head", "prefilled")
+    __slots__ = ("rules", "state", "in_reasoning", "held", "answered", "content_came", "head", "prefilled")
 
-    def __init__(self, prefilled: bool = False) -> None:
+    def __init__(self, rules: Counter[str], prefilled: bool = False) -> None:
+        self.rules = rules
         # K2.5 and later: the chat template pre-fills <think>, so the text starts inside the thinking
         # (RepairContext.think_prefilled says so, from the request, before the first token).
         self.prefilled = prefilled
@@ -778,9 +780,9 @@ class Thinking:
         if self.in_reasoning:
             return []
         self.in_reasoning = True
-        text = self.end()
+        events = self.end("reasoning")
         self.state = Think.OPEN
-        return [Text("reasoning", text)] if text else []
+        return events
 
     def switch(self, content: str = "", end: bool = False, at_section: bool = False) -> tuple[bool, str] | None:
         """The first content after the reasoning: did SGLang end the reasoning at a </think> (removed) or at
@@ -808,10 +810,11 @@ class Thinking:
         (the thinking went on past a section; SGLang streams it so)."""
         return isinstance(content, str) and THINK_CLOSE_TEXT in content
 
-    def open(self) -> bool:
-        """``<think>`` opens the text: thinking. Returns whether it came in content (a repair)."""
+    def open(self) -> None:
+        """``<think>`` opens the text: thinking (a repair when it came in content)."""
         self.state = Think.OPEN
-        return not self.in_reasoning
+        if not self.in_reasoning:
+            self.rules["think-moved-to-reasoning"] += 1
 
     def interrupt(self) -> None:
         """A tool section starts in content while the model is thinking: the text after it may still be
@@ -831,26 +834,30 @@ class Thinking:
         self.held.append(text)
         return []
 
-    def close(self) -> tuple[list, str | None] | None:
-        """``</think>`` at the top level: (its events, the rule it counts), or None when it is text."""
+    def close(self) -> list | None:
+        """``</think>`` at the top level: its events, or None when it is text."""
         if self.state is Think.MAYBE:  # the thinking went on after a tool section
-            text = self.end()
-            return ([Text("reasoning", text)] if text else []), "thinking-after-section-moved"
+            self.rules["thinking-after-section-moved"] += 1
+            return self.end("reasoning")
         if self.state is Think.OPEN:
             self.state = Think.NONE
-            return [], ("prefilled-thinking-moved-to-reasoning" if self.prefilled and not self.in_reasoning else None)
+            if self.prefilled and not self.in_reasoning:
+                self.rules["prefilled-thinking-moved-to-reasoning"] += 1
+            return []
         if self.answered:
             return None  # inside an answer it is text like any other
-        return [], "stray-think-close-removed"
+        self.rules["stray-think-close-removed"] += 1
+        return []
 
-    def end(self) -> str:
-        """What was held, no longer held: at the end of the text (no </think> came) it was the answer."""
+    def end(self, channel: str) -> list:
+        """What was held, no longer held, as text of ``channel``: reasoning when a </think> or SGLang's
+        reasoning channel says so, the answer at the end of the text (no </think> came)."""
         if self.state is not Think.MAYBE:
-            return ""
+            return []
         self.state = Think.NONE
         text = "".join(self.held)
         self.held.clear()
-        return text
+        return [Text(channel, text)] if text else []
 
 
 class LineStart:
@@ -992,7 +999,7 @@ class MarkupParser:
         self.rules: Counter[str] = Counter()  # text-level repairs
         self._keys = keys  # call keys and group ids, unique within the choice
         self._input = ParserInput()
-        self.thinking = Thinking(prefilled)
+        self.thinking = Thinking(self.rules, prefilled)
         self._line = LineStart(tools)
         self.in_section = False  # for the choice: whether a structured call needs a section's end marker
         self.objects_only = objects_only  # arguments must be objects (ArgumentRepair.objects_only)
@@ -1086,7 +1093,10 @@ class MarkupParser:
                 token = yield from self._calls(kind, [] if self.structured else ["no-section-wrapper"],
                                                self.new_group())
             elif kind is THINK_CLOSE:
-                yield from self._think_close()
+                events = self.thinking.close()
+                if events is None:  # inside an answer: text
+                    events = self._text(THINK_CLOSE_TEXT)
+                yield from events
             elif kind is ROLE:
                 token = yield from self._role()
             elif kind is THINK_OPEN:
@@ -1096,15 +1106,14 @@ class MarkupParser:
             if token in (CALL_END, SECTION_END, TRUNCATED):
                 token = None  # what ended a call or section, and is done with
         yield from self._release(self._line.take_lead())
-        yield from self._release(self.thinking.end())  # no </think> came: what was held is the answer
+        yield from self.thinking.end("content")  # no </think> came: what was held is the answer
 
     def _opening(self):
         """Text that opens with <think> (SGLang without a reasoning parser, or one that left the tag):
         reasoning, up to </think> or a tool section (REPAIR.md 4.8). Returns the token after it, if any."""
         space, token = yield from self._collect(lambda text: len(text) < LONGEST_MARKER and not text.strip())
         if token is THINK_OPEN:
-            if self.thinking.open():
-                self.rules["think-moved-to-reasoning"] += 1
+            self.thinking.open()
             return None
         if space:
             yield from self._text(space)
@@ -1149,16 +1158,6 @@ class MarkupParser:
             line = self._line
             line.tail = (line.tail + text)[-MAX_LINE_HEADER:]
         return events
-
-    def _think_close(self):
-        closed = self.thinking.close()
-        if closed is None:  # inside an answer: text
-            yield from self._text(THINK_CLOSE_TEXT)
-            return
-        events, rule = closed
-        if rule:
-            self.rules[rule] += 1
-        yield from events
 
     def _role(self):
         """A leaked role header, <|im_assistant|>assistant<|im_middle|>: removed whole."""
