@@ -1171,46 +1171,41 @@ class MarkupParser:
 
     def _section(self):
         """Inside <|tool_calls_section_begin|>: calls, and noise between them (REPAIR.md 4.7). Returns the
-        token that ended the section, for the top level (None when it ended normally)."""
+        token that ended the section, for the top level (None when the noise ran too long for noise)."""
         self.in_section = True
-        group, noise = self.new_group(), ""
-        while True:
+        group, noise, token = self.new_group(), "", None
+        while token in (None, CALL_END, TRUNCATED, SECTION_BEGIN):  # the section goes on
             token = yield from self._token()
             if isinstance(token, str):
                 noise += token
                 brace = noise.find("{")
                 if brace >= 0 and _ID_RE.fullmatch(noise[:brace].strip()):  # "functions.x:0 {": no markers
                     self._input.unread(noise[brace:])
-                    token = yield from self._calls(noise[:brace].strip(), ["no-call-begin", "no-argument-marker"],
-                                                   group)
-                    noise = ""
+                    header, noise = noise[:brace].strip(), ""
+                    token = yield from self._calls(header, ["no-call-begin", "no-argument-marker"], group)
                 elif len(noise) > MAX_SECTION_NOISE:  # too long for noise: the section never closed
-                    self.in_section = False
-                    self.rules["unclosed-section"] += 1
-                    yield from self._text(noise)
-                    return None
+                    break
                 else:
-                    continue
-            else:
-                if token is CALL_BEGIN or isinstance(token, StructuredCall):
-                    token = yield from self._calls(token, [], group)
-                elif token is ARGUMENT_BEGIN and _ID_RE.fullmatch(noise.strip()):
-                    token = yield from self._calls(noise.strip(), ["no-call-begin"], group)
-                    noise = ""
-                elif token is EOF and noise.strip():
-                    self.rules["unclosed-section"] += 1
-                    yield from self._text(noise)  # text after a section that never closed
-                    noise = ""
-                elif token in (CALL_END, ARGUMENT_BEGIN, IM_MIDDLE, TRUNCATED, THINK_OPEN):
-                    self._count_removed(token)
                     token = None
-                if noise.strip():
-                    self.rules["section-noise-removed"] += 1
-                noise = ""
-            if token in (None, CALL_END, TRUNCATED, SECTION_BEGIN):
                 continue
-            self.in_section = False
-            return None if token is SECTION_END else token
+            if token is EOF:  # the section never closed: the noise since its last marker is text after it
+                break
+            if token is CALL_BEGIN or isinstance(token, StructuredCall):
+                token = yield from self._calls(token, [], group)
+            elif token is ARGUMENT_BEGIN and _ID_RE.fullmatch(noise.strip()):
+                header, noise = noise.strip(), ""
+                token = yield from self._calls(header, ["no-call-begin"], group)
+            elif token in (CALL_END, ARGUMENT_BEGIN, IM_MIDDLE, TRUNCATED, THINK_OPEN):
+                self._count_removed(token)
+                token = None
+            if noise.strip():
+                self.rules["section-noise-removed"] += 1
+            noise = ""
+        self.in_section = False
+        if noise.strip() or isinstance(token, str):  # (whitespace that ran too long for noise too)
+            self.rules["unclosed-section"] += 1
+            yield from self._text(noise)
+        return None if isinstance(token, str) else token
 
     def _calls(self, header: Any, rules: list[str], group: int):
         """A call, and those that follow it with nothing between; returns the token after the last. A call's
