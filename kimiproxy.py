@@ -962,18 +962,16 @@ class ParserInput:
         buf, pos = self.text, self.pos
         if pos < len(buf):
             i = buf.find("<", pos)
-            if i != pos:  # text up to the next "<" (most tokens: one find, nothing else)
-                self.pos = len(buf) if i < 0 else i
-                return buf[pos:self.pos]
-            kind, end = match_marker(buf, i, final)
-            if kind is None:
-                j = buf.find("<", i + 1)
-                self.pos = len(buf) if j < 0 else j
-                return buf[i:self.pos]
-            if kind == "partial":
-                return NEED
-            self.pos = end
-            return kind
+            if i == pos:  # a marker, or a "<" that starts none: text up to the next "<"
+                kind, end = match_marker(buf, i, final)
+                if kind == "partial":
+                    return NEED
+                if kind is not None:
+                    self.pos = end
+                    return kind
+                i = buf.find("<", i + 1)
+            self.pos = len(buf) if i < 0 else i  # text up to the next "<" (most tokens: one find, nothing else)
+            return buf[pos:self.pos]
         return self.after_text()
 
 
@@ -1061,8 +1059,7 @@ class MarkupParser:
         top level, where plain text may pass without the tokenizer)."""
         source = self._input
         while (token := source.token()) is NEED:
-            source.plain = top and self._line.idle and self.thinking.state is not Think.MAYBE and \
-                source.pos >= len(source.text)
+            source.plain = top and self._line.idle and source.pos >= len(source.text)
             yield NEED
         return token
 
