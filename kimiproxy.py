@@ -927,15 +927,12 @@ class ParserInput:
     end has come. ``token()`` is the tokenizer: text and markers, holding back only a possible marker
     prefix."""
 
-    __slots__ = ("text", "pos", "queue", "eof", "plain")
+    __slots__ = ("text", "pos", "queue", "eof")
 
     def __init__(self) -> None:
         self.text, self.pos = "", 0
         self.queue: deque = deque()
         self.eof = False
-        # Set by the parser while it waits at the top level with nothing held: text without "<" or a
-        # newline then needs no tokenizer and passes at once (MarkupParser.feed).
-        self.plain = False
 
     def push(self, text: str) -> None:
         self.text = self.text[self.pos:] + text if self.pos < len(self.text) else text
@@ -997,6 +994,9 @@ class MarkupParser:
         self.rules: Counter[str] = Counter()  # text-level repairs
         self._keys = keys  # call keys and group ids, unique within the choice
         self._input = ParserInput()
+        # Whether the parser waits at the top level with nothing held at a line's start and no marker
+        # begun: text without "<" or a newline then needs no tokenizer and passes at once (``feed``).
+        self._plain = False
         self.thinking = Thinking(self.rules, prefilled)
         self._line = LineStart(tools)
         self.in_section = False  # for the choice: whether a structured call needs a section's end marker
@@ -1013,7 +1013,7 @@ class MarkupParser:
             if not reasoning and thinking.head is not None:
                 return self.switch(text)
             events = thinking.channel_changes(reasoning)
-        if self._input.plain and "<" not in text and "\n" not in text:  # nothing in it can be markup
+        if self._plain and "<" not in text and "\n" not in text:  # nothing in it can be markup
             return self._release(text) if not events else events + self._release(text)
         self._input.push(text)
         return events + self._run()
@@ -1027,7 +1027,7 @@ class MarkupParser:
         return self._run()
 
     def _run(self) -> list:
-        self._input.plain = False
+        self._plain = False
         events = []
         for event in self._gen:
             if event is NEED:
@@ -1059,7 +1059,7 @@ class MarkupParser:
         top level, where plain text may pass without the tokenizer)."""
         source = self._input
         while (token := source.token()) is NEED:
-            source.plain = top and self._line.idle and source.pos >= len(source.text)
+            self._plain = top and self._line.idle and source.pos >= len(source.text)
             yield NEED
         return token
 
@@ -1284,21 +1284,18 @@ class MarkupParser:
         """After <|tool_call_begin|>: the id, up to <|tool_call_argument_begin|>, or up to the JSON when
         that marker is missing (REPAIR.md 4.2). Returns (id, None), or (id, token) when another marker
         came first."""
-        header = ""
-        while True:
-            token = yield from self._token()
-            if not isinstance(token, str):
-                return header.strip(), None if token is ARGUMENT_BEGIN else token
-            header += token
-            brace = header.find("{", 0, MAX_CALL_HEADER + 1)
-            if brace >= 0:
-                self._input.unread(header[brace:])
-                rules.append("no-argument-marker")
-                return header[:brace].strip(), None
-            if len(header) > MAX_CALL_HEADER:  # not an id: read it as the arguments
-                self._input.unread(header)
-                rules.append("no-id")
-                return "", None
+        header, token = yield from self._collect(lambda text: len(text) <= MAX_CALL_HEADER and "{" not in text)
+        if not isinstance(token, str):
+            return header.strip(), None if token is ARGUMENT_BEGIN else token
+        header += token
+        brace = header.find("{", 0, MAX_CALL_HEADER + 1)
+        if brace >= 0:
+            self._input.unread(header[brace:])
+            rules.append("no-argument-marker")
+            return header[:brace].strip(), None
+        self._input.unread(header)  # not an id: read it as the arguments
+        rules.append("no-id")
+        return "", None
 
 
 # ---------------------------------------------------------------------------------------------------
