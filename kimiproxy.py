@@ -871,7 +871,7 @@ class LineStart:
 
     def __init__(self, tools: Iterable[str]) -> None:
         self.tools = tuple(tool.casefold() for tool in tools)
-        self.lead = ""
+        self.lead = ""  # (held only at a line's start: not ``at_start``, nothing is held)
         self.at_start = True
         self.tail = ""
 
@@ -913,11 +913,6 @@ class LineStart:
         before = self.tail[:m.start()].rstrip(" \t")
         line_start = before.endswith("\n") or not before and len(self.tail) < MAX_LINE_HEADER  # all sent so far
         return m[1] if line_start and ":" in m[1] else None
-
-    @property
-    def idle(self) -> bool:
-        """Nothing held, not at a line's start: text without "<" or a newline cannot matter here."""
-        return not self.lead and not self.at_start
 
 
 class ParserInput:
@@ -1059,7 +1054,8 @@ class MarkupParser:
         top level, where plain text may pass without the tokenizer)."""
         source = self._input
         while (token := source.token()) is NEED:
-            self._plain = top and self._line.idle and source.pos >= len(source.text)
+            # Not at a line's start, so no word held there either, and no marker begun: plain text passes.
+            self._plain = top and not self._line.at_start and source.pos >= len(source.text)
             yield NEED
         return token
 
