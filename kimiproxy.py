@@ -468,7 +468,9 @@ class ArgumentRepair:
         return junk
 
     def take(self) -> str:
-        end = self._safe if self._check is None else min(self._safe, self._check[0])
+        # After a marker inside a string, only what was certain at that marker is: a key whose value
+        # began after it is no key if the marker ended the call (REPAIR.md 4.3).
+        end = self._safe if self._check is None else self._check[3]
         count = end - self._base
         if self._scalar or count <= 0:
             return ""

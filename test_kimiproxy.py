@@ -898,6 +898,12 @@ CORNERS = [
     ("an_undeclared_word_before_a_stray_marker", f"see step:1 {A}{{}}", [], "see step:1 {}"),
     ("think_inside_a_section_is_noise", f"{S}<think>{HF}{{}}{Z}{E}", [("functions.f:0", "f", "{}")], ""),
     ("a_lone_high_surrogate_at_the_end", "ab\ud800", [], "ab\ud800"),
+    # A marker inside a key whose value then began, before the JSON broke: the marker ended the call
+    # (REPAIR.md 4.3), so the key was never a key: it is not sent, and the member is dropped.
+    ("a_marker_inside_a_key_ended_the_call", f'{HF}{{"ke<|im_end|>y": "v" x', [("functions.f:0", "f", "{}")],
+     'y": "v" x'),
+    ("a_marker_inside_a_later_key_ended_the_call", f'{HF}{{"a": 1, "ke<|im_end|>y": "v" x',
+     [("functions.f:0", "f", '{"a": 1}')], 'y": "v" x'),
 ]
 
 
