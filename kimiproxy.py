@@ -1542,9 +1542,7 @@ class ChoiceRepair:
             self._take(self.structured.inject(SECTION_END), out)
         for parser in (self.text, self.structured):
             self._take(parser.close(), out)
-        for call in list(self.calls.values()):
-            if call.held:
-                self._decide(call, out, final=True)
+        self._release(out, final=True)  # every call is complete now, none live
         return out
 
     def finish_reason(self, upstream: str | None) -> str | None:
@@ -1697,7 +1695,7 @@ class ChoiceRepair:
                 if not call.held:
                     out.append(ToolDelta(call.index, None, None, event.text))
             elif kind is CallStart:
-                self._start(event, out)
+                self._decide(self._start(event), out)
             else:
                 call = self.calls[event.key]
                 call.rules += event.rules
@@ -1708,7 +1706,7 @@ class ChoiceRepair:
                     self._live = None
                     self._release(out)
 
-    def _start(self, event: CallStart, out: list) -> None:
+    def _start(self, event: CallStart) -> Call:
         call = self.calls[event.key] = Call(event.key, event.channel, event.group, event.header)
         call.name, call.counter, call.verbatim, call.written = self.ctx.resolve(event.header)
         if event.channel == "tool_calls":  # SGLang's id, when it is the dialog counter for its position, stays
@@ -1718,21 +1716,16 @@ class ChoiceRepair:
             call.counter = counter if m and m[1] == call.name and int(m[2]) == counter else None
         if call.name is not None and call.name != call.written:
             call.rules.append("name-resolved")
-        if call.name is not None and self._live is None and not any(self._twins(call)):
-            self._send(call, out)
+        return call
 
-    def _release(self, out: list) -> None:
-        """The live call ended: the calls that waited for it go out, in the order they started, the
-        first one still streaming live (then the rest wait for it in turn)."""
+    def _release(self, out: list, final: bool = False) -> None:
+        """The live call ended (or the text did, ``final``): the calls that waited for it are decided,
+        in the order they started, until one goes out live (then the rest wait for it in turn)."""
         for call in list(self.calls.values()):
             if self._live is not None:
                 return
-            if not call.held:
-                continue
-            if call.canonical is not None:  # complete: decided now
-                self._decide(call, out)
-            elif call.name is not None and not any(self._twins(call)):
-                self._send(call, out)
+            if call.held:
+                self._decide(call, out, final)
 
     def _twins(self, call: Call) -> Iterable[Call]:
         """Earlier calls of another group with the same name: ``call`` may repeat one of them."""
@@ -1740,8 +1733,10 @@ class ChoiceRepair:
                 and not c.dropped)
 
     def _decide(self, call: Call, out: list, final: bool = False) -> None:
-        """A held call whose arguments are complete: its name resolved, dropped if it repeats a call of
-        another group (REPAIR.md 4.9), else sent whole."""
+        """A held call, as it starts, as it ends, or when the live call or the text ended (``final``): sent
+        live while it streams if it can repeat no call; once complete, dropped if it repeats a call of
+        another group (REPAIR.md 4.9), else sent whole; held while that is not known yet, or another call
+        is live (then it is decided again when that one ends: ``_release``)."""
         if call.name is None:  # an id that names nothing: decided at the end, where a call it repeats,
             if not final:  # before it or after it, is known (and named)
                 return
@@ -1753,13 +1748,12 @@ class ChoiceRepair:
             call.rules.append("name-inferred-from-arguments" if call.name else "name-unresolved")
             call.name = call.name or call.written
         twins = list(self._twins(call))
-        if not final and any(t.canonical is None for t in twins):
-            return  # decided when they end
+        if twins and (call.canonical is None or any(t.canonical is None for t in twins)):
+            return  # it may repeat one of them: decided when it and they are complete
         if any(t.canonical == call.canonical for t in twins):
             call.dropped = True
-            return
-        if self._live is None or final:
-            self._send(call, out)  # else it goes out when the live call ends (_release)
+        elif self._live is None:
+            self._send(call, out)
 
     def _send(self, call: Call, out: list) -> None:
         """Number the call and give it its id (REPAIR.md 4.5): the next index, in the order calls go out."""
