@@ -1503,10 +1503,11 @@ class ChoiceRepair:
         self._forced: list[str] | None = [] if ctx.forced else None  # content while it may be calls as JSON
         self._forced_array = False  # and it began as an array: held to the end
         self._open: Any = None  # the upstream index of the structured call being read
-        self._closed: set = set()
+        # Every structured call begun, by its key here, in order (so the last one is the open one), with
+        # its upstream id as it began: SGLang's id for the call at that position (_start).
+        self._opened: dict[Any, str | None] = {}
         self._group = -1  # the structured calls' group: a new one after text came between them
         self._call_ids: dict[Any, str] = {}  # the upstream id of each structured call, by its key here
-        self._sglang_id: tuple[str | None, int] = (None, 0)  # the next structured call's: (its id, its position)
         self._live: Call | None = None  # the call going out as it streams: the others wait (REPAIR.md 4.5)
         self._later: list[tuple[dict, Any]] = []  # deltas of other structured calls, until it is complete
         self._current: dict[int, Any] = {}  # an upstream index's current call, once a new id reused it
@@ -1628,7 +1629,7 @@ class ChoiceRepair:
             index = delta.get("index")
             if type(index) is not int:
                 index = self._open if self._open is not None and call_id in (None, self._call_ids.get(self._open)) \
-                    else ("new", len(self._closed) + (self._open is not None))  # a key no call has had
+                    else ("new", len(self._opened))  # a key no call has had
             elif self._current or call_id:  # (most deltas continue their call: no look-ups for them)
                 index = self._current.get(index, index)
                 if call_id and self._call_ids.get(index, call_id) != call_id:
@@ -1641,7 +1642,7 @@ class ChoiceRepair:
             self._later.append((delta, given))
             return  # another call began while this one's arguments go on (some engines interleave): after it
         if index != self._open:
-            if index in self._closed:
+            if index in self._opened:
                 return  # a late piece of a call already ended
             self._end_structured(out)
             if not self.structured.in_section:
@@ -1651,9 +1652,9 @@ class ChoiceRepair:
             if self._group < 0:
                 self._group = self.structured.new_group()
             self._open = index
+            self._opened[index] = self._call_ids.get(index)
             name = function.get("name")
             name = name[:MAX_CALL_HEADER] if isinstance(name, str) else ""
-            self._sglang_id = self._call_ids.get(index), len(self._closed)
             self._take(self.structured.inject(StructuredCall(name, self._group)), out)
         arguments = function.get("arguments")
         if type(arguments) is not str:  # a JSON value instead of its text (KTransformers, Ollama)
@@ -1676,7 +1677,6 @@ class ChoiceRepair:
         if self._open is not None:
             if held := self._surrogate.pop(self._open, ""):
                 self._take(self.structured.feed(held), out)
-            self._closed.add(self._open)
             self._open = None
             if self.structured.arguments is not None:
                 self._take(self.structured.inject(CALL_END), out)
@@ -1710,7 +1710,7 @@ class ChoiceRepair:
         call = self.calls[event.key] = Call(event.key, event.channel, event.group, event.header)
         call.name, call.counter, call.verbatim, call.written = self.ctx.resolve(event.header)
         if event.channel == "tool_calls":  # SGLang's id, when it is the dialog counter for its position, stays
-            upstream, position = self._sglang_id
+            upstream, position = next(reversed(self._opened.values())), len(self._opened) - 1  # the last begun
             m = CANONICAL_ID_RE.fullmatch(upstream or "")
             counter = self.ctx.history_calls + position
             call.counter = counter if m and m[1] == call.name and int(m[2]) == counter else None
