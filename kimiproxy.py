@@ -1508,7 +1508,6 @@ class ChoiceRepair:
         self._opened: dict[Any, str | None] = {}
         self._group = -1  # the structured calls' group: a new one after text came between them
         self._call_ids: dict[Any, str] = {}  # the upstream id of each structured call, by its key here
-        self._live: Call | None = None  # the call going out as it streams: the others wait (REPAIR.md 4.5)
         self._later: list[tuple[dict, Any]] = []  # deltas of other structured calls, until it is complete
         self._current: dict[int, Any] = {}  # an upstream index's current call, once a new id reused it
         self._surrogate: dict[Any, str] = {}
@@ -1702,8 +1701,7 @@ class ChoiceRepair:
                 call.canonical = _canonical(call.arguments)
                 if call.held:
                     self._decide(call, out)
-                else:  # it went out live (a call sent before its end always does)
-                    self._live = None
+                else:  # it went out live (a call sent before its end always does): the others wait no more
                     self._release(out)
 
     def _start(self, event: CallStart) -> Call:
@@ -1718,11 +1716,16 @@ class ChoiceRepair:
             call.rules.append("name-resolved")
         return call
 
+    def _live(self) -> bool:
+        """Whether a call is going out as it streams: the others wait (REPAIR.md 4.9). Calls go out one
+        at a time, so it is the last one sent, until its arguments are complete."""
+        return bool(self.sent) and self.sent[-1].canonical is None
+
     def _release(self, out: list, final: bool = False) -> None:
         """The live call ended (or the text did, ``final``): the calls that waited for it are decided,
         in the order they started, until one goes out live (then the rest wait for it in turn)."""
         for call in list(self.calls.values()):
-            if self._live is not None:
+            if self._live():
                 return
             if call.held:
                 self._decide(call, out, final)
@@ -1752,7 +1755,7 @@ class ChoiceRepair:
             return  # it may repeat one of them: decided when it and they are complete
         if any(t.canonical == call.canonical for t in twins):
             call.dropped = True
-        elif self._live is None:
+        elif not self._live():
             self._send(call, out)
 
     def _send(self, call: Call, out: list) -> None:
@@ -1770,8 +1773,6 @@ class ChoiceRepair:
             if not structured and call_id != call.header.strip():
                 call.rules.append("id-rewritten")
         call.id = call_id
-        if call.canonical is None:
-            self._live = call
         out.append(ToolDelta(call.index, call.id, call.name, call.arguments))
 
 
