@@ -1762,17 +1762,18 @@ class ChoiceRepair:
         """Number the call and give it its id (REPAIR.md 4.5): the next index, in the order calls go out."""
         call.index = len(self.sent)
         self.sent.append(call)
-        structured, taken = call.channel == "tool_calls", self.ctx.history_ids.union(c.id for c in self.sent)
-        call_id = call.header.strip() if call.verbatim and not structured else None
-        if call_id is None or call_id in taken:  # never an id this answer or the history already holds
-            counters = [call.counter] if call.counter is not None else []
-            for counter in itertools.chain(counters, itertools.count(self.ctx.history_calls + call.index)):
-                call_id = f"functions.{call.name}:{counter}"
-                if call_id not in taken:
-                    break
-            if not structured and call_id != call.header.strip():
-                call.rules.append("id-rewritten")
-        call.id = call_id
+        structured, written = call.channel == "tool_calls", call.header.strip()
+        # The first of these that neither this answer nor the history holds: the id as written (canonical,
+        # its name as written), the model's own counter (or SGLang's), the dialog-wide counters.
+        kept = [written] if call.verbatim and not structured else []
+        counters = itertools.count(self.ctx.history_calls + call.index)
+        if call.counter is not None:
+            counters = itertools.chain([call.counter], counters)
+        taken = self.ctx.history_ids.union(c.id for c in self.sent)
+        ids = itertools.chain(kept, (f"functions.{call.name}:{counter}" for counter in counters))
+        call.id = next(i for i in ids if i not in taken)
+        if not structured and call.id != written:
+            call.rules.append("id-rewritten")
         out.append(ToolDelta(call.index, call.id, call.name, call.arguments))
 
 
