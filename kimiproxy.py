@@ -1621,9 +1621,7 @@ class ChoiceRepair:
         index already in use starts another call: two calls sharing one index, as some engines send),
         or without one, the open call unless it brings an id. Arguments given as a JSON value rather
         than a string are that value's JSON text."""
-        given, call_id = index, delta.get("id") or None
-        if type(call_id) is not str:
-            call_id = None
+        given, call_id = index, _str(delta.get("id")) or None
         if index is None:
             index = delta.get("index")
             if type(index) is not int:
@@ -1652,8 +1650,7 @@ class ChoiceRepair:
                 self._group = self.structured.new_group()
             self._open = index
             self._opened[index] = self._call_ids.get(index)
-            name = function.get("name")
-            name = name[:MAX_CALL_HEADER] if isinstance(name, str) else ""
+            name = (_str(function.get("name")) or "")[:MAX_CALL_HEADER]
             self._take(self.structured.inject(StructuredCall(name, self._group)), out)
         arguments = function.get("arguments")
         if type(arguments) is not str:  # a JSON value instead of its text (KTransformers, Ollama)
