@@ -1536,7 +1536,7 @@ class ChoiceRepair:
             self._forced_calls(out)
         self._take(self.text.switch(end=True), out)
         while self._later:  # calls that waited for one whose arguments never completed
-            self._read_later(out)
+            self._end_structured(out)
         self._end_structured(out)
         if self.structured.in_section:
             self._take(self.structured.inject(SECTION_END), out)
@@ -1658,24 +1658,20 @@ class ChoiceRepair:
         if arguments and (arguments := self._pair(index, arguments)):
             self._take(self.structured.feed(arguments), out)
             if self._later and (self.structured.arguments is None or self.structured.arguments.complete):
-                self._read_later(out)
-
-    def _read_later(self, out: list) -> None:
-        """The call they waited for is complete (its end), and the deltas that waited are read now, in the
-        order they came (they may wait again, for another)."""
-        self._end_structured(out)
-        later, self._later = self._later, []
-        for delta, index in later:
-            self._structured(delta, index, out)
+                self._end_structured(out)
 
     def _end_structured(self, out: list) -> None:
-        """The structured call being read is complete: its end, unless its arguments held one."""
+        """The structured call being read is complete: its end, unless its arguments held one. Then the
+        deltas that waited for it are read, in the order they came (they may wait again, for another)."""
         if self._open is not None:
             if held := self._surrogate.pop(self._open, ""):
                 self._take(self.structured.feed(held), out)
             self._open = None
             if self.structured.arguments is not None:
                 self._take(self.structured.inject(CALL_END), out)
+        later, self._later = self._later, []
+        for delta, index in later:
+            self._structured(delta, index, out)
 
     # -- calls -------------------------------------------------------------------------------------
 
