@@ -1518,10 +1518,10 @@ class ChoiceRepair:
         # (the check for a surrogate half before the call: every chunk passes here)
         if reasoning and (reasoning := self._pair("reasoning", reasoning) if self._surrogate or
                           "\ud800" <= reasoning[-1] <= "\udbff" else reasoning):
-            self._reasoning(reasoning, out)
+            self._read_text(reasoning, out, reasoning=True)
         if content and (content := self._pair("content", content) if self._surrogate or
                         "\ud800" <= content[-1] <= "\udbff" else content):
-            self._content(content, out)
+            self._read_text(content, out)
         for position, delta in enumerate(tool_calls or ()):
             if isinstance(delta, dict):
                 self._structured(delta, ("whole", position) if whole else None, out)
@@ -1529,9 +1529,9 @@ class ChoiceRepair:
 
     def finish(self) -> list:
         out: list = []
-        for channel, read in (("reasoning", self._reasoning), ("content", self._content)):
+        for channel in ("reasoning", "content"):
             if held := self._surrogate.pop(channel, ""):  # a lone half at the very end stays (as an escape)
-                read(held, out)
+                self._read_text(held, out, reasoning=channel == "reasoning")
         if self._forced:
             self._forced_calls(out)
         self._take(self.text.switch(end=True), out)
@@ -1562,13 +1562,10 @@ class ChoiceRepair:
 
     # -- SGLang's channels back into one text --------------------------------------------------------
 
-    def _reasoning(self, text: str, out: list) -> None:
+    def _read_text(self, text: str, out: list, reasoning: bool = False) -> None:
+        """Text from SGLang's reasoning or content channel, into the one parser of the model's text."""
         self._group = -1
-        self._take(self.text.feed(text, reasoning=True), out)
-
-    def _content(self, text: str, out: list) -> None:
-        self._group = -1
-        if self._forced is not None:  # while it may be the calls as a JSON array, held to the end
+        if self._forced is not None and not reasoning:  # content that may be the calls as a JSON array: held
             self.text.thinking.content_came = True  # content all the same (REPAIR.md 4.8)
             self._forced.append(text)  # (pieces, joined once: a file the array writes may be megabytes)
             if self._forced_array or not text.strip():  # what came before it was whitespace, or the array's
@@ -1577,7 +1574,7 @@ class ChoiceRepair:
                 self._forced_array = True
                 return
             text, self._forced = "".join(self._forced), None
-        self._take(self.text.feed(text), out)
+        self._take(self.text.feed(text, reasoning), out)
 
     def _forced_calls(self, out: list) -> None:
         """tool_choice "required" or a named tool: SGLang's grammar makes the model write its calls as a
@@ -1601,7 +1598,7 @@ class ChoiceRepair:
                 arguments = arguments if isinstance(arguments, str) else _dumps(arguments)
                 self._structured({"function": {"name": call["name"], "arguments": arguments}}, ("json", position), out)
             if stripped[end:]:  # what follows the calls (a leaked <|im_end|>, more text) is content after them
-                self._content(stripped[end:], out)
+                self._read_text(stripped[end:], out)
         else:
             self._take(self.text.feed(text), out)
 
