@@ -1698,9 +1698,8 @@ class ChoiceRepair:
         call = self.calls[event.key] = Call(event.key, event.channel, event.group, event.header)
         call.name, call.counter, call.verbatim, call.written = self.ctx.resolve(event.header)
         if event.channel == "tool_calls":  # SGLang's id, when it is the dialog counter for its position, stays
-            upstream, position = next(reversed(self._opened.values())), len(self._opened) - 1  # the last begun
-            m = CANONICAL_ID_RE.fullmatch(upstream or "")
-            counter = self.ctx.history_calls + position
+            counter = self.ctx.history_calls + len(self._opened) - 1  # the position of the last call begun
+            m = CANONICAL_ID_RE.fullmatch(next(reversed(self._opened.values())) or "")  # and its upstream id
             call.counter = counter if m and m[1] == call.name and int(m[2]) == counter else None
         if call.name is not None and call.name != call.written:
             call.rules.append("name-resolved")
