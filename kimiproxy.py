@@ -1535,9 +1535,8 @@ class ChoiceRepair:
         if self._forced:
             self._forced_calls(out)
         self._take(self.text.switch(end=True), out)
-        while self._later:  # calls that waited for one whose arguments never completed
+        while self._open is not None:  # the call being read ends, then those that waited for it, in turn
             self._end_structured(out)
-        self._end_structured(out)
         if self.structured.in_section:
             self._take(self.structured.inject(SECTION_END), out)
         for parser in (self.text, self.structured):
