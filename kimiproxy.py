@@ -1046,7 +1046,7 @@ class MarkupParser:
     def new_group(self) -> int:
         """REPAIR.md 4.9, the one place a group begins: a section, a call outside one, or (for the
         choice) the structured calls until text comes between them. A call is dropped only as the
-        duplicate of an earlier call of another group (``ChoiceRepair._twins``)."""
+        duplicate of an earlier call of another group (``ChoiceRepair._decide``)."""
         return next(self._keys)
 
     # -- the tokenizer -----------------------------------------------------------------------------
@@ -1718,11 +1718,6 @@ class ChoiceRepair:
             if call.held:
                 self._decide(call, out, final)
 
-    def _twins(self, call: Call) -> Iterable[Call]:
-        """Earlier calls of another group with the same name: ``call`` may repeat one of them."""
-        return (c for c in self.calls.values() if c.key < call.key and c.name == call.name and c.group != call.group
-                and not c.dropped)
-
     def _decide(self, call: Call, out: list, final: bool = False) -> None:
         """A held call, as it starts, as it ends, or when the live call or the text ended (``final``): sent
         live while it streams if it can repeat no call; once complete, dropped if it repeats a call of
@@ -1738,7 +1733,9 @@ class ChoiceRepair:
             call.name = self.ctx.infer_name(call.arguments)
             call.rules.append("name-inferred-from-arguments" if call.name else "name-unresolved")
             call.name = call.name or call.written
-        twins = list(self._twins(call))
+        # Its twins, earlier calls of another group with its name: it may repeat one of them.
+        twins = [c for c in self.calls.values() if c.key < call.key and c.name == call.name and c.group != call.group
+                 and not c.dropped]
         if twins and (call.canonical is None or any(t.canonical is None for t in twins)):
             return  # it may repeat one of them: decided when it and they are complete
         if any(t.canonical == call.canonical for t in twins):
