@@ -1751,9 +1751,8 @@ class ChoiceRepair:
         # The first of these that neither this answer nor the history holds: the id as written (canonical,
         # its name as written), the model's own counter (or SGLang's), the dialog-wide counters.
         kept = [written] if call.verbatim and not structured else []
-        counters = itertools.count(self.ctx.history_calls + call.index)
-        if call.counter is not None:
-            counters = itertools.chain([call.counter], counters)
+        own = [] if call.counter is None else [call.counter]
+        counters = itertools.chain(own, itertools.count(self.ctx.history_calls + call.index))
         taken = self.ctx.history_ids.union(c.id for c in self.sent)
         ids = itertools.chain(kept, (f"functions.{call.name}:{counter}" for counter in counters))
         call.id = next(i for i in ids if i not in taken)
