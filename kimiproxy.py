@@ -1503,7 +1503,7 @@ class ChoiceRepair:
         self._forced: list[str] | None = [] if ctx.forced else None  # content while it may be calls as JSON
         self._forced_array = False  # and it began as an array: held to the end
         self._open: Any = None  # the upstream index of the structured call being read
-        # Every structured call begun, by its key here, in order (so the last one is the open one), with
+        # Every structured call begun, by its key here, in order (the open one, if any, is the last), with
         # its upstream id as it began: SGLang's id for the call at that position (_start).
         self._opened: dict[Any, str | None] = {}
         self._group = -1  # the structured calls' group: a new one after text came between them
@@ -1733,7 +1733,7 @@ class ChoiceRepair:
             call.name = self.ctx.infer_name(call.arguments)
             call.rules.append("name-inferred-from-arguments" if call.name else "name-unresolved")
             call.name = call.name or call.written
-        # Its twins, earlier calls of another group with its name: it may repeat one of them.
+        # Its twins: earlier calls of another group with its name.
         twins = [c for c in self.calls.values() if c.key < call.key and c.name == call.name and c.group != call.group
                  and not c.dropped]
         if twins and (call.canonical is None or any(t.canonical is None for t in twins)):
