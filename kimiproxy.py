@@ -1688,10 +1688,9 @@ class ChoiceRepair:
                 call = self.calls[event.key]
                 call.rules += event.rules
                 call.canonical = _canonical(call.arguments)
-                if call.held:
-                    self._decide(call, out)
-                else:  # it went out live (a call sent before its end always does): the others wait no more
-                    self._release(out)
+                # Its end decides it, and the calls that waited for it: to stop streaming live, or to be
+                # complete as the twin a later call may repeat (REPAIR.md 4.11: held no longer than that).
+                self._release(out)
 
     def _start(self, event: CallStart) -> Call:
         call = self.calls[event.key] = Call(event.key, event.channel, event.group, event.header)
@@ -1710,8 +1709,9 @@ class ChoiceRepair:
         return bool(self.sent) and self.sent[-1].canonical is None
 
     def _release(self, out: list, final: bool = False) -> None:
-        """The live call ended (or the text did, ``final``): the calls that waited for it are decided,
-        in the order they started, until one goes out live (then the rest wait for it in turn)."""
+        """A call ended (or the text did, ``final``): the calls that waited, for it to stop streaming live
+        or to be complete as a call they may repeat, are decided in the order they started, until one
+        goes out live (then the rest wait for it in turn)."""
         for call in list(self.calls.values()):
             if self._live():
                 return
@@ -1719,10 +1719,10 @@ class ChoiceRepair:
                 self._decide(call, out, final)
 
     def _decide(self, call: Call, out: list, final: bool = False) -> None:
-        """A held call, as it starts, as it ends, or when the live call or the text ended (``final``): sent
+        """A held call, as it starts, when a call (it or another) ends, or at the end of the text (``final``): sent
         live while it streams if it can repeat no call; once complete, dropped if it repeats a call of
         another group (REPAIR.md 4.9), else sent whole; held while that is not known yet, or another call
-        is live (then it is decided again when that one ends: ``_release``)."""
+        is live (then it is decided again when a call ends: ``_release``)."""
         if call.name is None:  # an id that names nothing: decided at the end, where a call it repeats,
             if not final:  # before it or after it, is known (and named)
                 return

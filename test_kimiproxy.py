@@ -3982,6 +3982,22 @@ def test_calls_that_overlap_go_out_one_after_another() -> None:
         ("read_file", {"path": "a"}), ("exec", {"command": "ls"})]
 
 
+
+def test_a_call_that_waited_for_its_twin_goes_out_when_the_twin_ends() -> None:
+    """A complete call held because an earlier call of another group with its name was incomplete (it
+    may repeat it, REPAIR.md 4.9) goes out as soon as that one ends, not at the end of the text."""
+    repair = kp.ChoiceRepair(ctx_for(TOOLS))
+    repair.feed(content=f'{S}{B}functions.exec:0{A}{{"command": "a"}}{Z}{E}')  # sent
+    assert repair.feed(content=f'{S}{B}functions.exec:1{A}{{"command": "b') == []  # may repeat exec:0
+    structured = [{"index": 0, "id": "call_9", "type": "function",
+                   "function": {"name": "exec", "arguments": '{"command": "c"}'}},
+                  {"index": 1, "id": "call_8", "type": "function", "function": {"name": "nope", "arguments": '{"x": 1}'}}]
+    assert repair.feed(tool_calls=structured) == []  # complete (the next call ended it), and may repeat exec:1
+    sent = repair.feed(content=f'"}}{Z}{E}')
+    assert [(d.id, d.arguments) for d in sent] == [("functions.exec:1", '{"command": "b"}'),
+                                                   ("functions.exec:2", '{"command": "c"}')]
+    assert [d.name for d in repair.finish()] == ["nope"]
+
 WHITESPACE_AROUND_A_SWITCH = [
     {"reasoning_content": "Plan.", "content": f"\n\n{S}{CALL}{E}", "finish_reason": "stop"},
     {"reasoning_content": "Plan.", "content": f" \n{S}{CALL}{E} more</think>Answer", "finish_reason": "stop"},
