@@ -1817,16 +1817,14 @@ def _deltas(events: list, template: dict, keys: tuple[str, ...]) -> list[dict]:
     for event in events:
         r = (0 if event.channel == "reasoning" else 1) if type(event) is Text else 2
         if r < rank:
-            # the first starts as the upstream delta, its text and calls taken out (None in their place)
-            current = {} if deltas else {k: (None if k in ("content", "tool_calls") or k in keys else v)
-                                         for k, v in template.items()}
+            current: dict = {}
             deltas.append(current)
         rank = r
         if r < 2:
             for key in keys if r == 0 else ("content",):
-                current[key] = (current.get(key) or "") + event.text
+                current[key] = current.get(key, "") + event.text
         else:
-            calls = current["tool_calls"] = current.get("tool_calls") or []
+            calls = current.setdefault("tool_calls", [])
             if event.id is None and calls and calls[-1]["index"] == event.index:
                 calls[-1]["function"]["arguments"] += event.arguments
             elif event.id is None:
@@ -1834,6 +1832,10 @@ def _deltas(events: list, template: dict, keys: tuple[str, ...]) -> list[dict]:
             else:
                 calls.append({"index": event.index, "id": event.id, "type": "function",
                               "function": {"name": event.name, "arguments": event.arguments}})
+    if deltas and template:
+        first = {k: (None if k in ("content", "tool_calls") or k in keys else v) for k, v in template.items()}
+        first.update(deltas[0])
+        deltas[0] = first
     return deltas
 
 
