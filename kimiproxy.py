@@ -16,8 +16,8 @@ How to run
 
 Rules the repair never breaks (REPAIR.md 4 has them all)
     1. Nothing the model wrote is lost: text outside the markup stays in its channel, in order; a call
-       is never dropped, except as a duplicate of one already sent; a file a call writes arrives byte
-       for byte, marker text inside it included.
+       is never dropped, except as a duplicate of another that goes out; a file a call writes arrives
+       byte for byte, marker text inside it included.
     2. Nothing sent is taken back: text and arguments go out as soon as no repair can change them.
     3. Streamed and whole responses give the same message for the same upstream text.
     4. An upstream event that needs no repair goes out as the very bytes that came in.
@@ -69,7 +69,7 @@ import time
 import urllib.parse
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import httpx
 import sniffio
@@ -373,7 +373,8 @@ def match_marker(buf: str, i: int, final: bool) -> tuple[Marker | str | None, in
     if m is not None:
         # "<|tool_call_end|" without its ">" (REPAIR.md 4.2) is that marker where the text ends or the
         # next marker begins ("" in group 2; None for the think markers)
-        cut, end = m[2] == "", m.end()
+        cut = m[2] == ""
+        end = m.end()
         kind = MARKERS.get(m[0] + ">" if cut else m[0])
         if kind is None or (cut and end < len(buf) and buf[end] != "<"):
             return None, 0
@@ -413,6 +414,14 @@ def _load_lenient(text: str) -> Any:
         return None
 
 
+class Checkpoint(NamedTuple):
+    """Where ArgumentRepair stood at a marker inside a string, to go back to if it ended the call."""
+    position: int  # of the marker, in the arguments as written
+    state: int
+    closers: list[str]
+    safe: int  # what was certain then
+
+
 class ArgumentRepair:
     """One call's arguments, repaired while they stream (REPAIR.md 4.3 and 4.6).
 
@@ -422,9 +431,9 @@ class ArgumentRepair:
     ``_safe``) goes out through ``take()``. Not yet certain: a comma, a key and its colon until the
     value begins, a number until it ends, a top-level string (it may be double-encoded) or literal or
     text that is not JSON, the text from where the JSON broke (passed as written or dropped: the end
-    decides), and everything after a marker inside a string, until that string closes (the marker was
-    text) or never does, or the JSON after it breaks (it ended the call: the caller calls ``rewind()``
-    and reads the marker again). ``finish()`` closes what is open. Positions are counted from the start
+    decides), and everything after what was certain at a marker inside a string, until the value is
+    whole (the marker was text), or the string never closes, or the JSON after it breaks (it ended the
+    call: the caller calls ``rewind()`` and reads the marker again). ``finish()`` closes what is open. Positions are counted from the start
     (``_base`` pieces were taken already).
     """
 
@@ -443,7 +452,7 @@ class ArgumentRepair:
         self._state = _START
         self._closers: list[str] = []
         self._scalar = False  # a top-level string, literal or non-JSON text: decided at the end
-        self._check: tuple | None = None  # (position, state, closers, safe) at the first marker in a string
+        self._check: Checkpoint | None = None  # at the first marker in a string
         self._check_open = False  # still inside that string
         self._raw: list[str] = []  # the raw text from that marker on, to read again
         self._junk = ""  # after the value or where it broke: the next call's id, or dropped
@@ -460,7 +469,7 @@ class ArgumentRepair:
     def must_rewind(self, eof: bool) -> bool:
         """Whether the marker held inside a string ended the call (REPAIR.md 4.3): the JSON broke after
         it, or the text ended (``eof``) inside that string."""
-        return self.rewind_now or eof and self._check is not None and self._check_open
+        return self.rewind_now or (eof and self._check is not None and self._check_open)
 
     def take_junk(self) -> str:
         """The last MAX_CALL_HEADER characters after the value: an id, if the next call's header ran in."""
@@ -470,7 +479,7 @@ class ArgumentRepair:
     def take(self) -> str:
         # After a marker inside a string, only what was certain at that marker is: a key whose value
         # began after it is no key if the marker ended the call (REPAIR.md 4.3).
-        end = self._safe if self._check is None else self._check[3]
+        end = self._safe if self._check is None else self._check.safe
         count = end - self._base
         if self._scalar or count <= 0:
             return ""
@@ -525,7 +534,7 @@ class ArgumentRepair:
                     if kind is None:
                         end = i + 1
                     elif self._check is None:  # REPAIR.md 4.3: text of the string, unless it never closes
-                        self._check = (self._base + len(self._out), state, list(self._closers), self._safe)
+                        self._check = Checkpoint(self._base + len(self._out), state, list(self._closers), self._safe)
                         self._check_open = True
                         raw_from = i
                     self._put(buf[i:end], value)
@@ -546,7 +555,7 @@ class ArgumentRepair:
                 j = n if j < 0 else j
                 if state != _DONE:  # text that is no JSON, or where the JSON broke: finish() decides
                     self._put(buf[i:j], False)
-                if state != _RAW:
+                if state != _RAW:  # after the value, or where it broke: its end may be the next call's id
                     self._junk += buf[i:j]
                     if len(self._junk) > 2 * MAX_CALL_HEADER:  # only its end can be an id
                         self._junk = self._junk[-MAX_CALL_HEADER:]
@@ -642,7 +651,7 @@ class ArgumentRepair:
         """The arguments ended: close what is open, and return the rest of them. ``ended``: the model
         ended the call itself (<|tool_call_end|>, the section's end), so JSON that broke before it was not
         cut off: it is passed as written from where it broke, with a warning, never shortened (REPAIR.md 4.6).
-        The last call made to it."""
+        It is the last call made to an ArgumentRepair."""
         self._check = None
         if self._state == _LITERAL:
             self._end_literal()
@@ -873,7 +882,7 @@ class LineStart:
 
     def __init__(self, tools: Iterable[str]) -> None:
         self.tools = tuple(tool.casefold() for tool in tools)
-        self.lead = ""  # (held only at a line's start: not ``at_start``, nothing is held)
+        self.lead = ""  # held only at a line's start: when not ``at_start``, it is empty
         self.at_start = True
         self.tail = ""
 
@@ -982,7 +991,8 @@ class MarkupParser:
     ``_parse`` is a generator that reads tokens; where it stands in its own code is the parser's state
     (the top, a section, a call's header, its arguments). It yields events, and NEED when its input
     runs out. The rest of its state is a value each: Thinking (rule 4.8), LineStart (rule 4.2's header
-    at the start of a line), whether a structured call needs a section's and a call's end markers.
+    at the start of a line), whether a structured call needs a section's and a call's end markers, and
+    whether plain text may pass without the tokenizer (``_plain``).
     """
 
     def __init__(self, keys: Iterator[int], tools: Iterable[str] = (), structured: bool = False,
@@ -1064,42 +1074,16 @@ class MarkupParser:
     # -- the parser: where it stands in this code is its state -------------------------------------
 
     def _parse(self):
-        """The top level: text, and the markup in it. A part of the markup (a call, a section, a role
-        header) returns the token that ended it when that token is the top level's to read, else None."""
+        """The top level: text, and the markup in it (``_markup``), token after token."""
         token = yield from self._opening()
         while token is not EOF:
             if token is None:
                 token = yield from self._token(top=True)
-                continue
-            kind, token = token, None
-            if isinstance(kind, str):
-                yield from self._text(kind)
-                continue
-            if kind is not ARGUMENT_BEGIN:  # which may make the word held at the start of the line a call's id
-                yield from self._release(self._line.take_lead())
-                self._line.at_start = True
-            if kind is ARGUMENT_BEGIN:
-                token = yield from self._headless_call()
-            elif kind is SECTION_BEGIN:
-                self.thinking.interrupt()
-                token = yield from self._section()
-            elif kind is CALL_BEGIN or isinstance(kind, StructuredCall):
-                self.thinking.interrupt()
-                token = yield from self._calls(kind, [] if self.structured else ["no-section-wrapper"],
-                                               self.new_group())
-            elif kind is THINK_CLOSE:
-                events = self.thinking.close()
-                if events is None:  # inside an answer: text
-                    events = self._text(THINK_CLOSE_TEXT)
-                yield from events
-            elif kind is ROLE:
-                token = yield from self._role()
-            elif kind is THINK_OPEN:
-                yield from self._text("<think>")  # only the start of the text opens a think block
+            elif isinstance(token, str):
+                yield from self._text(token)
+                token = None
             else:
-                self._count_removed(kind)
-            if token in (CALL_END, SECTION_END, TRUNCATED):
-                token = None  # what ended a call or section, and is done with
+                token = yield from self._markup(token)
         yield from self._release(self._line.take_lead())
         yield from self.thinking.end("content")  # no </think> came: what was held is the answer
 
@@ -1122,6 +1106,35 @@ class MarkupParser:
             if not isinstance(token, str) or not fits(text + token):
                 return text, token
             text += token
+
+    def _markup(self, marker: Any):
+        """A marker (or a structured call) at the top level, and what it begins. Returns the token that
+        ended that, for the top level to read next, or None (nothing, or an end marker done with)."""
+        if marker is not ARGUMENT_BEGIN:  # which may make the word held at the start of the line a call's id
+            yield from self._release(self._line.take_lead())
+            self._line.at_start = True
+        token = None
+        if marker is ARGUMENT_BEGIN:
+            token = yield from self._headless_call()
+        elif marker is SECTION_BEGIN:
+            self.thinking.interrupt()
+            token = yield from self._section()
+        elif marker is CALL_BEGIN or isinstance(marker, StructuredCall):
+            self.thinking.interrupt()
+            token = yield from self._calls(marker, [] if self.structured else ["no-section-wrapper"], self.new_group())
+        elif marker is THINK_CLOSE:
+            closed = self.thinking.close()  # its events, or None inside an answer, where it is text
+            if closed is None:
+                yield from self._text(THINK_CLOSE_TEXT)
+            else:
+                yield from closed
+        elif marker is ROLE:
+            token = yield from self._role()
+        elif marker is THINK_OPEN:
+            yield from self._text("<think>")  # only the start of the text opens a think block
+        else:
+            self._count_removed(marker)
+        return None if token in (CALL_END, SECTION_END, TRUNCATED) else token
 
     def _count_removed(self, token: Any) -> None:
         """<|im_end|>, <|im_middle|>, stray end markers, a marker cut off at the end: removed."""
@@ -1166,7 +1179,7 @@ class MarkupParser:
 
     def _section(self):
         """Inside <|tool_calls_section_begin|>: calls, and noise between them (REPAIR.md 4.7). Returns the
-        token that ended the section, for the top level (None when the noise ran too long for noise)."""
+        token that ended the section, or None when it never closed and prose followed."""
         self.in_section = True
         group, noise, token = self.new_group(), "", None
         while token in (None, CALL_END, TRUNCATED, SECTION_BEGIN):  # the section goes on
@@ -1179,9 +1192,10 @@ class MarkupParser:
                     header, noise = noise[:brace].strip(), ""
                     token = yield from self._calls(header, ["no-call-begin", "no-argument-marker"], group)
                 elif len(noise) > MAX_SECTION_NOISE:  # too long for noise: the section never closed
+                    token = None
                     break
                 else:
-                    token = None
+                    token = None  # noise so far: read on
                 continue
             if token is EOF:  # the section never closed: the noise since its last marker is text after it
                 break
@@ -1197,10 +1211,10 @@ class MarkupParser:
                 self.rules["section-noise-removed"] += 1
             noise = ""
         self.in_section = False
-        if noise.strip() or isinstance(token, str):  # (whitespace that ran too long for noise too)
+        if token is None or noise.strip():  # it never closed: what followed its last marker is text
             self.rules["unclosed-section"] += 1
             yield from self._text(noise)
-        return None if isinstance(token, str) else token
+        return token
 
     def _calls(self, header: Any, rules: list[str], group: int):
         """A call, and those that follow it with nothing between; returns the token after the last. A call's
@@ -1259,7 +1273,10 @@ class MarkupParser:
                 rules.append("arguments-overflow")
                 token = CALL_END
                 break
-            token = NEED if text.pos < len(buf) and args.in_string else text.token()
+            if text.pos < len(buf) and args.in_string:
+                token = NEED  # the rest of an escape or of a marker inside a string is still to come
+            else:
+                token = text.token()
             if token is NEED:
                 yield NEED
                 continue
@@ -1490,7 +1507,8 @@ class ChoiceRepair:
 
     A call goes out live, its first delta as soon as its name is known, unless its name needs its
     argument keys, or an earlier call of another group has that name (it may be the same call twice):
-    then it is held until its arguments are complete."""
+    then it is held until that is decided (its arguments and those of the earlier one are complete, or
+    the earlier one was dropped), or another call is going out live: then it waits for that one's end."""
 
     def __init__(self, ctx: RepairContext) -> None:
         self.ctx = ctx
@@ -1696,8 +1714,9 @@ class ChoiceRepair:
         call = self.calls[event.key] = Call(event.key, event.channel, event.group, event.header)
         call.name, call.counter, call.verbatim, call.written = self.ctx.resolve(event.header)
         if event.channel == "tool_calls":  # SGLang's id, when it is the dialog counter for its position, stays
-            counter = self.ctx.history_calls + len(self._opened) - 1  # the position of the last call begun
-            m = CANONICAL_ID_RE.fullmatch(next(reversed(self._opened.values())) or "")  # and its upstream id
+            upstream_ids = list(self._opened.values())  # of the structured calls begun: this one is the last
+            counter = self.ctx.history_calls + len(upstream_ids) - 1
+            m = CANONICAL_ID_RE.fullmatch(upstream_ids[-1] or "")
             call.counter = counter if m and m[1] == call.name and int(m[2]) == counter else None
         if call.name is not None and call.name != call.written:
             call.rules.append("name-resolved")
@@ -1755,7 +1774,7 @@ class ChoiceRepair:
         counters = itertools.chain(own, itertools.count(self.ctx.history_calls + call.index))
         taken = self.ctx.history_ids.union(c.id for c in self.sent)
         ids = itertools.chain(kept, (f"functions.{call.name}:{counter}" for counter in counters))
-        call.id = next(i for i in ids if i not in taken)
+        call.id = next(candidate for candidate in ids if candidate not in taken)
         if not structured and call.id != written:
             call.rules.append("id-rewritten")
         out.append(ToolDelta(call.index, call.id, call.name, call.arguments))

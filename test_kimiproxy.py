@@ -3982,7 +3982,6 @@ def test_calls_that_overlap_go_out_one_after_another() -> None:
         ("read_file", {"path": "a"}), ("exec", {"command": "ls"})]
 
 
-
 def test_a_call_that_waited_for_its_twin_goes_out_when_the_twin_ends() -> None:
     """A complete call held because an earlier call of another group with its name was incomplete (it
     may repeat it, REPAIR.md 4.9) goes out as soon as that one ends, not at the end of the text."""
@@ -3997,6 +3996,29 @@ def test_a_call_that_waited_for_its_twin_goes_out_when_the_twin_ends() -> None:
     assert [(d.id, d.arguments) for d in sent] == [("functions.exec:1", '{"command": "b"}'),
                                                    ("functions.exec:2", '{"command": "c"}')]
     assert [d.name for d in repair.finish()] == ["nope"]
+
+
+def test_a_call_whose_twin_was_dropped_goes_out_live_at_once() -> None:
+    """A call held as the possible repeat of an earlier call of another group goes out live as soon
+    as that one is dropped (it repeated a call before it): nothing is left for it to repeat, and it
+    comes before a call that began after it, as in the whole response."""
+    repair = kp.ChoiceRepair(ctx_for(TOOLS))
+    structured = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "exec", "arguments": ""}}
+    steps = [dict(content=f'{S}{B}functions.exec:0{A}{{"command": "a"}}{Z}'),  # the section stays open
+             dict(tool_calls=[dict(structured, function={"name": "exec", "arguments": '{"command": "a'})]),
+             dict(content=f'{B}functions.exec:1{A}{{"command": "b'),  # may repeat the structured exec
+             dict(tool_calls=[{"index": 0, "function": {"arguments": '"}'}}]),
+             dict(tool_calls=[{"index": 1, "id": "call_2", "type": "function",  # ends the structured exec
+                               "function": {"name": "search", "arguments": '{"query": "q'}}]),
+             dict(content=f'"}}{Z}{E}'), dict(tool_calls=[{"index": 1, "function": {"arguments": '"}'}}])]
+    events = [[(d.index, d.id) for d in repair.feed(**step)] for step in steps] + [
+        [(d.index, d.id) for d in repair.finish()]]
+    assert events[4] == [(1, "functions.exec:1")], events  # at once, live: the structured exec was dropped
+    assert events[5] == [(1, None), (2, "functions.search:2")], events  # its end, then the call that waited
+    message = kp.Message.of_repair(repair)
+    assert [(call[0], call[2]) for call in message.calls] == [
+        ("functions.exec:0", '{"command": "a"}'), ("functions.exec:1", '{"command": "b"}'),
+        ("functions.search:2", '{"query": "q"}')]
 
 WHITESPACE_AROUND_A_SWITCH = [
     {"reasoning_content": "Plan.", "content": f"\n\n{S}{CALL}{E}", "finish_reason": "stop"},
