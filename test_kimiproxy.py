@@ -1259,7 +1259,10 @@ async def test_a_write_to_a_client_that_has_gone_is_one_warning(proxy: Running, 
     writer task is the one to notice, that is still an ordinary disconnect: one WARNING, no traceback
     and no internal error, counted as a disconnect, the upstream closed."""
     caplog.set_level(logging.DEBUG, logger="kimiproxy")
-    proxy.upstream.script(Script(steps=[*stream_of(content=["a", "b", "c"])[:4], *([2.0] * 10)]))
+    # A pause after the first content chunk: the writer writes what piled up in one write, so without it a
+    # slow moment could put every chunk in the first body write and leave no third write to fail.
+    role_and_a, b_and_c = stream_of(content=["a", "b", "c"])[:2], stream_of(content=["a", "b", "c"])[2:4]
+    proxy.upstream.script(Script(steps=[*role_and_a, 1.0, *b_and_c, *([2.0] * 10)]))
     body = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
              "query_string": b"", "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
