@@ -433,8 +433,8 @@ class ArgumentRepair:
     text that is not JSON, the text from where the JSON broke (passed as written or dropped: the end
     decides), and everything after what was certain at a marker inside a string, until the value is
     whole (the marker was text), or the string never closes, or the JSON after it breaks (it ended the
-    call: the caller calls ``rewind()`` and reads the marker again). ``finish()`` closes what is open. Positions are counted from the start
-    (``_base`` pieces were taken already).
+    call: the caller calls ``rewind()`` and reads the marker again). ``finish()`` closes what is open.
+    Positions are counted from the start (``_base`` pieces were taken already).
     """
 
     def __init__(self, markers: bool = True, objects_only: bool = False) -> None:
