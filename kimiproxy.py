@@ -3764,8 +3764,9 @@ STORE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the files of one SQLit
 
 class SharedFile:
     """A SQLite file the workers of a box share, one owner object per worker: opened on first use
-    (``_open``, the subclass's: ``_connect`` makes it this user's alone, then its tables), each operation in a worker thread behind the file's own one-slot
-    limiter (waiting exchanges do not hold trio's thread pool). A file that cannot be opened turns its
+    (``_open``, the subclass's: ``_connect`` makes it this user's alone, then its tables), each
+    operation in a worker thread behind the file's own one-slot limiter (waiting exchanges do not hold
+    trio's thread pool). A file that cannot be opened turns its
     feature off in this worker, with one warning; an operation that fails (another worker holding the
     lock past STORE_BUSY_TIMEOUT) is rolled back and skipped, with a warning; the proxy goes on."""
 

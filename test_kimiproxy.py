@@ -1780,8 +1780,8 @@ def test_an_address_it_cannot_listen_on_is_one_line_and_the_bind_warning_counts_
         r = _run([sys.executable, "kimiproxy.py", "--host", "127.0.0.1", "--port", str(port)], {})
     assert r.returncode == 1 and r.stderr == f"kimiproxy: cannot listen on 127.0.0.1:{port}: Address already in use\n"
     keyed = tmp_path / "keyed.json"
-    keyed.write_text(json.dumps({"upstreams": {"main": {"url": "http://127.0.0.1:9/v1", "models": ["kimi-k2-thinking"]}},
-                                 "keys": {"alice": "key-alice-1"}}))
+    upstreams = {"main": {"url": "http://127.0.0.1:9/v1", "models": ["kimi-k2-thinking"]}}
+    keyed.write_text(json.dumps({"upstreams": upstreams, "keys": {"alice": "key-alice-1"}}))
     for config, warned in ((None, True), (keyed, False)):
         args = ["--host", "192.0.2.1", "--port", str(_free_port())] + (["--config", str(keyed)] if config else [])
         r = _run([sys.executable, "kimiproxy.py", *args], {})
@@ -3993,7 +3993,8 @@ def test_a_call_that_waited_for_its_twin_goes_out_when_the_twin_ends() -> None:
     assert repair.feed(content=f'{S}{B}functions.exec:1{A}{{"command": "b') == []  # may repeat exec:0
     structured = [{"index": 0, "id": "call_9", "type": "function",
                    "function": {"name": "exec", "arguments": '{"command": "c"}'}},
-                  {"index": 1, "id": "call_8", "type": "function", "function": {"name": "nope", "arguments": '{"x": 1}'}}]
+                  {"index": 1, "id": "call_8", "type": "function",
+                   "function": {"name": "nope", "arguments": '{"x": 1}'}}]
     assert repair.feed(tool_calls=structured) == []  # complete (the next call ended it), and may repeat exec:1
     sent = repair.feed(content=f'"}}{Z}{E}')
     assert [(d.id, d.arguments) for d in sent] == [("functions.exec:1", '{"command": "b"}'),
