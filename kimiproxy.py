@@ -277,6 +277,9 @@ class SSEDecoder:
         self._discarding = False  # inside an oversized line, until its end
 
     def decode(self, chunk: bytes) -> list[bytes]:
+        if not self._buffer and not self._data and not self._discarding and chunk.startswith(b"data: ") \
+                and chunk.endswith(b"\n\n") and chunk.count(b"\n") == 2 and b"\r" not in chunk:
+            return [chunk[6:-2]]  # one whole event of one line, as SGLang writes each chunk: nothing to keep
         buffer = self._buffer + chunk if self._buffer else chunk
         lines = buffer.split(b"\n")
         self._buffer = lines.pop()

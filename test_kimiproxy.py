@@ -1030,13 +1030,23 @@ def test_property_text_outside_markup_is_never_lost(prose: str, command: str) ->
 
 
 def test_sse_decoder_split_everywhere_and_oversized_lines() -> None:
-    stream = b"data: {\"a\":1}\n\n: comment\n\ndata: {\"b\":2}\r\n\r\ndata: [DONE]\n\n"
+    stream = b"data: {\"a\":1}\n\n: comment\n\ndata: {\"b\":2}\r\n\r\ndata: x\ndata: y\n\ndata: [DONE]\n\n"
     for p in range(len(stream)):
         d = kp.SSEDecoder()
-        assert d.decode(stream[:p]) + d.decode(stream[p:]) + d.flush() == [b'{"a":1}', b'{"b":2}', b"[DONE]"]
+        assert d.decode(stream[:p]) + d.decode(stream[p:]) + d.flush() == [b'{"a":1}', b'{"b":2}', b"x\ny", b"[DONE]"]
     d = kp.SSEDecoder(max_line=100)
     events = d.decode(b"data: " + b"x" * 150) + d.decode(b"y" * 200 + b"\n\ndata: {}\n\n")
     assert events == [b"{}"] and d.oversized >= 1
+    for chunks, events in [  # a chunk that looks like one whole event of one line, and is not
+        ([b"data: x\n", b"data: y\n\n"], [b"x\ny"]),  # the second line of an event
+        ([b"data: x", b"data: y\n\n"], [b"xdata: y"]),  # the end of a line begun in the chunk before
+        ([b"data: a\r\n\n"], [b"a"]),  # a line that ends in CRLF
+        ([b"data: a\n: c\n\n"], [b"a"]),  # an event with a comment line
+    ]:
+        d = kp.SSEDecoder()
+        assert [event for chunk in chunks for event in d.decode(chunk)] == events, chunks
+    d = kp.SSEDecoder(max_line=100)  # what follows an oversized line's start is that line, whatever it looks like
+    assert d.decode(b"data: " + b"x" * 150) + d.decode(b"data: z\n\n") == [] and d.oversized == 1
 
 
 # ---------------------------------------------------------------------------------------------------
