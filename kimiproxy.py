@@ -5313,17 +5313,45 @@ class _Last:
     data: bytes
 
 
-async def _put(frames: Any, item: Any) -> None:
-    """To the writer, without a checkpoint while there is room: httpx yields the events of one socket
-    read one by one without one either, so a burst piles up and goes out in one write, not one per
-    event (3x less CPU per event, benchmark); a paced event goes out at once, the writer wakes as the
-    relay waits for the upstream."""
-    try:
-        frames.send_nowait(item)
-    except trio.WouldBlock:
-        await frames.send(item)
-    except trio.BrokenResourceError:  # the writer left: the client has gone, and this task is cancelled
-        await trio.lowlevel.checkpoint()
+class _Frames:
+    """A stream's frames on their way from the relay to the writer: a memory channel STREAM_QUEUE
+    deep (the relay closes ``sender`` when it is done, the writer ``receiver`` when it leaves), and
+    how many of them wait in it, so the writer takes all that piled up without asking the channel:
+    its ``statistics()`` builds an object per call, 8 % of the proxy's instructions per chunk
+    (valgrind, fast stream)."""
+
+    def __init__(self) -> None:
+        self.sender, self.receiver = trio.open_memory_channel(STREAM_QUEUE)
+        # Counted once in: an item handed to the writer while its sender waited for room is counted
+        # when that sender runs again, so this may be below zero for a moment, never above what waits.
+        self.waiting = 0
+
+    async def put(self, item: Any) -> None:
+        """To the writer, without a checkpoint while there is room: httpx yields the events of one
+        socket read one by one without one either, so a burst piles up and goes out in one write, not
+        one per event (3x less CPU per event, benchmark); a paced event goes out at once, the writer
+        wakes as the relay waits for the upstream."""
+        try:
+            self.sender.send_nowait(item)
+        except trio.WouldBlock:
+            await self.sender.send(item)
+        except trio.BrokenResourceError:  # the writer left: the client has gone, and this task is cancelled
+            await trio.lowlevel.checkpoint()
+            return
+        self.waiting += 1
+
+    async def take(self) -> list:
+        """The next item and every frame (bytes) behind it that waits, or [None] once the relay is
+        done; what comes after the end (an error, or the last frames) is left for the next take."""
+        try:
+            items = [await self.receiver.receive()]
+        except trio.EndOfChannel:
+            return [None]
+        self.waiting -= 1
+        while type(items[-1]) is bytes and self.waiting > 0:
+            items.append(self.receiver.receive_nowait())
+            self.waiting -= 1
+        return items
 
 
 _REQUEST_ID_PREFIX = os.urandom(4).hex()  # per process: ids stay unique across workers
@@ -5698,23 +5726,23 @@ class Exchange:
 
     async def _stream(self, request: httpx.Request, ctx: RepairContext, pass_usage: bool) -> None:
         """A streamed chat completion: this task reads and repairs, a writer task writes."""
-        send, receive = trio.open_memory_channel(STREAM_QUEUE)
+        frames = _Frames()
         self.proxy.metrics.streams_in_flight += 1
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_stream, receive)
-                async with send:
+                nursery.start_soon(self._write_stream, frames)
+                async with frames.sender:
                     try:
-                        await self._relay(await self._open(request), ctx, pass_usage, send)
+                        await self._relay(await self._open(request), ctx, pass_usage, frames)
                     except ProxyError as err:
-                        await _put(send, err)
+                        await frames.put(err)
                     except Exception as exc:
                         log.exception("%s %s: internal error", self.method, self.path)
-                        await _put(send, ProxyError("internal proxy error", detail=f"{type(exc).__name__}: {exc}"))
+                        await frames.put(ProxyError("internal proxy error", detail=f"{type(exc).__name__}: {exc}"))
         finally:
             self.proxy.metrics.streams_in_flight -= 1
 
-    async def _relay(self, response: httpx.Response, ctx: RepairContext, pass_usage: bool, frames: Any) -> None:
+    async def _relay(self, response: httpx.Response, ctx: RepairContext, pass_usage: bool, frames: _Frames) -> None:
         if response.status_code >= 400:
             raise upstream_http_error(response.status_code, await read_upstream_body(response))
         if "text/event-stream" not in response.headers.get("content-type", ""):
@@ -5742,7 +5770,7 @@ class Exchange:
                     last = out
                     break
                 if out:
-                    await _put(frames, out[0] if len(out) == 1 else b"".join(out))
+                    await frames.put(out[0] if len(out) == 1 else b"".join(out))
             else:
                 last = [f for data in decoder.flush() for f in repair.feed(data)] + repair.close()
         except httpx.HTTPError as exc:
@@ -5753,17 +5781,17 @@ class Exchange:
                 capture.error = err.body()["error"]
             out = [f for data in decoder.flush() for f in repair.feed(data)] + self.protocol.broken_off(repair)
             if out:
-                await _put(frames, b"".join(out))
+                await frames.put(b"".join(out))
             raise err from None
         finally:
             self._report(repair, decoder)
         await self._remember(self.delivered)
-        await _put(frames, _Last(b"".join(last)))
+        await frames.put(_Last(b"".join(last)))
         with contextlib.suppress(httpx.HTTPError):  # what follows [DONE] is drained: the connection is reused
             async for _ in chunks:
                 pass
 
-    async def _write_stream(self, frames: Any) -> None:
+    async def _write_stream(self, frames: _Frames) -> None:
         """The one writer of a stream's body. Frames go out as they come; what piled up while a write
         was under way goes out in one write. The response starts with the first frame, or after
         HEADER_GRACE of upstream silence (an upstream error that comes sooner keeps its status), and an
@@ -5771,22 +5799,17 @@ class Exchange:
         up after 300 s without a byte, and a write is what shows that a client has gone."""
         interval = self.proxy.settings.heartbeat_interval or math.inf
         wait = min(HEADER_GRACE, interval)
-        async with frames:
+        async with frames.receiver:
             try:
                 while True:
                     with trio.move_on_after(wait) as silence:
-                        try:
-                            items = [await frames.receive()]
-                        except trio.EndOfChannel:
-                            items = [None]
+                        items = await frames.take()
                     wait = interval
                     if silence.cancelled_caught:
                         if self.reply is Reply.PENDING:
                             await self._start_stream()
                         await self._body(self.protocol.heartbeat)
                         continue
-                    while type(items[-1]) is bytes and frames.statistics().current_buffer_used:
-                        items.append(frames.receive_nowait())
                     if await self._write_items(items):
                         return
             except _ClientGone:  # a write showed it first: an ordinary disconnect, the relay cancelled with it

@@ -1261,6 +1261,51 @@ async def test_disconnect_mid_stream_or_during_prefill_closes_upstream(proxy: Ru
     assert not proxy.upstream.seen[-1].completed
 
 
+async def asgi_stream(proxy: Running, send: Any) -> None:
+    """A streamed chat request straight into the ASGI app, with ``send`` as the server's: the client
+    never says it left (only a failing ``send`` can show it)."""
+    body = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "http_version": "1.1", "scheme": "http"}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await trio.sleep_forever()
+
+    await proxy.app.asgi_app(scope, receive, send)
+
+
+@pytest.mark.parametrize("pieces", [20, 200])  # fewer than STREAM_QUEUE, and more: the relay waits for room
+async def test_frames_that_pile_up_during_a_write_go_out_in_the_next_one(proxy: Running, pieces: int) -> None:
+    """A client slower than the model: what the relay has while a body write is under way goes out in
+    the next write, whole, not one write per event (a write is an ASGI message and a syscall: a third
+    of the CPU per event, benchmark); past STREAM_QUEUE pieces the relay waits, and nothing is lost or
+    reordered. The first write waits until the upstream has sent everything."""
+    words = [f"w{i} " for i in range(pieces)]
+    proxy.upstream.script(Script(steps=stream_of(content=words)))
+    bodies: list[bytes] = []
+
+    async def send(message: dict) -> None:
+        if message["type"] != "http.response.body":
+            return
+        bodies.append(message["body"])
+        if len(bodies) == 1:  # the first write is slow: the rest of the stream arrives meanwhile
+            while not proxy.upstream.seen[-1].completed:
+                await trio.sleep(0.01)
+            await trio.sleep(0.5)  # for the relay to read what the upstream sent (a socket read away)
+
+    with trio.fail_after(10):
+        await asgi_stream(proxy, send)
+    text = b"".join(bodies)
+    assert re.findall(rb'"content": ?"(w\d+ )"', text) == [w.encode() for w in words]
+    assert text.count(b"data: ") == len(words) + 3 and text.endswith(b"data: [DONE]\n\n")  # role, finish, [DONE]
+    if pieces < kp.STREAM_QUEUE:
+        assert len(bodies) == 2, [b[:80] for b in bodies]
+
+
 @pytest.mark.edge
 @pytest.mark.parametrize("fails_at", [1, 3])  # the headers' write, or a write of the body under way
 async def test_a_write_to_a_client_that_has_gone_is_one_warning(proxy: Running, fails_at: int,
@@ -1273,17 +1318,7 @@ async def test_a_write_to_a_client_that_has_gone_is_one_warning(proxy: Running, 
     # slow moment could put every chunk in the first body write and leave no third write to fail.
     role_and_a, b_and_c = stream_of(content=["a", "b", "c"])[:2], stream_of(content=["a", "b", "c"])[2:4]
     proxy.upstream.script(Script(steps=[*role_and_a, 1.0, *b_and_c, *([2.0] * 10)]))
-    body = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "query_string": b"", "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "http_version": "1.1", "scheme": "http"}
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
     sent = []
-
-    async def receive() -> dict:
-        if messages:
-            return messages.pop(0)
-        await trio.sleep_forever()  # the client never says it left: only the failing write shows it
 
     async def send(message: dict) -> None:
         sent.append(message)
@@ -1291,7 +1326,7 @@ async def test_a_write_to_a_client_that_has_gone_is_one_warning(proxy: Running, 
             raise RuntimeError("Unexpected message")  # as hypercorn.utils.UnexpectedMessageError
 
     with trio.fail_after(10):
-        await proxy.app.asgi_app(scope, receive, send)
+        await asgi_stream(proxy, send)
         while proxy.upstream.seen[-1].aborted_at is None:
             await trio.sleep(0.02)
     records = [r for r in caplog.records if r.name == "kimiproxy" and r.levelno >= logging.WARNING]
