@@ -1205,12 +1205,15 @@ async def test_stream_longer_than_quart_response_timeout(proxy: Running) -> None
 
 
 @pytest.mark.edge
-async def test_heartbeats_during_silent_prefill(nursery: trio.Nursery, upstream: FakeSGLang) -> None:
+async def test_heartbeats_during_silent_prefill_and_a_silence_mid_stream(nursery: trio.Nursery,
+                                                                         upstream: FakeSGLang) -> None:
     """SGLang sends nothing until its first token: the client gets the headers and keep-alive comments
-    meanwhile (the fake stays silent until the client has seen two)."""
+    meanwhile (the fake stays silent until the client has seen two); and again when it falls silent
+    after a token (until the client has seen one more)."""
     running = await start_proxy(nursery, upstream.url, HEARTBEAT_INTERVAL="0.2")
-    two_heartbeats = trio.Event()
-    upstream.script(Script(steps=[two_heartbeats, *stream_of(content=["late"])]))
+    two_heartbeats, third = trio.Event(), trio.Event()
+    role, early, *rest = stream_of(content=["early", "late"])
+    upstream.script(Script(steps=[two_heartbeats, role, early, third, *rest]))
     async with httpx.AsyncClient(base_url=running.base) as client:
         async with client.stream("POST", "/v1/chat/completions",
                                  json={"model": "m", "messages": [], "stream": True}) as r:
@@ -1219,7 +1222,11 @@ async def test_heartbeats_during_silent_prefill(nursery: trio.Nursery, upstream:
                 lines.append(line)
                 if lines.count(": keep-alive") == 2:
                     two_heartbeats.set()
-    assert r.status_code == 200 and lines.index(": keep-alive") < lines.index(next(l for l in lines if "late" in l))
+                if lines.count(": keep-alive") == 3:
+                    third.set()
+    shown = [line.strip(": ") if line.startswith(":") else json.loads(line[6:])["choices"][0]["delta"].get("content")
+             for line in lines if line.startswith(":") or line.startswith("data: {")]
+    assert r.status_code == 200 and shown == ["keep-alive", "keep-alive", "", "early", "keep-alive", "late", None], shown
     assert lines[-2] == "data: [DONE]"
 
 
