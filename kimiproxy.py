@@ -5326,6 +5326,7 @@ class _Frames:
         # when that sender runs again, so this may be below zero for a moment, never above what waits.
         self.waiting = 0
         self.put_at = trio.current_time()  # when the last item went in (or the stream began)
+        self.ended = trio.Event()  # set by the writer when the response has ended
 
     async def put(self, item: Any) -> None:
         """To the writer, without a checkpoint while there is room: httpx yields the events of one
@@ -5803,7 +5804,7 @@ class Exchange:
                     pass
             except _ClientGone:  # a write showed it first: an ordinary disconnect, the relay cancelled with it
                 self.client_left()  # before the channel closes, so the relay never sees it broken uncancelled
-            nursery.cancel_scope.cancel()
+            frames.ended.set()
 
     async def _keep_alive(self, frames: _Frames) -> None:
         """A stream's silences. The response starts with the first frame, or after HEADER_GRACE of upstream
@@ -5816,7 +5817,9 @@ class Exchange:
         silence = min(HEADER_GRACE, interval)
         with contextlib.suppress(trio.ClosedResourceError):  # the relay is done: the writer ends the stream
             while True:
-                await trio.sleep_until(frames.put_at + silence)
+                with trio.move_on_at(frames.put_at + silence):  # until the silence would end,
+                    await frames.ended.wait()  # or the response has
+                    return
                 if trio.current_time() >= frames.put_at + silence:  # no frame from the relay meanwhile
                     await frames.put(self.protocol.heartbeat)
                 silence = interval
