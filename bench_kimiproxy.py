@@ -4,6 +4,7 @@
     python bench_kimiproxy.py --quick    # 1 round of smaller workloads, about a minute
     python bench_kimiproxy.py --json     # machine-readable
     python bench_kimiproxy.py --baseline DIR   # also another checkout of kimiproxy, side by side
+    python bench_kimiproxy.py --instructions [--baseline DIR]   # instructions (valgrind), ~1 min a checkout
 
 It starts a fast fake SGLang (a subprocess: stdlib asyncio, pre-serialized Kimi-like chunks) and
 kimiproxy exactly as the README does (``hypercorn kimiproxy:app -k trio``, repair on), then runs each
@@ -23,6 +24,11 @@ workload against the upstream directly and through the proxy, interleaved, round
             event, as markup and as structured deltas, at 100 KB and at 1 MB: the CPU per character
             stays the same when the work is linear
 
+With --instructions it measures instead what no shared machine's noise moves: the instructions
+(valgrind's callgrind, which must be installed) that ``python kimiproxy.py`` of each checkout spends
+per fast-stream chunk, per paced chunk (two streams, 20 ms apart) and per small request, counted only
+while the workload runs. Time also depends on caches, which instructions do not show.
+
 The proxy's CPU time and memory are read from /proc for its whole process tree. Each figure is the
 median over the rounds. Only 127.0.0.1 is contacted. Targets (issue #5) are printed beside each figure.
 """
@@ -34,6 +40,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -600,6 +607,65 @@ def _arguments_cost(kimiproxy, ctx, kind: str, n: int) -> float:  # noqa: ANN001
     return time.process_time() - started
 
 
+INSTRUCTION_WORKLOADS = [  # (label, what one unit is, knobs or None for small requests, units per stream, streams)
+    ("fast stream", "chunk", "n=5000,batch=32", 5000, 2),
+    ("paced streams (2 at once, 20 ms apart)", "chunk", "n=200,delay=0.02", 200, 2),
+    ("small non-streaming requests, c=1, 20 s", "request", None, 0, 0),
+]
+
+
+def instructions(checkout: Path) -> dict[str, float]:
+    """Instructions per unit of each INSTRUCTION_WORKLOADS entry: ``python kimiproxy.py`` of ``checkout``
+    under callgrind, instrumented only while one workload runs (callgrind_control), one process each."""
+    figures = {}
+    for label, _, knobs, units, streams in INSTRUCTION_WORKLOADS:
+        up_port, port = free_port(), free_port()
+        upstream = start([sys.executable, __file__, "--upstream", str(up_port)], {}, up_port)
+        out = Path(tempfile.mkdtemp(prefix="bench-callgrind-")) / "out"
+        env = {"SGLANG_API_BASE": f"http://127.0.0.1:{up_port}/v1", "ENABLE_STREAMING_TOOL_PARSER": "true",
+               "ENABLE_FILE_LOGGING": "false", "LOG_LEVEL": "WARNING", "PYTHONHASHSEED": "0"}
+        argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                sys.executable, "kimiproxy.py", "--host", "127.0.0.1", "--port", str(port)]
+        proc = subprocess.Popen(argv, cwd=checkout, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            wait_port(port, timeout=120)
+            asyncio.run(one_stream(port, "n=500,batch=32"))  # warm: imports, connections
+            subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+            if knobs is None:
+                count = asyncio.run(small_requests(port, 1, 20.0))
+            else:
+                async def run(knobs: str = knobs, streams: int = streams) -> list[dict]:
+                    return await asyncio.gather(*(one_stream(port, knobs) for _ in range(streams)))
+                assert all(r["completed"] for r in asyncio.run(run()))
+                count = units * streams
+            subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
+        finally:
+            proc.terminate()
+            proc.wait(120)
+            upstream.terminate()
+            upstream.wait(5)
+        totals = subprocess.run(["callgrind_annotate", str(out)], capture_output=True, text=True, check=True).stdout
+        figures[label] = int(re.search(r"([\d,]+) \(100\.0%\)\s+PROGRAM TOTALS", totals)[1].replace(",", "")) / count
+    return figures
+
+
+def report_instructions(checkouts: dict[str, Path]) -> int:
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        print("--instructions needs valgrind (Debian, Ubuntu: apt install valgrind)", file=sys.stderr)
+        return 2
+    results = {target: instructions(checkout) for target, checkout in checkouts.items()}
+    print(f"kimiproxy instructions (valgrind callgrind, python kimiproxy.py); {machine()}")
+    print(f"{'workload':44} {'per':>8} {'kimiproxy':>12}" + (f" {'baseline':>12} {'vs base':>8}"
+                                                             if "baseline" in results else ""))
+    for label, unit, *_ in INSTRUCTION_WORKLOADS:
+        line = f"{label:44} {unit:>8} {results['proxy'][label]:>12,.0f}"
+        if "baseline" in results:
+            line += f" {results['baseline'][label]:>12,.0f} x{results['proxy'][label] / results['baseline'][label]:.3f}"
+        print(line)
+    return 0
+
+
 def _get(port: int, path: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-bench: n=1\r\n\r\n".encode())
@@ -714,6 +780,8 @@ def main() -> int:
     parser.add_argument("--limits", action="store_true",
                         help="serve through a configuration file (KIMIPROXY_CONFIG) with fair-use limits for this "
                              "checkout (none is ever reached), the same file without them for the baseline")
+    parser.add_argument("--instructions", action="store_true",
+                        help="instructions per chunk and per request instead (valgrind's callgrind, ~1 min a checkout)")
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--core", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--chars", type=int, default=1_000_000, help=argparse.SUPPRESS)
@@ -724,6 +792,8 @@ def main() -> int:
     if args.core:
         print(json.dumps(core_figures(args.core, args.chars)))
         return 0
+    if args.instructions:
+        return report_instructions({"proxy": HERE, **({"baseline": args.baseline.resolve()} if args.baseline else {})})
     bench = Bench(args.quick, args.runner, args.baseline.resolve() if args.baseline else None, args.limits)
     try:
         for _ in range(args.rounds or (1 if args.quick else 3)):
