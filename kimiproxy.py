@@ -110,7 +110,7 @@ DEFAULT_UPSTREAM = "http://127.0.0.1:30000/v1"  # SGLang's own default port
 DEFAULT_PORT = 8000
 DEFAULT_FORWARD_TIMEOUT = 600.0  # seconds the upstream may stay silent (prefill of a long context)
 UPSTREAM_CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the upstream
-DEFAULT_HEARTBEAT_INTERVAL = 15.0  # seconds between SSE comments while nothing else is written
+DEFAULT_HEARTBEAT_INTERVAL = 15.0  # seconds between SSE comments while nothing else comes to be sent
 # A streaming request waits this long for the upstream's headers before committing to a 200 and
 # heartbeats: a refused connection or an SGLang validation error arrives sooner and keeps its status.
 HEADER_GRACE = 0.5  # seconds
@@ -5322,8 +5322,9 @@ class _Frames:
 
     def __init__(self) -> None:
         self.sender, self.receiver = trio.open_memory_channel(STREAM_QUEUE)
-        # Counted once in: an item handed to the writer while its sender waited for room is counted
-        # when that sender runs again, so this may be below zero for a moment, never above what waits.
+        # Counted once in, and by the writer as it takes one: an item moved into the channel while its
+        # sender waited for room is counted when that sender runs again, so this may be below zero for a
+        # moment, never above what the channel holds (the writer reads it after counting its own take).
         self.waiting = 0
         self.put_at = trio.current_time()  # when the last item went in (or the stream began)
         self.ended = trio.Event()  # set by the writer when the response has ended
@@ -5334,10 +5335,11 @@ class _Frames:
         one per event (3x less CPU per event, benchmark); a paced event goes out at once, the writer
         wakes as the relay waits for the upstream."""
         try:
-            self.sender.send_nowait(item)
-        except trio.WouldBlock:
-            await self.sender.send(item)
-        except trio.BrokenResourceError:  # the writer left: the client has gone, and this task is cancelled
+            try:
+                self.sender.send_nowait(item)
+            except trio.WouldBlock:
+                await self.sender.send(item)
+        except trio.BrokenResourceError:  # the writer left (the client has gone): this task is cancelled with it
             await trio.lowlevel.checkpoint()
             return
         self.waiting += 1
@@ -5809,18 +5811,21 @@ class Exchange:
     async def _keep_alive(self, frames: _Frames) -> None:
         """A stream's silences. The response starts with the first frame, or after HEADER_GRACE of upstream
         silence (an upstream error that comes sooner keeps its status), and an SSE comment goes out whenever
-        HEARTBEAT_INTERVAL passes with no frame from the relay: Node clients give up after 300 s without a
-        byte, and a write is what shows that a client has gone. A task of its own, sleeping through the
+        HEARTBEAT_INTERVAL passes with no frame from the relay (behind frames a slow client has yet to take,
+        if need be): Node clients give up after 300 s without a byte, and a write is what shows that a
+        client has gone. A task of its own, sleeping through the
         frames, not a timeout on each of the writer's waits: a cancel scope per frame cost 6 % of the
         instructions per paced chunk (valgrind)."""
         interval = self.proxy.settings.heartbeat_interval or math.inf
         silence = min(HEADER_GRACE, interval)
         with contextlib.suppress(trio.ClosedResourceError):  # the relay is done: the writer ends the stream
             while True:
-                with trio.move_on_at(frames.put_at + silence):  # until the silence would end,
-                    await frames.ended.wait()  # or the response has
+                # Asleep until the silence would end as of the last frame so far, or the response does;
+                # a silence only if no frame came meanwhile (else asleep again, until the new end).
+                with trio.move_on_at(frames.put_at + silence):
+                    await frames.ended.wait()
                     return
-                if trio.current_time() >= frames.put_at + silence:  # no frame from the relay meanwhile
+                if trio.current_time() >= frames.put_at + silence:
                     await frames.put(self.protocol.heartbeat)
                 silence = interval
 

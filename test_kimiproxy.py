@@ -1042,6 +1042,7 @@ def test_sse_decoder_split_everywhere_and_oversized_lines() -> None:
         ([b"data: x", b"data: y\n\n"], [b"xdata: y"]),  # the end of a line begun in the chunk before
         ([b"data: a\r\n\n"], [b"a"]),  # a line that ends in CRLF
         ([b"data: a\n: c\n\n"], [b"a"]),  # an event with a comment line
+        ([b": c\n\n"], []),  # a comment alone
     ]:
         d = kp.SSEDecoder()
         assert [event for chunk in chunks for event in d.decode(chunk)] == events, chunks
@@ -1226,7 +1227,8 @@ async def test_heartbeats_during_silent_prefill_and_a_silence_mid_stream(nursery
                     third.set()
     shown = [line.strip(": ") if line.startswith(":") else json.loads(line[6:])["choices"][0]["delta"].get("content")
              for line in lines if line.startswith(":") or line.startswith("data: {")]
-    assert r.status_code == 200 and shown == ["keep-alive", "keep-alive", "", "early", "keep-alive", "late", None], shown
+    assert r.status_code == 200
+    assert shown == ["keep-alive", "keep-alive", "", "early", "keep-alive", "late", None], shown  # None: the finish
     assert lines[-2] == "data: [DONE]"
 
 
