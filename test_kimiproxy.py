@@ -1043,6 +1043,7 @@ def test_sse_decoder_split_everywhere_and_oversized_lines() -> None:
         ([b"data: a\r\n\n"], [b"a"]),  # a line that ends in CRLF
         ([b"data: a\n: c\n\n"], [b"a"]),  # an event with a comment line
         ([b": c\n\n"], []),  # a comment alone
+        ([b"data: a\nb\n"], []),  # two lines, and the event not ended yet
     ]:
         d = kp.SSEDecoder()
         assert [event for chunk in chunks for event in d.decode(chunk)] == events, chunks
