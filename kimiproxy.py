@@ -5339,7 +5339,7 @@ class _Frames:
                 self.sender.send_nowait(item)
             except trio.WouldBlock:
                 await self.sender.send(item)
-        except trio.BrokenResourceError:  # the writer left (the client has gone): this task is cancelled with it
+        except trio.BrokenResourceError:  # the writer left (the client has gone): this task is cancelled too
             await trio.lowlevel.checkpoint()
             return
         self.waiting += 1
@@ -5813,9 +5813,8 @@ class Exchange:
         silence (an upstream error that comes sooner keeps its status), and an SSE comment goes out whenever
         HEARTBEAT_INTERVAL passes with no frame from the relay (behind frames a slow client has yet to take,
         if need be): Node clients give up after 300 s without a byte, and a write is what shows that a
-        client has gone. A task of its own, sleeping through the
-        frames, not a timeout on each of the writer's waits: a cancel scope per frame cost 6 % of the
-        instructions per paced chunk (valgrind)."""
+        client has gone. A task of its own, sleeping through the frames, not a timeout on each of the
+        writer's waits: a cancel scope per frame cost 6 % of the instructions per paced chunk (valgrind)."""
         interval = self.proxy.settings.heartbeat_interval or math.inf
         silence = min(HEADER_GRACE, interval)
         with contextlib.suppress(trio.ClosedResourceError):  # the relay is done: the writer ends the stream
