@@ -390,6 +390,12 @@ def percentile(values: list[float], p: float) -> float | None:
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
 
 
+def proxy_env(up_port: int) -> dict[str, str]:
+    """kimiproxy's settings for every workload: the fake upstream, repair on, log to stderr at WARNING."""
+    return {"SGLANG_API_BASE": f"http://127.0.0.1:{up_port}/v1", "ENABLE_STREAMING_TOOL_PARSER": "true",
+            "ENABLE_FILE_LOGGING": "false", "LOG_LEVEL": "WARNING"}
+
+
 RUNNERS = {  # the README's two commands
     "hypercorn": ["-m", "hypercorn", "kimiproxy:app", "-k", "trio", "-b", "127.0.0.1:{port}"],
     "python": ["kimiproxy.py", "--host", "127.0.0.1", "--port", "{port}"],
@@ -413,8 +419,7 @@ class Bench:
         self._files = tempfile.TemporaryDirectory(prefix="bench-config-")
         for target, checkout in self.checkouts.items():
             port = self.ports[target] = free_port()
-            env = {"SGLANG_API_BASE": f"http://127.0.0.1:{self.up_port}/v1", "ENABLE_STREAMING_TOOL_PARSER": "true",
-                   "ENABLE_FILE_LOGGING": "false", "LOG_LEVEL": "WARNING"}
+            env = proxy_env(self.up_port)
             if limits:  # a configuration file for both; limits (never reached) for this checkout only
                 env["KIMIPROXY_CONFIG"] = self.config_file(target, with_limits=target == "proxy")
                 env["REASONING_STORE"] = os.path.join(self._files.name, f"{target}.sqlite3")
@@ -623,8 +628,7 @@ def instructions(checkout: Path) -> dict[str, float]:
         upstream = start([sys.executable, __file__, "--upstream", str(up_port)], {}, up_port)
         folder = tempfile.TemporaryDirectory(prefix="bench-callgrind-")
         out = Path(folder.name) / "out"
-        env = {"SGLANG_API_BASE": f"http://127.0.0.1:{up_port}/v1", "ENABLE_STREAMING_TOOL_PARSER": "true",
-               "ENABLE_FILE_LOGGING": "false", "LOG_LEVEL": "WARNING", "PYTHONHASHSEED": "0"}
+        env = {**proxy_env(up_port), "PYTHONHASHSEED": "0"}
         argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                 sys.executable, "kimiproxy.py", "--host", "127.0.0.1", "--port", str(port)]
         proc = subprocess.Popen(argv, cwd=checkout, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
